@@ -1,0 +1,90 @@
+"""BLIP-2 style Q-Former: learned queries that read image features through cross-attention.
+
+Each layer is pre-norm: self-attention among the queries, cross-attention from the queries to the
+(projected) image tokens, then a feed-forward block. The final queries are projected to the language
+model's hidden size and prepended to the prompt embeddings, so the LM sees ``num_queries`` soft
+visual tokens whatever the number of image tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaptkit.config import AdapterConfig
+
+
+class QFormerLayer(nn.Module):
+    """Self-attention over queries, cross-attention to image tokens, feed-forward; all pre-norm."""
+
+    def __init__(self, hidden: int, heads: int, mlp_ratio: float, dropout: float) -> None:
+        super().__init__()
+        self.norm_self = nn.LayerNorm(hidden)
+        self.self_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        self.norm_cross = nn.LayerNorm(hidden)
+        self.cross_attn = nn.MultiheadAttention(hidden, heads, dropout=dropout, batch_first=True)
+        self.norm_ffn = nn.LayerNorm(hidden)
+        inner = int(hidden * mlp_ratio)
+        self.ffn = nn.Sequential(
+            nn.Linear(hidden, inner),
+            nn.GELU(),
+            nn.Dropout(dropout),
+            nn.Linear(inner, hidden),
+            nn.Dropout(dropout),
+        )
+
+    def forward(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        x = self.norm_self(queries)
+        queries = queries + self.self_attn(x, x, x, need_weights=False)[0]
+        x = self.norm_cross(queries)
+        queries = queries + self.cross_attn(x, image, image, need_weights=False)[0]
+        return queries + self.ffn(self.norm_ffn(queries))
+
+
+class QFormer(nn.Module):
+    """Maps image features ``(B, T, D_v)`` to ``(B, num_queries, D_lm)`` soft tokens for the LM.
+
+    Args:
+        cfg: sizes from the recipe's ``adapter`` section.
+        vision_dim: D_v, the width of the vision backbone's token features.
+        lm_dim: D_lm, the language model's hidden size.
+        output_std: initial standard deviation of each output element; set it to the LM's token-embedding
+            std so the soft tokens start on the scale the LM expects (a default-initialized projection
+            starts several times larger, which slows early training).
+    """
+
+    def __init__(
+        self, cfg: AdapterConfig, vision_dim: int, lm_dim: int, output_std: float | None = None
+    ) -> None:
+        super().__init__()
+        hidden = cfg.hidden_size
+        # Per-dimension statistics of the frozen features, set from the training data before training
+        # (set_feature_stats) and saved with the adapter. Standardizing removes the component all images
+        # share, which otherwise dominates the soft tokens and hides what differs between images.
+        self.register_buffer("feature_mean", torch.zeros(vision_dim))
+        self.register_buffer("feature_std", torch.ones(vision_dim))
+        self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, hidden) * 0.02)
+        self.image_proj = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, hidden))
+        self.layers = nn.ModuleList(
+            QFormerLayer(hidden, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.num_layers)
+        )
+        self.norm_out = nn.LayerNorm(hidden)
+        self.out_proj = nn.Linear(hidden, lm_dim)
+        if output_std is not None:
+            # norm_out gives unit-variance inputs, so weight std s yields output std s * sqrt(hidden).
+            nn.init.normal_(self.out_proj.weight, std=output_std / hidden**0.5)
+            nn.init.zeros_(self.out_proj.bias)
+        self.num_queries = cfg.num_queries
+
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardize image features with these per-dimension statistics from now on."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(1e-4))
+
+    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+        image = self.image_proj((image_features - self.feature_mean) / self.feature_std)
+        queries = self.queries.expand(image.shape[0], -1, -1)
+        for layer in self.layers:
+            queries = layer(queries, image)
+        return self.out_proj(self.norm_out(queries))

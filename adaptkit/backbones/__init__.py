@@ -1,0 +1,1 @@
+"""Frozen modal-specific encoders: vision backbones and the causal language model."""

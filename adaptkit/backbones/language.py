@@ -1,0 +1,74 @@
+"""The frozen causal language model: any Hugging Face causal LM, optionally 8-bit or 4-bit NF4.
+
+``language.name`` is a hub id, a local folder, or ``embedded:smollm2`` (the packaged SmolLM2,
+converted once to safetensors). Quantization goes through bitsandbytes' ``BitsAndBytesConfig``,
+which runs on CPU as well as CUDA.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from adaptkit.config import LanguageConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_lm_path(name: str) -> str:
+    """Turn ``embedded:smollm2`` into its converted folder; hub ids and paths pass through."""
+    if name.startswith("embedded:"):
+        from adaptkit import assets
+
+        which = name.split(":", 1)[1]
+        if which != "smollm2":
+            raise ValueError(f"language.name: unknown embedded LM '{which}' (known: embedded:smollm2)")
+        return str(assets.smollm2_dir())
+    return name
+
+
+def quantization_config(cfg: LanguageConfig):
+    """The ``BitsAndBytesConfig`` for ``cfg.quant`` (None for full precision)."""
+    if cfg.quant == "none":
+        return None
+    from transformers import BitsAndBytesConfig
+
+    if cfg.quant == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=DTYPES[cfg.compute_dtype],
+    )
+
+
+def load_language_model(cfg: LanguageConfig, device: torch.device | str = "cpu"):
+    """Load the causal LM and its tokenizer, frozen and in eval mode.
+
+    Returns:
+        ``(model, tokenizer)``; the tokenizer has a pad token (the EOS token when it had none).
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = resolve_lm_path(cfg.name)
+    tokenizer = AutoTokenizer.from_pretrained(path)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    kwargs: dict = {"dtype": DTYPES[cfg.dtype]}
+    quant = quantization_config(cfg)
+    if quant is not None:
+        kwargs["quantization_config"] = quant
+        kwargs["device_map"] = {"": str(device)}
+    model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    if quant is None:
+        model.to(device)
+    freeze(model)
+    return model, tokenizer
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Turn off gradients for every parameter and switch to eval mode."""
+    for param in model.parameters():
+        param.requires_grad_(False)
+    return model.eval()

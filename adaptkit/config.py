@@ -1,0 +1,215 @@
+"""Typed recipes: YAML file + ``key=value`` overrides merged onto dataclasses by OmegaConf.
+
+A recipe is flat for training knobs (``max_steps=200``) and nested for the model's parts
+(``language.quant=4bit``). Unknown keys and values of the wrong type are errors that name the key,
+the file and, where the key is in the file, its line.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+
+class RecipeError(ValueError):
+    """A recipe or an override is invalid; the message says where and what to do."""
+
+
+@dataclass
+class VisionConfig:
+    family: str = "torchvision"
+    name: str = "mobilenet_v2"
+    weights: str = "embedded"
+    image_size: int = 128
+    feature_layer: int = -1
+
+
+@dataclass
+class LanguageConfig:
+    name: str = "embedded:smollm2"
+    dtype: str = "float32"
+    quant: str = "none"
+    compute_dtype: str = "float32"
+
+
+@dataclass
+class AdapterConfig:
+    kind: str = "qformer"
+    num_queries: int = 16
+    num_layers: int = 2
+    hidden_size: int = 384
+    num_heads: int = 6
+    mlp_ratio: float = 4.0
+    dropout: float = 0.0
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = True
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    target_modules: list[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class DataConfig:
+    train: str = "easyvqa:train"
+    eval: str = "easyvqa:test"
+    prompt_template: str = "Question: {question} Answer:"
+    on_bad_sample: str = "error"
+
+
+@dataclass
+class Recipe:
+    output_dir: str = "runs/default"
+    seed: int = 0
+    vision: VisionConfig = field(default_factory=VisionConfig)
+    language: LanguageConfig = field(default_factory=LanguageConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    max_steps: int = 600
+    batch_size: int = 32
+    grad_accum_steps: int = 1
+    lr_adapter: float = 1e-3
+    lr_lora: float = 3e-4
+    weight_decay: float = 0.0
+    warmup_steps: int = 30
+    max_grad_norm: float = 1.0
+    mixed_precision: str = "no"
+    cache_features: bool = True
+    log_every: int = 10
+    eval_every: int = 0
+    eval_limit: int = 500
+    eval_batch_size: int = 64
+    max_new_tokens: int = 5
+
+
+_CHOICES = {
+    "vision.family": ("torchvision", "hf", "open_clip"),
+    "language.dtype": ("float32", "bfloat16", "float16"),
+    "language.compute_dtype": ("float32", "bfloat16", "float16"),
+    "language.quant": ("none", "8bit", "4bit"),
+    "adapter.kind": ("qformer",),
+    "data.on_bad_sample": ("error", "skip"),
+    "mixed_precision": ("no", "bf16", "fp16"),
+}
+_POSITIVE = ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batch_size", "max_new_tokens")
+
+
+def _key_lines(path: Path) -> dict[str, int]:
+    """Map each dotted key of a YAML mapping to its 1-based line in the file."""
+    lines: dict[str, int] = {}
+
+    def walk(node: yaml.Node, prefix: str) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for key_node, value_node in node.value:
+                dotted = f"{prefix}{key_node.value}"
+                lines[dotted] = key_node.start_mark.line + 1
+                walk(value_node, dotted + ".")
+
+    try:
+        root = yaml.compose(path.read_text())
+    except yaml.YAMLError:
+        return lines
+    if root is not None:
+        walk(root, "")
+    return lines
+
+
+def _where(key: str | None, source: str, lines: dict[str, int]) -> str:
+    if key and key in lines:
+        return f"{source}:{lines[key]} (key '{key}')"
+    if key:
+        return f"{source} (key '{key}')"
+    return source
+
+
+def _merge(base: Any, layer: Any, source: str, lines: dict[str, int]) -> Any:
+    try:
+        return OmegaConf.merge(base, layer)
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None)
+        detail = str(err).splitlines()[0]
+        if "not in struct" in str(err) or "Key" in type(err).__name__:
+            raise RecipeError(
+                f"{_where(key, source, lines)}: unknown key. Check its spelling against "
+                f"adaptkit/config.py or the recipe's comments."
+            ) from None
+        raise RecipeError(f"{_where(key, source, lines)}: {detail}") from None
+
+
+def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] = ()) -> Recipe:
+    """Load a recipe YAML and apply ``key=value`` overrides (dotted keys reach nested sections).
+
+    Args:
+        path: the recipe file; None starts from the defaults.
+        overrides: command-line items such as ``max_steps=200`` or ``language.quant=4bit``.
+
+    Returns:
+        A validated :class:`Recipe`.
+
+    Raises:
+        RecipeError: unreadable file, unknown key, wrong type or a value outside its choices.
+    """
+    cfg = OmegaConf.structured(Recipe)
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise RecipeError(f"recipe file {path} does not exist; pass a YAML file such as recipes/*.yaml")
+        try:
+            loaded = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as err:
+            raise RecipeError(f"{path}: not valid YAML: {err}") from None
+        if loaded is not None and not isinstance(loaded, dict):
+            raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values")
+        cfg = _merge(cfg, OmegaConf.create(loaded or {}), str(path), _key_lines(path))
+    for item in overrides:
+        if "=" not in item:
+            raise RecipeError(f"override '{item}' must look like key=value (for example max_steps=200)")
+        try:
+            layer = OmegaConf.from_dotlist([item])
+        except OmegaConfBaseException as err:
+            raise RecipeError(f"override '{item}': {err}") from None
+        cfg = _merge(cfg, layer, f"command-line override '{item}'", {})
+    recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
+    validate(recipe, str(path) if path else "defaults")
+    return recipe
+
+
+def _get(recipe: Recipe, dotted: str) -> Any:
+    obj: Any = recipe
+    for part in dotted.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def validate(recipe: Recipe, source: str = "recipe") -> None:
+    """Check values that types alone cannot: choices, positivity, the prompt template."""
+    for key, choices in _CHOICES.items():
+        value = _get(recipe, key)
+        if value not in choices:
+            raise RecipeError(f"{source}: {key}={value!r} is not one of {', '.join(choices)}")
+    for key in _POSITIVE:
+        if _get(recipe, key) <= 0:
+            raise RecipeError(f"{source}: {key} must be > 0, got {_get(recipe, key)}")
+    if "{question}" not in recipe.data.prompt_template:
+        raise RecipeError(f"{source}: data.prompt_template must contain '{{question}}'")
+    if recipe.adapter.hidden_size % recipe.adapter.num_heads:
+        raise RecipeError(
+            f"{source}: adapter.hidden_size ({recipe.adapter.hidden_size}) must be divisible by "
+            f"adapter.num_heads ({recipe.adapter.num_heads})"
+        )
+
+
+def recipe_to_yaml(recipe: Recipe) -> str:
+    """Serialize a resolved recipe (what a run directory stores)."""
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))

@@ -1,0 +1,1 @@
+"""Datasets (easy-VQA, VQA JSONL), image features and batch collation."""

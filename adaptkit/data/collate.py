@@ -1,0 +1,89 @@
+"""Tokenized VQA samples and the two batch layouts: training (right-padded) and generation (left-padded).
+
+Text is ``prompt_template.format(question=...)``, then for training ``" " + answer`` and the EOS
+token. Prompts and answers are tokenized separately so the loss mask falls exactly on answer tokens.
+All tokenization happens once, when the dataset is built.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from adaptkit.data.formats import VQASample
+
+
+class VQADataset(Dataset):
+    """Pre-tokenized samples whose images are rows of a feature source.
+
+    Args:
+        samples: the questions; samples whose image is not in ``image_rows`` are dropped.
+        image_rows: image path → feature row.
+        tokenizer: the LM's tokenizer.
+        prompt_template: a format string with ``{question}``.
+    """
+
+    def __init__(
+        self, samples: Sequence[VQASample], image_rows: dict[str, int], tokenizer, prompt_template: str
+    ) -> None:
+        self.samples = [s for s in samples if s.image in image_rows]
+        self.image_rows = [image_rows[s.image] for s in self.samples]
+        prompts = [prompt_template.format(question=s.question) for s in self.samples]
+        answers = [" " + s.answer.strip() for s in self.samples]
+        self.prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
+        eos = [tokenizer.eos_token_id]
+        self.target_ids = (
+            [ids + eos for ids in tokenizer(answers, add_special_tokens=False)["input_ids"]]
+            if answers
+            else []
+        )
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int) -> dict:
+        return {
+            "index": i,
+            "image": self.image_rows[i],
+            "prompt": self.prompt_ids[i],
+            "target": self.target_ids[i],
+        }
+
+
+def collate_train(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded ``prompt + target`` with labels on target tokens only (``-100`` elsewhere)."""
+    seqs = [it["prompt"] + it["target"] for it in items]
+    width = max(len(s) for s in seqs)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(items), width), -100, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, (it, seq) in enumerate(zip(items, seqs)):
+        input_ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
+        labels[row, len(it["prompt"]) : len(seq)] = torch.tensor(it["target"])
+    return {
+        "image": torch.tensor([it["image"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+    }
+
+
+def collate_prompts(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
+    """Left-padded prompts for generation, so every row's next token is at the last position."""
+    width = max(len(it["prompt"]) for it in items)
+    input_ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    for row, it in enumerate(items):
+        n = len(it["prompt"])
+        input_ids[row, width - n :] = torch.tensor(it["prompt"])
+        mask[row, width - n :] = 1
+    return {
+        "image": torch.tensor([it["image"] for it in items]),
+        "index": torch.tensor([it["index"] for it in items]),
+        "input_ids": input_ids,
+        "attention_mask": mask,
+    }

@@ -1,0 +1,135 @@
+"""Image features from the frozen vision backbone: computed once per image, or on the fly.
+
+A frozen backbone in eval mode maps an image to the same features every time, so with no image
+augmentation each distinct image is encoded once per run (``FeatureBank``) instead of once per
+question per epoch; easy-VQA asks about 10 questions per image. ``OnTheFlyFeatures`` encodes at every
+step and is what ``cache_features: false`` selects.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import torch
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+from adaptkit.backbones.vision import VisionBackbone
+from adaptkit.data.formats import DataError
+
+log = logging.getLogger(__name__)
+
+
+def open_image(path: str, origin: str = "") -> Image.Image:
+    """Open and fully decode an image as RGB.
+
+    Raises:
+        DataError: missing, unreadable or undecodable file; the message names the sample's origin.
+    """
+    where = f"{origin}: " if origin else ""
+    try:
+        with Image.open(path) as img:
+            img.load()
+            return img.convert("RGB")
+    except FileNotFoundError:
+        raise DataError(f"{where}image {path} does not exist") from None
+    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+        raise DataError(f"{where}image {path} cannot be decoded ({err})") from None
+
+
+@torch.no_grad()
+def encode_images(backbone: VisionBackbone, images: list[Image.Image], device: torch.device) -> torch.Tensor:
+    """Preprocess and encode a list of PIL images to ``(B, T, D)`` float32 features on ``device``."""
+    pixels = backbone.preprocess(images).to(device)
+    return backbone(pixels).float()
+
+
+class FeatureBank:
+    """Features of a fixed set of images, held in one tensor and looked up by row.
+
+    Attributes:
+        rows: image path → row of ``features``.
+        features: ``(N, T, D)`` float32.
+        bad: image path → reason, for images that could not be decoded (only with ``skip_bad``).
+    """
+
+    def __init__(self, features: torch.Tensor, rows: dict[str, int], bad: dict[str, str]) -> None:
+        self.features = features
+        self.rows = rows
+        self.bad = bad
+
+    @classmethod
+    def compute(
+        cls,
+        backbone: VisionBackbone,
+        paths: Sequence[str],
+        origins: dict[str, str],
+        device: torch.device,
+        batch_size: int = 64,
+        skip_bad: bool = False,
+        desc: str = "encoding images",
+        disable_progress: bool = False,
+    ) -> FeatureBank:
+        """Encode each distinct image once, with a progress bar.
+
+        Args:
+            origins: image path → the ``file:line`` of a sample that uses it (for errors).
+            skip_bad: record undecodable images in ``bad`` instead of raising.
+        """
+        unique = list(dict.fromkeys(paths))
+        chunks: list[torch.Tensor] = []
+        rows: dict[str, int] = {}
+        bad: dict[str, str] = {}
+        with tqdm(total=len(unique), desc=desc, unit="img", disable=disable_progress) as bar:
+            for start in range(0, len(unique), batch_size):
+                batch_paths, images = [], []
+                for path in unique[start : start + batch_size]:
+                    try:
+                        images.append(open_image(path, origins.get(path, "")))
+                        batch_paths.append(path)
+                    except DataError as err:
+                        if not skip_bad:
+                            raise
+                        bad[path] = str(err)
+                if images:
+                    feats = encode_images(backbone, images, device)
+                    for path in batch_paths:
+                        rows[path] = len(rows)
+                    chunks.append(feats)
+                bar.update(min(batch_size, len(unique) - start))
+        if bad:
+            log.warning("skipped %d undecodable images, first: %s", len(bad), next(iter(bad.values())))
+        if not chunks:
+            raise DataError("no image could be decoded")
+        return cls(torch.cat(chunks), rows, bad)
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        return self.features[rows.to(self.features.device)]
+
+    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std over every token of every image."""
+        flat = self.features.reshape(-1, self.features.shape[-1])
+        return flat.mean(0), flat.std(0)
+
+
+class OnTheFlyFeatures:
+    """Encodes the images of each batch at every step (no caching)."""
+
+    def __init__(self, backbone: VisionBackbone, paths: Sequence[str], device: torch.device) -> None:
+        self.backbone = backbone
+        self.paths = list(dict.fromkeys(paths))
+        self.rows = {path: i for i, path in enumerate(self.paths)}
+        self.device = device
+        self.bad: dict[str, str] = {}
+
+    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
+        images = [open_image(self.paths[int(r)]) for r in rows]
+        return encode_images(self.backbone, images, self.device)
+
+    def stats(self, max_images: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std estimated from the first ``max_images`` images."""
+        rows = torch.arange(min(max_images, len(self.paths)))
+        feats = torch.cat([self.lookup(chunk) for chunk in rows.split(64)])
+        flat = feats.reshape(-1, feats.shape[-1])
+        return flat.mean(0), flat.std(0)

@@ -1,0 +1,111 @@
+"""VQA evaluation: greedy answers, normalization, exact-match accuracy through HF ``evaluate``.
+
+``evaluate.load("exact_match")`` fetches its script from the hub, which an offline machine cannot
+reach; :class:`VQAExactMatch` is the same kind of ``evaluate.Metric`` defined in-package, so it works
+offline and keeps ``evaluate``'s batching and distributed gathering.
+"""
+
+from __future__ import annotations
+
+import re
+import string
+import time
+from collections.abc import Sequence
+
+import datasets
+import evaluate
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from adaptkit.data.collate import VQADataset, collate_prompts
+
+_PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
+YES_NO = {"yes", "no"}
+
+
+def normalize_answer(text: str) -> str:
+    """Lower-case, drop punctuation, collapse whitespace."""
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+class VQAExactMatch(evaluate.Metric):
+    """Exact match after :func:`normalize_answer`; also reports yes/no and other-answer accuracy."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="VQA exact-match accuracy after lower-casing and stripping punctuation.",
+            citation="",
+            inputs_description="predictions: list of answer strings; references: list of answer strings.",
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+        )
+
+    def _compute(self, predictions: Sequence[str], references: Sequence[str]) -> dict:
+        preds = [normalize_answer(p) for p in predictions]
+        refs = [normalize_answer(r) for r in references]
+        hits = [p == r for p, r in zip(preds, refs)]
+        yes_no = [h for h, r in zip(hits, refs) if r in YES_NO]
+        other = [h for h, r in zip(hits, refs) if r not in YES_NO]
+        return {
+            "accuracy": sum(hits) / max(1, len(hits)),
+            "n": len(hits),
+            "accuracy_yes_no": sum(yes_no) / len(yes_no) if yes_no else None,
+            "accuracy_other": sum(other) / len(other) if other else None,
+        }
+
+
+@torch.no_grad()
+def predict(
+    model,
+    dataset: VQADataset,
+    features,
+    batch_size: int = 64,
+    max_new_tokens: int = 5,
+    progress: bool = True,
+    desc: str = "evaluating",
+) -> tuple[list[str], list[float]]:
+    """Greedy answers (and their probabilities) for every sample of ``dataset``, in order."""
+    was_training = model.training
+    model.eval()
+    loader = DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=False,
+        collate_fn=lambda items: collate_prompts(items, model.tokenizer.pad_token_id),
+    )
+    device = model.base_lm.get_input_embeddings().weight.device
+    answers: list[str] = []
+    scores: list[float] = []
+    for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
+        feats = features.lookup(batch["image"])
+        got, probs = model.generate(
+            feats, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens
+        )
+        answers += got
+        scores += probs
+    model.train(was_training)
+    return answers, scores
+
+
+def evaluate_vqa(
+    model, dataset: VQADataset, features, batch_size: int = 64, max_new_tokens: int = 5, progress: bool = True
+) -> tuple[dict, list[dict]]:
+    """Score greedy answers on ``dataset``; returns ``(metrics, per-sample records)``."""
+    start = time.perf_counter()
+    answers, scores = predict(model, dataset, features, batch_size, max_new_tokens, progress)
+    refs = [s.answer for s in dataset.samples]
+    metrics = VQAExactMatch().compute(predictions=answers, references=refs)
+    metrics["seconds"] = round(time.perf_counter() - start, 2)
+    records = [
+        {
+            "origin": s.origin,
+            "question": s.question,
+            "answer": s.answer,
+            "prediction": a,
+            "score": round(p, 5),
+        }
+        for s, a, p in zip(dataset.samples, answers, scores)
+    ]
+    return metrics, records

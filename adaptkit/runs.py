@@ -1,0 +1,102 @@
+"""Run directories and evaluation data: what `adaptkit train` writes and `adaptkit eval` reads.
+
+A run directory holds::
+
+    recipe.yaml            the resolved recipe (every knob, after overrides)
+    adapter.safetensors    the fusion adapter's weights
+    lora/                  the LoRA adapter in peft's format (adapter_config.json + safetensors)
+    train.log              the training log
+    metrics.jsonl          one JSON object per logged step (step, loss, lr, samples_per_s, ...)
+    eval.json              the latest evaluation
+    summary.json           parameter counts, timings, final metrics
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import torch
+
+from adaptkit.config import load_recipe
+from adaptkit.data.collate import VQADataset
+from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
+from adaptkit.data.formats import VQASample, load_vqa
+from adaptkit.model import ADAPTER_FILE, LORA_DIR, build_model
+
+RECIPE_FILE = "recipe.yaml"
+
+
+def subset(samples: list[VQASample], limit: int | None, seed: int = 0) -> list[VQASample]:
+    """A fixed random subset of ``limit`` samples in their original order (all when limit is falsy)."""
+    if not limit or limit >= len(samples):
+        return list(samples)
+    keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
+    return [samples[i] for i in keep]
+
+
+def build_features(
+    model, samples: list[VQASample], device, cache: bool, skip_bad: bool, desc: str, progress: bool = True
+):
+    """Feature source for the images of ``samples``: encoded once (cache) or at every lookup."""
+    paths = [s.image for s in samples]
+    if not cache:
+        return OnTheFlyFeatures(model.vision, paths, device)
+    origins: dict[str, str] = {}
+    for s in samples:
+        origins.setdefault(s.image, s.origin)
+    return FeatureBank.compute(
+        model.vision, paths, origins, device, skip_bad=skip_bad, desc=desc, disable_progress=not progress
+    )
+
+
+def prepare_split(
+    model,
+    spec: str,
+    template: str,
+    device,
+    limit: int | None = None,
+    cache: bool = True,
+    on_bad_sample: str = "error",
+    progress: bool = True,
+    desc: str = "encoding images",
+):
+    """Load a data spec, encode its images and tokenize it.
+
+    Returns:
+        ``(dataset, features, skipped)`` where ``skipped`` lists ``origin: reason`` of dropped samples.
+    """
+    data = load_vqa(spec, on_bad_sample)
+    samples = subset(data.samples, limit)
+    features = build_features(model, samples, device, cache, on_bad_sample == "skip", desc, progress)
+    skipped = list(data.skipped) + [
+        f"{s.origin}: {features.bad[s.image]}" for s in samples if s.image in features.bad
+    ]
+    dataset = VQADataset(samples, features.rows, model.tokenizer, template)
+    return dataset, features, skipped
+
+
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu"):
+    """Rebuild a trained model from a run directory; returns ``(recipe, model)``."""
+    run = Path(run_dir)
+    recipe_path = run / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"{recipe_path} is missing: {run} is not a run directory of `adaptkit train`")
+    recipe = load_recipe(recipe_path)
+    lora_dir = run / LORA_DIR
+    if recipe.lora.enabled and not (lora_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{lora_dir} is missing or incomplete; the recipe has lora.enabled=true")
+    if not (run / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{run / ADAPTER_FILE} is missing; the run did not finish saving")
+    model = build_model(recipe, device, lora_dir=lora_dir if recipe.lora.enabled else None)
+    model.load_adapter(run)
+    model.eval()
+    return recipe, model
+
+
+def write_json(path: Path, obj: dict) -> None:
+    """Write JSON atomically (temporary file, then rename)."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

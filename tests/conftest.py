@@ -1,0 +1,134 @@
+"""Shared fixtures: tiny random backbones built from configs and saved to tmp dirs, and a tiny VQA set.
+
+The real loading code (``from_pretrained``, state-dict files, JSONL parsing) runs on these, only the
+weights are random and small.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+COLORS = {"red": (220, 30, 30), "blue": (30, 60, 220), "green": (30, 180, 60)}
+SHAPES = ("circle", "rectangle")
+WORDS = (
+    "question : what is the color of shape ? answer is there a in image yes no "
+    + " ".join(COLORS)
+    + " "
+    + " ".join(SHAPES)
+).split()
+
+
+def _tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<unk>", "<eos>"]
+    vocab = {tok: i for i, tok in enumerate(specials + sorted(set(WORDS)))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Whitespace()])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", unk_token="<unk>", eos_token="<eos>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    tokenizer = _tiny_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        bos_token_id=tokenizer.eos_token_id,
+        tie_word_embeddings=False,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_mobilenet_pth(tmp_path_factory) -> Path:
+    """A random-weight torchvision MobileNetV2 state dict saved as .pth (loaded with weights_only)."""
+    import torchvision
+
+    out = tmp_path_factory.mktemp("tiny_vision") / "mobilenet_v2_random.pth"
+    torch.manual_seed(0)
+    torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), out)
+    return out
+
+
+def draw_sample(path: Path, color: str, shape: str) -> None:
+    img = Image.new("RGB", (64, 64), "white")
+    draw = ImageDraw.Draw(img)
+    box = (14, 14, 50, 50)
+    (draw.ellipse if shape == "circle" else draw.rectangle)(box, fill=COLORS[color])
+    img.save(path)
+
+
+@pytest.fixture(scope="session")
+def tiny_vqa(tmp_path_factory) -> Path:
+    """A VQA JSONL file (6 images, 24 questions) with images relative to it."""
+    root = tmp_path_factory.mktemp("tiny_vqa")
+    (root / "images").mkdir()
+    lines = []
+    for i, (color, shape) in enumerate((c, s) for c in COLORS for s in SHAPES):
+        name = f"images/{i}.png"
+        draw_sample(root / name, color, shape)
+        lines += [
+            {"image": name, "question": "what is the color of the shape?", "answer": color},
+            {"image": name, "question": "what is the shape?", "answer": shape},
+            {"image": name, "question": f"is there a {shape} in the image?", "answer": "yes"},
+            {"image": name, "question": "is there a red shape?", "answer": "yes" if color == "red" else "no"},
+        ]
+    path = root / "vqa.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+@pytest.fixture
+def tiny_overrides(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[str]:
+    """Recipe overrides that point every part at the tiny fixtures."""
+    return [
+        f"output_dir={tmp_path / 'run'}",
+        f"vision.weights={tiny_mobilenet_pth}",
+        "vision.image_size=64",
+        f"language.name={tiny_lm_dir}",
+        "adapter.num_queries=4",
+        "adapter.num_layers=1",
+        "adapter.hidden_size=32",
+        "adapter.num_heads=4",
+        "lora.r=4",
+        "lora.alpha=8",
+        "lora.dropout=0",
+        "lora.target_modules=[q_proj,v_proj]",
+        f"data.train={tiny_vqa}",
+        f"data.eval={tiny_vqa}",
+        "max_steps=4",
+        "batch_size=4",
+        "warmup_steps=1",
+        "log_every=2",
+        "eval_limit=8",
+        "eval_batch_size=4",
+        "max_new_tokens=3",
+    ]

@@ -1,0 +1,57 @@
+from __future__ import annotations
+
+import pytest
+
+from adaptkit.config import RecipeError, load_recipe, recipe_to_yaml
+
+RECIPE = "recipes/easyvqa_qformer_lora.yaml"
+
+
+def test_default_recipe_loads_with_overrides():
+    recipe = load_recipe(RECIPE, ["max_steps=200", "output_dir=runs/x", "language.quant=4bit"])
+    assert recipe.max_steps == 200
+    assert recipe.output_dir == "runs/x"
+    assert recipe.language.quant == "4bit"
+    assert recipe.adapter.kind == "qformer"
+
+
+def test_unknown_key_in_file_names_key_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("max_steps: 3\nadapter:\n  num_querys: 8\n")
+    with pytest.raises(RecipeError) as err:
+        load_recipe(path)
+    assert f"{path}:3" in str(err.value)
+    assert "adapter.num_querys" in str(err.value)
+    assert "unknown key" in str(err.value)
+
+
+def test_unknown_override_names_key():
+    with pytest.raises(RecipeError, match="maxsteps.*unknown key"):
+        load_recipe(RECIPE, ["maxsteps=3"])
+
+
+def test_wrong_type_and_choice_errors():
+    with pytest.raises(RecipeError, match="max_steps"):
+        load_recipe(RECIPE, ["max_steps=abc"])
+    with pytest.raises(RecipeError, match="language.quant='3bit' is not one of"):
+        load_recipe(RECIPE, ["language.quant=3bit"])
+    with pytest.raises(RecipeError, match="must look like key=value"):
+        load_recipe(RECIPE, ["max_steps"])
+    with pytest.raises(RecipeError, match="prompt_template"):
+        load_recipe(RECIPE, ["data.prompt_template=no placeholder"])
+
+
+def test_missing_file_and_non_mapping(tmp_path):
+    with pytest.raises(RecipeError, match="does not exist"):
+        load_recipe(tmp_path / "nope.yaml")
+    bad = tmp_path / "list.yaml"
+    bad.write_text("- a\n- b\n")
+    with pytest.raises(RecipeError, match="mapping"):
+        load_recipe(bad)
+
+
+def test_resolved_recipe_round_trips(tmp_path):
+    recipe = load_recipe(RECIPE, ["lora.r=4", "lora.target_modules=[q_proj]"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(recipe_to_yaml(recipe))
+    assert load_recipe(path) == recipe

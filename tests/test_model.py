@@ -1,0 +1,63 @@
+from __future__ import annotations
+
+import torch
+
+from adaptkit.config import load_recipe
+from adaptkit.data.collate import VQADataset, collate_prompts, collate_train
+from adaptkit.data.formats import load_jsonl
+from adaptkit.model import build_model
+
+
+def _setup(tiny_overrides, tiny_vqa):
+    recipe = load_recipe("recipes/easyvqa_qformer_lora.yaml", tiny_overrides)
+    torch.manual_seed(0)
+    model = build_model(recipe)
+    # Make LoRA non-trivial (lora_B starts at zero) so the checks below cover the LoRA path.
+    for name, param in model.lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.05)
+    samples = load_jsonl(tiny_vqa).samples
+    rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
+    dataset = VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+    feats = torch.randn(len(rows), 4, 1280)
+    return recipe, model.eval(), dataset, feats
+
+
+def test_target_only_loss_matches_full_logit_loss(tiny_overrides, tiny_vqa):
+    _, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
+    batch = collate_train([dataset[i] for i in (0, 1, 2, 5)], model.tokenizer.pad_token_id)
+    f = feats[batch["image"]]
+    ours = model(f, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    embeds, mask = model.embed(f, batch["input_ids"], batch["attention_mask"])
+    soft = torch.full((len(f), embeds.shape[1] - batch["labels"].shape[1]), -100)
+    reference = model.lm(
+        inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([soft, batch["labels"]], 1)
+    )
+    torch.testing.assert_close(ours, reference.loss, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_is_padding_invariant(tiny_overrides, tiny_vqa):
+    _, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
+    items = [dataset[i] for i in (0, 2, 3)]  # prompts of different lengths
+    assert len({len(it["prompt"]) for it in items}) > 1
+    batch = collate_prompts(items, model.tokenizer.pad_token_id)
+    answers, scores = model.generate(feats[batch["image"]], batch["input_ids"], batch["attention_mask"], 3)
+    for i, item in enumerate(items):
+        one = collate_prompts([item], model.tokenizer.pad_token_id)
+        alone, alone_score = model.generate(feats[one["image"]], one["input_ids"], one["attention_mask"], 3)
+        assert alone == [answers[i]]
+        assert abs(alone_score[0] - scores[i]) < 1e-4
+    assert all(0.0 <= s <= 1.0 for s in scores)
+
+
+def test_save_and_load_trainables_round_trip(tiny_overrides, tiny_vqa, tmp_path):
+    recipe, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
+    batch = collate_train([dataset[i] for i in range(4)], model.tokenizer.pad_token_id)
+    args = (feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"])
+    before = model(*args)
+    model.save_trainables(tmp_path)
+    assert (tmp_path / "adapter.safetensors").is_file()
+    assert (tmp_path / "lora" / "adapter_config.json").is_file()
+    fresh = build_model(recipe, lora_dir=tmp_path / "lora").eval()
+    fresh.load_adapter(tmp_path)
+    torch.testing.assert_close(fresh(*args), before)
