@@ -40,12 +40,13 @@ class LanguageConfig:
 @dataclass
 class AdapterConfig:
     kind: str = "qformer"
-    num_queries: int = 16
+    num_queries: int = 8
     num_layers: int = 2
     hidden_size: int = 384
     num_heads: int = 6
     mlp_ratio: float = 4.0
     dropout: float = 0.0
+    text_conditioned: bool = True
 
 
 @dataclass
@@ -53,7 +54,8 @@ class LoraConfig:
     enabled: bool = True
     r: int = 16
     alpha: int = 32
-    dropout: float = 0.05
+    dropout: float = 0.0
+    start_step: int = 150
     target_modules: list[str] = field(
         default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
     )
@@ -76,18 +78,18 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    max_steps: int = 600
+    max_steps: int = 500
     batch_size: int = 32
     grad_accum_steps: int = 1
     lr_adapter: float = 1e-3
-    lr_lora: float = 3e-4
+    lr_lora: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 30
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     cache_features: bool = True
     log_every: int = 10
-    eval_every: int = 0
+    eval_every: int = 150
     eval_limit: int = 500
     eval_batch_size: int = 64
     max_new_tokens: int = 5

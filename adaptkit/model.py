@@ -7,6 +7,7 @@ Only trainable pieces are saved: the adapter as safetensors, LoRA in peft's own 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 from pathlib import Path
@@ -35,6 +36,8 @@ class MultimodalModel(nn.Module):
         self.adapter = adapter
         self.lm = lm
         self.tokenizer = tokenizer
+        # False runs the LM without its LoRA branches (adapter-only phase before lora.start_step).
+        self.lora_active = True
 
     @property
     def base_lm(self) -> nn.Module:
@@ -42,12 +45,20 @@ class MultimodalModel(nn.Module):
         return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
 
     def embed(
-        self, features: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prepend the adapter's soft tokens to the text embeddings; returns ``(embeds, mask)``."""
-        embedding = self.base_lm.get_input_embeddings()
-        text = embedding(input_ids)
-        soft = self.adapter(features.to(text.device)).to(text.dtype)
+        """Prepend the adapter's soft tokens to the text embeddings; returns ``(embeds, mask)``.
+
+        ``prompt_mask`` marks the tokens a text-conditioned adapter may read (never the answer);
+        it defaults to ``attention_mask`` (generation, where the input is all prompt).
+        """
+        text = self.base_lm.get_input_embeddings()(input_ids)
+        read = attention_mask if prompt_mask is None else prompt_mask
+        soft = self.adapter(features.to(text.device), text, read).to(text.dtype)
         ones = torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         return torch.cat([soft, text], dim=1), torch.cat([ones, attention_mask], dim=1)
 
@@ -59,11 +70,14 @@ class MultimodalModel(nn.Module):
         labels: torch.Tensor,
     ) -> torch.Tensor:
         """Mean cross-entropy over answer tokens, with logits computed only where they are needed."""
-        embeds, mask = self.embed(features, input_ids, attention_mask)
+        prompt_mask = attention_mask * (labels == -100)
+        embeds, mask = self.embed(features, input_ids, attention_mask, prompt_mask)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        hidden = self.base_lm.get_decoder()(
-            inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
-        ).last_hidden_state
+        skip_lora = not self.lora_active and hasattr(self.lm, "disable_adapter")
+        with self.lm.disable_adapter() if skip_lora else contextlib.nullcontext():
+            hidden = self.base_lm.get_decoder()(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            ).last_hidden_state
         n_soft = embeds.shape[1] - input_ids.shape[1]
         # hidden[:, t] predicts token t+1; text token j sits at position n_soft + j.
         text_hidden = hidden[:, n_soft - 1 : -1]

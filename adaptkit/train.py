@@ -11,15 +11,16 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import math
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
-from transformers import get_cosine_schedule_with_warmup
 
 from adaptkit.config import Recipe, recipe_to_yaml
 from adaptkit.data.collate import collate_train
@@ -60,6 +61,30 @@ def param_groups(model, recipe: Recipe) -> list[dict]:
     if lora:
         groups.append({"params": lora, "lr": recipe.lr_lora, "name": "lora"})
     return groups
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, procs: int = 1) -> LambdaLR:
+    """Linear warmup then cosine decay to 0, per group; LoRA's starts at ``lora.start_step``.
+
+    Accelerate steps a prepared scheduler once per process, so the schedule counts in those steps.
+    """
+
+    def schedule(start: int):
+        start, warmup, end = start * procs, recipe.warmup_steps * procs, recipe.max_steps * procs
+
+        def factor(t: int) -> float:
+            if t < start:
+                return 0.0
+            t -= start
+            if t < warmup:
+                return (t + 1) / (warmup + 1)
+            progress = (t - warmup) / max(1, end - start - warmup)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+
+        return factor
+
+    starts = {"adapter": 0, "lora": recipe.lora.start_step}
+    return LambdaLR(optimizer, [schedule(starts[group["name"]]) for group in optimizer.param_groups])
 
 
 def _check_output_dir(out: Path) -> None:
@@ -153,11 +178,8 @@ def train(recipe: Recipe) -> dict:
     )
     groups = param_groups(model, recipe)
     optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
-    # Accelerate steps a prepared scheduler once per process, so the schedule is counted in those steps.
     procs = accelerator.num_processes
-    scheduler = get_cosine_schedule_with_warmup(
-        optimizer, recipe.warmup_steps * procs, recipe.max_steps * procs
-    )
+    scheduler = build_scheduler(optimizer, recipe, procs)
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for group in groups for p in group["params"]]
 
@@ -190,6 +212,7 @@ def train(recipe: Recipe) -> dict:
     bar = tqdm(total=recipe.max_steps, desc="training", unit="step", disable=not main)
     eval_metrics: dict = {}
     for epoch, batch in _infinite(loader, set_epoch):
+        model.lora_active = step >= recipe.lora.start_step
         with accelerator.accumulate(prepared):
             feats = train_feats.lookup(batch["image"])
             loss = prepared(feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
@@ -225,6 +248,7 @@ def train(recipe: Recipe) -> dict:
             window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
         if recipe.eval_every and step % recipe.eval_every == 0 and step < recipe.max_steps:
             eval_metrics = run_eval(step)
+            window_start = time.perf_counter()  # samples/s counts training time only
         if step >= recipe.max_steps:
             break
     bar.close()

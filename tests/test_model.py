@@ -28,7 +28,8 @@ def test_target_only_loss_matches_full_logit_loss(tiny_overrides, tiny_vqa):
     batch = collate_train([dataset[i] for i in (0, 1, 2, 5)], model.tokenizer.pad_token_id)
     f = feats[batch["image"]]
     ours = model(f, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    embeds, mask = model.embed(f, batch["input_ids"], batch["attention_mask"])
+    prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
+    embeds, mask = model.embed(f, batch["input_ids"], batch["attention_mask"], prompt_mask)
     soft = torch.full((len(f), embeds.shape[1] - batch["labels"].shape[1]), -100)
     reference = model.lm(
         inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([soft, batch["labels"]], 1)
@@ -61,3 +62,23 @@ def test_save_and_load_trainables_round_trip(tiny_overrides, tiny_vqa, tmp_path)
     fresh = build_model(recipe, lora_dir=tmp_path / "lora").eval()
     fresh.load_adapter(tmp_path)
     torch.testing.assert_close(fresh(*args), before)
+
+
+def test_text_conditioned_adapter_reads_the_prompt_but_never_the_answer(tiny_overrides, tiny_vqa):
+    _, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
+    batch = collate_train([dataset[i] for i in (0, 1)], model.tokenizer.pad_token_id)
+    f = feats[batch["image"]]
+    ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
+    prompt_mask = mask * (labels == -100)
+    soft, _ = model.embed(f, ids, mask, prompt_mask)
+    # Changing an answer token must not change the soft tokens (no leak of the target into the adapter).
+    changed = ids.clone()
+    changed[labels != -100] = model.tokenizer.convert_tokens_to_ids("blue")
+    soft_changed, _ = model.embed(f, changed, mask, prompt_mask)
+    n_soft = soft.shape[1] - ids.shape[1]
+    torch.testing.assert_close(soft_changed[:, :n_soft], soft[:, :n_soft])
+    # Changing a question token does change them.
+    other = ids.clone()
+    other[:, 1] = model.tokenizer.convert_tokens_to_ids("circle")
+    soft_other, _ = model.embed(f, other, mask, prompt_mask)
+    assert not torch.allclose(soft_other[:, :n_soft], soft[:, :n_soft])

@@ -15,7 +15,8 @@ from adaptkit.config import AdapterConfig
 
 
 class QFormerLayer(nn.Module):
-    """Self-attention over queries, cross-attention to image tokens, feed-forward; all pre-norm."""
+    """Self-attention over queries (and the prompt's tokens, when given), cross-attention to image
+    tokens, feed-forward; all pre-norm."""
 
     def __init__(self, hidden: int, heads: int, mlp_ratio: float, dropout: float) -> None:
         super().__init__()
@@ -33,9 +34,22 @@ class QFormerLayer(nn.Module):
             nn.Dropout(dropout),
         )
 
-    def forward(self, queries: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        queries: torch.Tensor,
+        image: torch.Tensor,
+        text: torch.Tensor | None = None,
+        text_pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         x = self.norm_self(queries)
-        queries = queries + self.self_attn(x, x, x, need_weights=False)[0]
+        if text is None:
+            queries = queries + self.self_attn(x, x, x, need_weights=False)[0]
+        else:
+            # InstructBLIP: queries attend to themselves and to the prompt, so what they extract from
+            # the image can depend on the question. The prompt tokens are read, not updated.
+            memory = torch.cat([x, self.norm_self(text)], dim=1)
+            pad = torch.cat([text_pad.new_zeros(x.shape[:2]), text_pad], dim=1)
+            queries = queries + self.self_attn(x, memory, memory, key_padding_mask=pad, need_weights=False)[0]
         x = self.norm_cross(queries)
         queries = queries + self.cross_attn(x, image, image, need_weights=False)[0]
         return queries + self.ffn(self.norm_ffn(queries))
@@ -48,9 +62,8 @@ class QFormer(nn.Module):
         cfg: sizes from the recipe's ``adapter`` section.
         vision_dim: D_v, the width of the vision backbone's token features.
         lm_dim: D_lm, the language model's hidden size.
-        output_std: initial standard deviation of each output element; set it to the LM's token-embedding
-            std so the soft tokens start on the scale the LM expects (a default-initialized projection
-            starts several times larger, which slows early training).
+        output_std: initial standard deviation of each output element; the LM's token-embedding std,
+            so the soft tokens start on the scale of the embeddings the LM was trained on.
     """
 
     def __init__(
@@ -68,6 +81,9 @@ class QFormer(nn.Module):
         self.layers = nn.ModuleList(
             QFormerLayer(hidden, cfg.num_heads, cfg.mlp_ratio, cfg.dropout) for _ in range(cfg.num_layers)
         )
+        self.text_proj = (
+            nn.Sequential(nn.LayerNorm(lm_dim), nn.Linear(lm_dim, hidden)) if cfg.text_conditioned else None
+        )
         self.norm_out = nn.LayerNorm(hidden)
         self.out_proj = nn.Linear(hidden, lm_dim)
         if output_std is not None:
@@ -82,9 +98,27 @@ class QFormer(nn.Module):
         self.feature_mean.copy_(mean)
         self.feature_std.copy_(std.clamp_min(1e-4))
 
-    def forward(self, image_features: torch.Tensor) -> torch.Tensor:
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Soft tokens for the LM.
+
+        Args:
+            image_features: ``(B, T, D_v)`` frozen image features.
+            text_embeds: ``(B, L, D_lm)`` the prompt's token embeddings (used when ``text_conditioned``).
+            text_mask: ``(B, L)`` 1 for prompt tokens the queries may read; answers and padding are 0.
+        """
         image = self.image_proj((image_features - self.feature_mean) / self.feature_std)
         queries = self.queries.expand(image.shape[0], -1, -1)
+        text = text_pad = None
+        if self.text_proj is not None and text_embeds is not None:
+            text = self.text_proj(text_embeds.to(image.dtype))
+            text_pad = text_mask == 0 if text_mask is not None else None
+            if text_pad is None:
+                text_pad = torch.zeros(text.shape[:2], dtype=torch.bool, device=text.device)
         for layer in self.layers:
-            queries = layer(queries, image)
+            queries = layer(queries, image, text, text_pad)
         return self.out_proj(self.norm_out(queries))

@@ -1,0 +1,71 @@
+from __future__ import annotations
+
+import torch
+
+from adaptkit.config import load_recipe
+from adaptkit.model import build_model
+from adaptkit.train import build_scheduler, param_groups
+
+RECIPE = "recipes/easyvqa_qformer_lora.yaml"
+
+
+def _lrs(recipe, steps):
+    params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
+    optimizer = torch.optim.AdamW(
+        [
+            {"params": [params[0]], "lr": 1.0, "name": "adapter"},
+            {"params": [params[1]], "lr": 1.0, "name": "lora"},
+        ]
+    )
+    scheduler = build_scheduler(optimizer, recipe)
+    out = []
+    for _ in range(steps):
+        out.append([g["lr"] for g in optimizer.param_groups])
+        optimizer.step()
+        scheduler.step()
+    return out
+
+
+def test_schedule_warms_up_decays_and_delays_lora():
+    recipe = load_recipe(RECIPE, ["max_steps=100", "warmup_steps=10", "lora.start_step=40"])
+    lrs = _lrs(recipe, 100)
+    adapter, lora = [a for a, _ in lrs], [b for _, b in lrs]
+    assert adapter[0] < adapter[5] < adapter[10] and max(adapter) <= 1.0
+    assert all(later <= earlier for earlier, later in zip(adapter[10:], adapter[11:]))
+    assert adapter[-1] < 0.01
+    assert all(lr == 0.0 for lr in lora[:40]) and lora[40] > 0
+    assert max(lora) == lora[50] and lora[-1] < lora[60]
+
+
+def test_adapter_only_phase_leaves_lora_untouched(tiny_overrides):
+    recipe = load_recipe(RECIPE, tiny_overrides)
+    model = build_model(recipe).train()
+    for name, param in model.lm.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(param, std=0.1)
+    ids = torch.tensor([[5, 6, 7, 8]])
+    labels = torch.tensor([[-100, -100, 8, 9]])
+    feats = torch.randn(1, 4, 1280)
+    with_lora = model(feats, ids, torch.ones_like(ids), labels)
+    model.lora_active = False
+    without = model(feats, ids, torch.ones_like(ids), labels)
+    without.backward()
+    assert not torch.equal(with_lora, without)
+    lora_grads = [p.grad for n, p in model.lm.named_parameters() if "lora_" in n]
+    assert lora_grads and all(g is None for g in lora_grads)
+    assert all(p.grad is not None for p in model.adapter.parameters())
+    assert len(param_groups(model, recipe)) == 2
+
+
+def test_feature_standardization_is_saved_with_the_adapter(tiny_overrides, tmp_path):
+    recipe = load_recipe(RECIPE, tiny_overrides)
+    model = build_model(recipe)
+    feats = torch.randn(2, 4, 1280) * 3 + 5
+    before = model.adapter(feats)
+    model.adapter.set_feature_stats(torch.full((1280,), 5.0), torch.full((1280,), 3.0))
+    after = model.adapter(feats)
+    assert not torch.allclose(before, after)
+    model.save_trainables(tmp_path)
+    fresh = build_model(recipe, lora_dir=tmp_path / "lora")
+    fresh.load_adapter(tmp_path)
+    torch.testing.assert_close(fresh.adapter(feats), after)
