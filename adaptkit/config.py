@@ -27,6 +27,7 @@ class VisionConfig:
     weights: str = "embedded"
     image_size: int = 128
     feature_layer: int = -1
+    extra_layers: list[int] = field(default_factory=list)
 
 
 @dataclass
@@ -78,7 +79,7 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
-    max_steps: int = 500
+    max_steps: int = 700
     batch_size: int = 32
     grad_accum_steps: int = 1
     lr_adapter: float = 1e-3

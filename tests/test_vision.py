@@ -44,6 +44,15 @@ def test_torchvision_feature_layer_and_bad_names(tiny_mobilenet_pth):
         VisionConfig(weights=str(tiny_mobilenet_pth), image_size=64, feature_layer=-2)
     )
     assert mid.feature_dim == 320
+    multi = build_vision_backbone(
+        VisionConfig(weights=str(tiny_mobilenet_pth), image_size=64, extra_layers=[6, 13])
+    )
+    feats = multi(multi.preprocess(_images()))
+    assert feats.shape == (2, 4, 32 + 96 + 1280) and multi.feature_dim == 32 + 96 + 1280
+    last = build_vision_backbone(VisionConfig(weights=str(tiny_mobilenet_pth), image_size=64))
+    torch.testing.assert_close(feats[..., -1280:], last(last.preprocess(_images())))
+    with pytest.raises(ValueError, match="extra_layers"):
+        build_vision_backbone(VisionConfig(weights=str(tiny_mobilenet_pth), extra_layers=[18]))
     with pytest.raises(ValueError, match="no model"):
         build_vision_backbone(VisionConfig(name="not_a_net", weights="random"))
     with pytest.raises(ValueError, match="feature_layer"):

@@ -69,7 +69,12 @@ def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
 
 
 class TorchvisionBackbone(VisionBackbone):
-    """A torchvision CNN trunk; the feature map at ``feature_layer`` becomes ``H*W`` tokens."""
+    """A torchvision CNN trunk; the feature map at ``feature_layer`` becomes ``H*W`` tokens.
+
+    ``extra_layers`` adds earlier trunk layers: their maps are average-pooled to the final grid and
+    concatenated on channels, so each token also carries low-level cues (colour, edges) that the last,
+    most semantic layer keeps only weakly.
+    """
 
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
@@ -98,15 +103,22 @@ class TorchvisionBackbone(VisionBackbone):
         index = cfg.feature_layer if cfg.feature_layer >= 0 else len(layers) + cfg.feature_layer
         if not 0 <= index < len(layers):
             raise ValueError(f"vision.feature_layer={cfg.feature_layer} is outside 0..{len(layers) - 1}")
+        extra = sorted({i if i >= 0 else len(layers) + i for i in cfg.extra_layers})
+        if any(not 0 <= i < index for i in extra):
+            raise ValueError(
+                f"vision.extra_layers={cfg.extra_layers} must lie before feature_layer ({index})"
+            )
         self.trunk = nn.Sequential(*layers[: index + 1])
-        self.image_size = cfg.image_size
-        with torch.no_grad():
-            probe = self.trunk(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
-        self.feature_dim = probe.shape[1]
-        self.num_tokens = probe.shape[2] * probe.shape[3]
-        self.identity = f"torchvision:{cfg.name}:{cfg.weights}:layer{index}:size{cfg.image_size}"
+        self.taps = extra
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
+        self.image_size = cfg.image_size
+        with torch.no_grad():
+            probe = self.forward(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+        self.feature_dim = probe.shape[2]
+        self.num_tokens = probe.shape[1]
+        taps = "+".join(str(i) for i in [*extra, index])
+        self.identity = f"torchvision:{cfg.name}:{cfg.weights}:layer{taps}:size{cfg.image_size}"
         self.freeze()
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
@@ -121,9 +133,14 @@ class TorchvisionBackbone(VisionBackbone):
         return pixels.permute(0, 3, 1, 2).float().div_(255.0)
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        pixels = (pixels.to(self.mean.device) - self.mean) / self.std
-        fmap = self.trunk(pixels)
-        return fmap.flatten(2).transpose(1, 2)
+        x = (pixels.to(self.mean.device) - self.mean) / self.std
+        maps = []
+        for i, layer in enumerate(self.trunk):
+            x = layer(x)
+            if i in self.taps:
+                maps.append(x)
+        maps = [nn.functional.adaptive_avg_pool2d(m, x.shape[-2:]) for m in maps] + [x]
+        return torch.cat(maps, dim=1).flatten(2).transpose(1, 2)
 
 
 class HFVisionBackbone(VisionBackbone):
