@@ -12,6 +12,7 @@ import functools
 import json
 import logging
 import math
+import sys
 import time
 from pathlib import Path
 
@@ -31,16 +32,25 @@ from adaptkit.runs import RECIPE_FILE, prepare_split, write_json
 log = logging.getLogger("adaptkit")
 
 
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is when a record arrives (pytest and notebooks swap it)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.stream = sys.stderr
+        super().emit(record)
+
+
 def _setup_logging(run_dir: Path, main: bool) -> None:
     log.setLevel(logging.INFO)
     log.propagate = False
     for handler in list(log.handlers):
         log.removeHandler(handler)
+        handler.close()
     if not main:
         log.addHandler(logging.NullHandler())
         return
     fmt = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S")
-    for handler in (logging.FileHandler(run_dir / "train.log"), logging.StreamHandler()):
+    for handler in (logging.FileHandler(run_dir / "train.log"), _CurrentStderr()):
         handler.setFormatter(fmt)
         log.addHandler(handler)
 

@@ -113,6 +113,7 @@ def tiny_overrides(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[
         f"output_dir={tmp_path / 'run'}",
         f"vision.weights={tiny_mobilenet_pth}",
         "vision.image_size=64",
+        "vision.extra_layers=[]",
         f"language.name={tiny_lm_dir}",
         "adapter.num_queries=4",
         "adapter.num_layers=1",
