@@ -144,27 +144,17 @@ def train(recipe: Recipe) -> dict:
     )
 
     data = recipe.data
-    train_ds, train_feats, train_skipped = prepare_split(
+    split = functools.partial(
+        prepare_split,
         model,
-        data.train,
-        data.prompt_template,
-        device,
+        template=data.prompt_template,
+        device=device,
         cache=recipe.cache_features,
         on_bad_sample=data.on_bad_sample,
         progress=main,
-        desc="encoding train images",
     )
-    eval_ds, eval_feats, _ = prepare_split(
-        model,
-        data.eval,
-        data.prompt_template,
-        device,
-        limit=recipe.eval_limit,
-        cache=recipe.cache_features,
-        on_bad_sample=data.on_bad_sample,
-        progress=main,
-        desc="encoding eval images",
-    )
+    train_ds, train_feats, train_skipped = split(data.train, desc="encoding train images")
+    eval_ds, eval_feats, _ = split(data.eval, limit=recipe.eval_limit, desc="encoding eval images")
     log.info(
         "data: %d train samples (%d skipped), %d eval samples; image features %s",
         len(train_ds),
