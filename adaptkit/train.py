@@ -210,7 +210,6 @@ def train(recipe: Recipe) -> dict:
     train_start = time.perf_counter()
     set_epoch = getattr(loader, "set_epoch", lambda epoch: generator.manual_seed(recipe.seed + epoch))
     bar = tqdm(total=recipe.max_steps, desc="training", unit="step", disable=not main)
-    eval_metrics: dict = {}
     for epoch, batch in _infinite(loader, set_epoch):
         model.lora_active = step >= recipe.lora.start_step
         with accelerator.accumulate(prepared):
@@ -247,7 +246,7 @@ def train(recipe: Recipe) -> dict:
             )
             window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
         if recipe.eval_every and step % recipe.eval_every == 0 and step < recipe.max_steps:
-            eval_metrics = run_eval(step)
+            run_eval(step)
             window_start = time.perf_counter()  # samples/s counts training time only
         if step >= recipe.max_steps:
             break
