@@ -116,9 +116,10 @@ class QFormer(nn.Module):
         text = text_pad = None
         if self.text_proj is not None and text_embeds is not None:
             text = self.text_proj(text_embeds.to(image.dtype))
-            text_pad = text_mask == 0 if text_mask is not None else None
-            if text_pad is None:
+            if text_mask is None:
                 text_pad = torch.zeros(text.shape[:2], dtype=torch.bool, device=text.device)
+            else:
+                text_pad = text_mask == 0
         for layer in self.layers:
             queries = layer(queries, image, text, text_pad)
         return self.out_proj(self.norm_out(queries))
