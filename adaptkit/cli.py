@@ -1,7 +1,9 @@
-"""``adaptkit`` command line: train, eval, assets.
+"""``adaptkit`` command line: train, eval, cache, check-quant, assets.
 
 adaptkit train RECIPE.yaml [key=value ...]
 adaptkit eval RUN_DIR --data SPEC [--limit N] [--batch-size B] [--json]
+adaptkit cache RECIPE.yaml [key=value ...]   fill the frozen-feature disk cache ahead of training
+adaptkit check-quant RECIPE.yaml [--levels 8bit,4bit] [--samples N] [--json]
 adaptkit assets            verify the embedded assets and convert SmolLM2 once
 """
 
@@ -36,7 +38,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     import torch
 
     from adaptkit.evaluation import evaluate_vqa
-    from adaptkit.runs import load_run, prepare_split, write_json
+    from adaptkit.runs import feature_cache_root, load_run, prepare_split, write_json
 
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     recipe, model = load_run(args.run_dir, device)
@@ -48,6 +50,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         limit=args.limit,
         cache=recipe.cache_features,
         on_bad_sample=recipe.data.on_bad_sample,
+        cache_root=feature_cache_root(recipe.feature_cache_dir),
     )
     metrics, records = evaluate_vqa(
         model, dataset, features, args.batch_size or recipe.eval_batch_size, recipe.max_new_tokens
@@ -66,6 +69,60 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             f"(yes/no {metrics['accuracy_yes_no']}, other {metrics['accuracy_other']}) "
             f"in {metrics['seconds']} s"
         )
+    return 0
+
+
+def _cmd_cache(args: argparse.Namespace) -> int:
+    import torch
+
+    from adaptkit.backbones.vision import build_vision_backbone
+    from adaptkit.config import load_recipe
+    from adaptkit.data.formats import load_vqa
+    from adaptkit.runs import build_features, feature_cache_root
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    root = feature_cache_root(recipe.feature_cache_dir)
+    if root is None or not recipe.cache_features:
+        raise ValueError(
+            f"{args.recipe}: the recipe keeps no disk cache (cache_features={recipe.cache_features}, "
+            f"feature_cache_dir={recipe.feature_cache_dir!r}); set cache_features=true feature_cache_dir=auto"
+        )
+    logging.getLogger("adaptkit").setLevel(logging.INFO)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    vision = build_vision_backbone(recipe.vision, device)
+    specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
+    for spec in specs:
+        data = load_vqa(spec, recipe.data.on_bad_sample)
+        bank = build_features(
+            vision,
+            data.samples,
+            device,
+            cache=True,
+            skip_bad=recipe.data.on_bad_sample == "skip",
+            desc=f"caching {spec}",
+            cache_root=root,
+        )
+        shape = tuple(bank.features.shape[1:])
+        print(f"{spec}: {len(bank.rows)} images cached, features {shape}, {len(bank.bad)} undecodable")
+    return 0
+
+
+def _cmd_check_quant(args: argparse.Namespace) -> int:
+    import torch
+
+    from adaptkit.config import load_recipe
+    from adaptkit.quant_check import check_quant, format_rows
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    levels = [x.strip() for x in args.levels.split(",")] if args.levels else None
+    for level in levels or []:
+        if level not in ("8bit", "4bit"):
+            raise ValueError(f"--levels: '{level}' is not 8bit or 4bit")
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rows = check_quant(recipe, samples=args.samples, levels=levels, device=device)
+    print(format_rows(rows))
+    if args.json:
+        print(json.dumps(rows))
     return 0
 
 
@@ -99,6 +156,25 @@ def build_parser() -> argparse.ArgumentParser:
         "--json", action="store_true", help="print the metrics as one JSON object on the last line"
     )
     p.set_defaults(func=_cmd_eval)
+
+    p = sub.add_parser("cache", help="encode a recipe's train and eval images into the feature cache")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.set_defaults(func=_cmd_cache)
+
+    p = sub.add_parser(
+        "check-quant", help="compare 8-bit / 4-bit backbones with full precision on the recipe's data"
+    )
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, as for train")
+    p.add_argument("--samples", type=int, default=64, help="questions (and their images) to compare on")
+    p.add_argument(
+        "--levels", default=None, help="8bit,4bit (default: the recipe's quant, or both when it has none)"
+    )
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--json", action="store_true", help="print the figures as one JSON list on the last line")
+    p.set_defaults(func=_cmd_check_quant)
 
     p = sub.add_parser("assets", help="verify the embedded assets and convert SmolLM2 to safetensors once")
     p.set_defaults(func=_cmd_assets)

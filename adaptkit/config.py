@@ -28,6 +28,8 @@ class VisionConfig:
     image_size: int = 128
     feature_layer: int = -1
     extra_layers: list[int] = field(default_factory=list)
+    quant: str = "none"
+    compute_dtype: str = "float32"
 
 
 @dataclass
@@ -82,6 +84,7 @@ class Recipe:
     max_steps: int = 700
     batch_size: int = 32
     grad_accum_steps: int = 1
+    length_grouping: int = 1
     lr_adapter: float = 1e-3
     lr_lora: float = 5e-4
     weight_decay: float = 0.0
@@ -89,6 +92,7 @@ class Recipe:
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     cache_features: bool = True
+    feature_cache_dir: str = "auto"
     log_every: int = 10
     eval_every: int = 150
     eval_limit: int = 500
@@ -98,6 +102,8 @@ class Recipe:
 
 _CHOICES = {
     "vision.family": ("torchvision", "hf", "open_clip"),
+    "vision.quant": ("none", "8bit", "4bit"),
+    "vision.compute_dtype": ("float32", "bfloat16", "float16"),
     "language.dtype": ("float32", "bfloat16", "float16"),
     "language.compute_dtype": ("float32", "bfloat16", "float16"),
     "language.quant": ("none", "8bit", "4bit"),
@@ -105,7 +111,15 @@ _CHOICES = {
     "data.on_bad_sample": ("error", "skip"),
     "mixed_precision": ("no", "bf16", "fp16"),
 }
-_POSITIVE = ("max_steps", "batch_size", "grad_accum_steps", "log_every", "eval_batch_size", "max_new_tokens")
+_POSITIVE = (
+    "max_steps",
+    "batch_size",
+    "grad_accum_steps",
+    "length_grouping",
+    "log_every",
+    "eval_batch_size",
+    "max_new_tokens",
+)
 
 
 def _key_lines(path: Path) -> dict[str, int]:
@@ -204,6 +218,12 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     for key in _POSITIVE:
         if _get(recipe, key) <= 0:
             raise RecipeError(f"{source}: {key} must be > 0, got {_get(recipe, key)}")
+    if recipe.vision.quant != "none" and recipe.vision.family != "hf":
+        raise RecipeError(
+            f"{source}: vision.quant={recipe.vision.quant} needs vision.family=hf (bitsandbytes quantizes "
+            f"Linear layers: {recipe.vision.family} trunks here are convolutions or fused attention); "
+            "set vision.quant=none"
+        )
     if "{question}" not in recipe.data.prompt_template:
         raise RecipeError(f"{source}: data.prompt_template must contain '{{question}}'")
     if recipe.adapter.hidden_size % recipe.adapter.num_heads:

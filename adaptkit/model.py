@@ -175,7 +175,7 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu", lora_dir: st
     Args:
         lora_dir: load trained LoRA weights from this peft folder instead of initializing new ones.
     """
-    vision = build_vision_backbone(recipe.vision).to(device)
+    vision = build_vision_backbone(recipe.vision, device)
     lm, tokenizer = load_language_model(recipe.language, device)
     embeddings = lm.get_input_embeddings()
     output_std = embeddings.weight.float().std().item()

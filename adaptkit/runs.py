@@ -19,8 +19,10 @@ from pathlib import Path
 
 import torch
 
+from adaptkit.assets import cache_dir
 from adaptkit.config import load_recipe
 from adaptkit.data.collate import VQADataset
+from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
 from adaptkit.data.formats import VQASample, load_vqa
 from adaptkit.model import ADAPTER_FILE, LORA_DIR, build_model
@@ -36,18 +38,45 @@ def subset(samples: list[VQASample], limit: int | None, seed: int = 0) -> list[V
     return [samples[i] for i in keep]
 
 
+def feature_cache_root(setting: str) -> Path | None:
+    """The disk cache folder a recipe's ``feature_cache_dir`` names (None: keep features in memory only)."""
+    if setting in ("", "none", "off"):
+        return None
+    if setting == "auto":
+        return cache_dir() / "features"
+    return Path(setting).expanduser()
+
+
 def build_features(
-    model, samples: list[VQASample], device, cache: bool, skip_bad: bool, desc: str, progress: bool = True
+    vision,
+    samples: list[VQASample],
+    device,
+    cache: bool,
+    skip_bad: bool,
+    desc: str,
+    progress: bool = True,
+    cache_root: Path | None = None,
 ):
-    """Feature source for the images of ``samples``: encoded once (cache) or at every lookup."""
+    """Feature source for the images of ``samples``: encoded once (cache) or at every lookup.
+
+    With ``cache_root``, features persist on disk, keyed by backbone and image content.
+    """
     paths = [s.image for s in samples]
     if not cache:
-        return OnTheFlyFeatures(model.vision, paths, device)
+        return OnTheFlyFeatures(vision, paths, device)
     origins: dict[str, str] = {}
     for s in samples:
         origins.setdefault(s.image, s.origin)
+    disk = FeatureCache.for_backbone(cache_root, vision, device) if cache_root is not None else None
     return FeatureBank.compute(
-        model.vision, paths, origins, device, skip_bad=skip_bad, desc=desc, disable_progress=not progress
+        vision,
+        paths,
+        origins,
+        device,
+        skip_bad=skip_bad,
+        desc=desc,
+        disable_progress=not progress,
+        cache=disk,
     )
 
 
@@ -61,6 +90,7 @@ def prepare_split(
     on_bad_sample: str = "error",
     progress: bool = True,
     desc: str = "encoding images",
+    cache_root: Path | None = None,
 ):
     """Load a data spec, encode its images and tokenize it.
 
@@ -69,7 +99,9 @@ def prepare_split(
     """
     data = load_vqa(spec, on_bad_sample)
     samples = subset(data.samples, limit)
-    features = build_features(model, samples, device, cache, on_bad_sample == "skip", desc, progress)
+    features = build_features(
+        model.vision, samples, device, cache, on_bad_sample == "skip", desc, progress, cache_root
+    )
     skipped = list(data.skipped) + [
         f"{s.origin}: {features.bad[s.image]}" for s in samples if s.image in features.bad
     ]

@@ -25,9 +25,11 @@ from tqdm.auto import tqdm
 
 from adaptkit.config import Recipe, recipe_to_yaml
 from adaptkit.data.collate import collate_train
+from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
 from adaptkit.evaluation import evaluate_vqa
 from adaptkit.model import ADAPTER_FILE, LORA_DIR, build_model, count_parameters, frozen_fingerprint
-from adaptkit.runs import RECIPE_FILE, prepare_split, write_json
+from adaptkit.perf import peak_memory_mb
+from adaptkit.runs import RECIPE_FILE, feature_cache_root, prepare_split, write_json
 
 log = logging.getLogger("adaptkit")
 
@@ -104,6 +106,14 @@ def _check_output_dir(out: Path) -> None:
         )
 
 
+def _feature_source(recipe: Recipe) -> str:
+    if not recipe.cache_features:
+        return "computed every step"
+    root = feature_cache_root(recipe.feature_cache_dir)
+    where = f"disk cache under {root}" if root else "memory only"
+    return f"computed once per image by the frozen backbone ({where})"
+
+
 def _infinite(loader: DataLoader, set_epoch):
     epoch = 0
     while True:
@@ -152,6 +162,7 @@ def train(recipe: Recipe) -> dict:
         cache=recipe.cache_features,
         on_bad_sample=data.on_bad_sample,
         progress=main,
+        cache_root=feature_cache_root(recipe.feature_cache_dir),
     )
     train_ds, train_feats, train_skipped = split(data.train, desc="encoding train images")
     eval_ds, eval_feats, _ = split(data.eval, limit=recipe.eval_limit, desc="encoding eval images")
@@ -160,20 +171,25 @@ def train(recipe: Recipe) -> dict:
         len(train_ds),
         len(train_skipped),
         len(eval_ds),
-        "computed once per image (frozen backbone)" if recipe.cache_features else "computed every step",
+        _feature_source(recipe),
     )
     if hasattr(model.adapter, "set_feature_stats"):
         model.adapter.set_feature_stats(*train_feats.stats())
     if len(train_ds) < recipe.batch_size:
         raise ValueError(f"batch_size={recipe.batch_size} exceeds the {len(train_ds)} training samples")
 
-    generator = torch.Generator().manual_seed(recipe.seed)
+    lengths = [len(p) + len(t) for p, t in zip(train_ds.prompt_ids, train_ds.target_ids)]
+    sampler = LengthGroupedBatches(lengths, recipe.batch_size, recipe.length_grouping, recipe.seed)
+    plain = LengthGroupedBatches(lengths, recipe.batch_size, 1, recipe.seed)
+    log.info(
+        "batches: %d per epoch, padding %.1f%% of text token slots (%.1f%% without length grouping)",
+        len(sampler),
+        100 * padding_fraction(lengths, sampler.batches(0)),
+        100 * padding_fraction(lengths, plain.batches(0)),
+    )
     loader = DataLoader(
         train_ds,
-        batch_size=recipe.batch_size,
-        shuffle=True,
-        drop_last=True,
-        generator=generator,
+        batch_sampler=sampler,
         collate_fn=functools.partial(collate_train, pad_id=model.tokenizer.pad_token_id),
     )
     groups = param_groups(model, recipe)
@@ -202,13 +218,19 @@ def train(recipe: Recipe) -> dict:
         )
         prepared.train()
         log.info("step %d: eval accuracy %.4f on %d samples", step, metrics["accuracy"], metrics["n"])
-        record({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+        wall = round(time.perf_counter() - started, 2)
+        record({"step": step, "wall_s": wall, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
     prepared.train()
     step, window_loss, window_n, window_start = 0, 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
-    set_epoch = getattr(loader, "set_epoch", lambda epoch: generator.manual_seed(recipe.seed + epoch))
+
+    def set_epoch(epoch: int) -> None:
+        sampler.set_epoch(epoch)
+        if hasattr(loader, "set_epoch"):
+            loader.set_epoch(epoch)
+
     bar = tqdm(total=recipe.max_steps, desc="training", unit="step", disable=not main)
     for epoch, batch in _infinite(loader, set_epoch):
         model.lora_active = step >= recipe.lora.start_step
@@ -238,6 +260,7 @@ def train(recipe: Recipe) -> dict:
                 "lr_lora": optimizer.param_groups[-1]["lr"],
                 "samples_per_s": round(steps_in_window * samples_per_step / elapsed, 3),
                 "elapsed_s": round(time.perf_counter() - train_start, 2),
+                "wall_s": round(time.perf_counter() - started, 2),
             }
             record(row)
             bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
@@ -270,6 +293,7 @@ def train(recipe: Recipe) -> dict:
             "lora": n_train - n_adapter,
         },
         "frozen_unchanged": True,
+        "peak_memory_mb": peak_memory_mb(device),
         "eval": eval_metrics,
     }
     if main:
@@ -279,6 +303,12 @@ def train(recipe: Recipe) -> dict:
         )
         write_json(out / "summary.json", summary)
         metrics_file.close()
+        try:
+            from adaptkit.plots import plot_run
+
+            log.info("wrote %s", plot_run(out))
+        except ImportError as err:  # the plot is a convenience; the run itself is complete
+            log.warning("no curves.png: %s (pip install matplotlib)", err)
         log.info("saved run to %s (%.0f s)", out, summary["total_seconds"])
     accelerator.wait_for_everyone()
     accelerator.end_training()

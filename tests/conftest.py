@@ -125,6 +125,7 @@ def tiny_overrides(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[
         "lora.target_modules=[q_proj,v_proj]",
         f"data.train={tiny_vqa}",
         f"data.eval={tiny_vqa}",
+        f"feature_cache_dir={tmp_path / 'features'}",
         "max_steps=4",
         "batch_size=4",
         "warmup_steps=1",

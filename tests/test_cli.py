@@ -28,17 +28,21 @@ def test_train_then_eval_end_to_end(tiny_overrides, tiny_vqa, tmp_path, capsys):
         "metrics.jsonl",
         "eval.json",
         "summary.json",
+        "curves.png",
     ):
         assert (run / name).is_file(), name
+    assert (run / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert not list(run.rglob("*.bin")) and not list(run.rglob("*.pt"))
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "loss" in r]
     assert [r["step"] for r in steps] == [2, 4]
-    assert all({"step", "loss", "lr", "samples_per_s"} <= r.keys() for r in steps)
+    assert all({"step", "loss", "lr", "samples_per_s", "wall_s"} <= r.keys() for r in steps)
+    assert [r["wall_s"] for r in steps] == sorted(r["wall_s"] for r in steps)
     summary = json.loads((run / "summary.json").read_text())
     assert (
         summary["frozen_unchanged"]
         and 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"]
+        and summary["peak_memory_mb"] > 0
     )
     assert (
         set(load_file(str(run / "adapter.safetensors")))

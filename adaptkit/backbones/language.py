@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from adaptkit.config import LanguageConfig
+from adaptkit.config import LanguageConfig, VisionConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -27,8 +27,8 @@ def resolve_lm_path(name: str) -> str:
     return name
 
 
-def quantization_config(cfg: LanguageConfig):
-    """The ``BitsAndBytesConfig`` for ``cfg.quant`` (None for full precision)."""
+def quantization_config(cfg: LanguageConfig | VisionConfig):
+    """The ``BitsAndBytesConfig`` for a backbone's ``quant`` (None for full precision)."""
     if cfg.quant == "none":
         return None
     from transformers import BitsAndBytesConfig

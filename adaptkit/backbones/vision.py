@@ -146,17 +146,22 @@ class TorchvisionBackbone(VisionBackbone):
 class HFVisionBackbone(VisionBackbone):
     """A transformers vision model (ViT, CLIP/SigLIP vision tower) from a hub id or local folder."""
 
-    def __init__(self, cfg: VisionConfig) -> None:
+    def __init__(self, cfg: VisionConfig, device: torch.device | str = "cpu") -> None:
         super().__init__()
         from transformers import AutoImageProcessor, AutoModel
 
-        model = AutoModel.from_pretrained(cfg.name)
+        from adaptkit.backbones.language import quantization_config
+
+        quant = quantization_config(cfg)
+        kwargs = {"quantization_config": quant, "device_map": {"": str(device)}} if quant is not None else {}
+        model = AutoModel.from_pretrained(cfg.name, **kwargs)
         self.model = getattr(model, "vision_model", model)
         self.processor = AutoImageProcessor.from_pretrained(cfg.name)
         config = self.model.config
         self.feature_dim = getattr(config, "hidden_size", None) or config.vision_config.hidden_size
         self.feature_layer = cfg.feature_layer
-        self.identity = f"hf:{cfg.name}:layer{cfg.feature_layer}"
+        quant_tag = "" if cfg.quant == "none" else f":{cfg.quant}-{cfg.compute_dtype}"
+        self.identity = f"hf:{cfg.name}:layer{cfg.feature_layer}{quant_tag}"
         self.freeze()
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
@@ -164,7 +169,7 @@ class HFVisionBackbone(VisionBackbone):
         return self.processor(images=rgb, return_tensors="pt")["pixel_values"]
 
     def forward(self, pixels: torch.Tensor) -> torch.Tensor:
-        param = next(self.model.parameters())
+        param = next(p for p in self.model.parameters() if p.is_floating_point())
         out = self.model(pixel_values=pixels.to(param.device, param.dtype), output_hidden_states=True)
         return out.hidden_states[self.feature_layer]
 
@@ -215,6 +220,13 @@ VISION_FAMILIES: dict[str, type[VisionBackbone]] = {
 }
 
 
-def build_vision_backbone(cfg: VisionConfig) -> VisionBackbone:
-    """Build the frozen vision backbone a recipe names."""
-    return VISION_FAMILIES[cfg.family](cfg)
+def build_vision_backbone(cfg: VisionConfig, device: torch.device | str = "cpu") -> VisionBackbone:
+    """Build the frozen vision backbone a recipe names, on ``device``.
+
+    A quantized backbone (``vision.quant``: 8bit / 4bit, HF models only) is placed by its loader.
+    """
+    if cfg.quant != "none":
+        if cfg.family != "hf":
+            raise ValueError(f"vision.quant={cfg.quant} needs vision.family=hf")
+        return HFVisionBackbone(cfg, device)
+    return VISION_FAMILIES[cfg.family](cfg).to(device)

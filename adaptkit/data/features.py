@@ -2,7 +2,8 @@
 
 A frozen backbone in eval mode maps an image to the same features every time, so with no image
 augmentation each distinct image is encoded once per run (``FeatureBank``) instead of once per
-question per epoch; easy-VQA asks about 10 questions per image. ``OnTheFlyFeatures`` encodes at every
+question per epoch; easy-VQA asks about 10 questions per image. With a ``FeatureCache`` the features
+also persist on disk across runs (see ``feature_cache.py``). ``OnTheFlyFeatures`` encodes at every
 step and is what ``cache_features: false`` selects.
 """
 
@@ -16,6 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from adaptkit.backbones.vision import VisionBackbone
+from adaptkit.data.feature_cache import SHARD_IMAGES, FeatureCache, file_key
 from adaptkit.data.formats import DataError
 
 log = logging.getLogger(__name__)
@@ -45,6 +47,36 @@ def encode_images(backbone: VisionBackbone, images: list[Image.Image], device: t
     return backbone(pixels).float()
 
 
+def _encode(
+    backbone: VisionBackbone,
+    paths: Sequence[str],
+    origins: dict[str, str],
+    device: torch.device,
+    batch_size: int,
+    skip_bad: bool,
+    bad: dict[str, str],
+    bar: tqdm,
+) -> tuple[list[str], list[torch.Tensor]]:
+    """Encode ``paths`` in batches; returns the decodable paths and their feature chunks, in order."""
+    good: list[str] = []
+    chunks: list[torch.Tensor] = []
+    for start in range(0, len(paths), batch_size):
+        batch_paths, images = [], []
+        for path in paths[start : start + batch_size]:
+            try:
+                images.append(open_image(path, origins.get(path, "")))
+                batch_paths.append(path)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                bad[path] = str(err)
+        if images:
+            chunks.append(encode_images(backbone, images, device))
+            good += batch_paths
+        bar.update(min(batch_size, len(paths) - start))
+    return good, chunks
+
+
 class FeatureBank:
     """Features of a fixed set of images, held in one tensor and looked up by row.
 
@@ -70,39 +102,62 @@ class FeatureBank:
         skip_bad: bool = False,
         desc: str = "encoding images",
         disable_progress: bool = False,
+        cache: FeatureCache | None = None,
     ) -> FeatureBank:
-        """Encode each distinct image once, with a progress bar.
+        """Encode each distinct image once, with a progress bar; with ``cache``, only the new ones.
 
         Args:
             origins: image path → the ``file:line`` of a sample that uses it (for errors).
             skip_bad: record undecodable images in ``bad`` instead of raising.
+            cache: a disk cache for this backbone; cached images are read, the others encoded and added.
         """
         unique = list(dict.fromkeys(paths))
-        chunks: list[torch.Tensor] = []
-        rows: dict[str, int] = {}
         bad: dict[str, str] = {}
-        with tqdm(total=len(unique), desc=desc, unit="img", disable=disable_progress) as bar:
-            for start in range(0, len(unique), batch_size):
-                batch_paths, images = [], []
-                for path in unique[start : start + batch_size]:
-                    try:
-                        images.append(open_image(path, origins.get(path, "")))
-                        batch_paths.append(path)
-                    except DataError as err:
-                        if not skip_bad:
-                            raise
-                        bad[path] = str(err)
-                if images:
-                    feats = encode_images(backbone, images, device)
-                    for path in batch_paths:
-                        rows[path] = len(rows)
-                    chunks.append(feats)
-                bar.update(min(batch_size, len(unique) - start))
+        if cache is None:
+            with tqdm(total=len(unique), desc=desc, unit="img", disable=disable_progress) as bar:
+                good, feats = _encode(backbone, unique, origins, device, batch_size, skip_bad, bad, bar)
+            rows = {path: i for i, path in enumerate(good)}
+            features = torch.cat(feats) if feats else None
+        else:
+            keys: dict[str, str] = {}
+            for path in unique:
+                try:
+                    keys[path] = file_key(path)
+                except OSError as err:
+                    where = f"{origins.get(path, '')}: " if origins.get(path) else ""
+                    reason = (
+                        "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
+                    )
+                    if not skip_bad:
+                        raise DataError(f"{where}image {path} {reason}") from None
+                    bad[path] = f"{where}image {path} {reason}"
+            with cache.lock():
+                missing = set(cache.missing(list(keys.values())))
+                todo = [path for path in keys if keys[path] in missing]
+                with tqdm(
+                    total=len(todo), desc=desc, unit="img", disable=disable_progress or not todo
+                ) as bar:
+                    for start in range(0, len(todo), SHARD_IMAGES):
+                        chunk = todo[start : start + SHARD_IMAGES]
+                        good, feats = _encode(
+                            backbone, chunk, origins, device, batch_size, skip_bad, bad, bar
+                        )
+                        if good:
+                            cache.put([keys[p] for p in good], torch.cat(feats))
+                done = [path for path in keys if path not in bad]
+                features = cache.get([keys[p] for p in done]).to(device) if done else None
+            rows = {path: i for i, path in enumerate(done)}
+            log.info(
+                "feature cache %s: %d images read, %d encoded and added",
+                cache.dir,
+                len(keys) - len(todo),
+                len(todo) - sum(p in bad for p in todo),
+            )
         if bad:
             log.warning("skipped %d undecodable images, first: %s", len(bad), next(iter(bad.values())))
-        if not chunks:
+        if features is None:
             raise DataError("no image could be decoded")
-        return cls(torch.cat(chunks), rows, bad)
+        return cls(features, rows, bad)
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         return self.features[rows.to(self.features.device)]

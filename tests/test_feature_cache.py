@@ -1,0 +1,153 @@
+"""The frozen-feature disk cache: equal to encoding, invalidated by any change, robust to damage."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+import torch
+
+from adaptkit.backbones.vision import build_vision_backbone
+from adaptkit.config import VisionConfig
+from adaptkit.data.feature_cache import FeatureCache
+from adaptkit.data.features import FeatureBank, OnTheFlyFeatures, encode_images, open_image
+from adaptkit.data.formats import DataError
+from tests.conftest import draw_sample
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for i, (color, shape) in enumerate([("red", "circle"), ("blue", "rectangle"), ("green", "circle")]):
+        path = tmp_path / f"img{i}.png"
+        draw_sample(path, color, shape)
+        paths.append(str(path))
+    return paths
+
+
+def _backbone(pth, size=64):
+    return build_vision_backbone(VisionConfig(weights=str(pth), image_size=size))
+
+
+def _bank(backbone, paths, root=None, **kw):
+    cache = FeatureCache.for_backbone(root, backbone, "cpu") if root is not None else None
+    return FeatureBank.compute(
+        backbone, paths, {}, torch.device("cpu"), batch_size=2, cache=cache, **kw
+    ), cache
+
+
+def _shards(cache):
+    return sorted(cache.dir.glob("shard-*.safetensors"))
+
+
+def test_cached_features_equal_encoded_features_bit_for_bit(tiny_mobilenet_pth, images, tmp_path):
+    backbone = _backbone(tiny_mobilenet_pth)
+    plain, _ = _bank(backbone, images)
+    filled, cache = _bank(backbone, images, tmp_path / "cache")
+    assert len(_shards(cache)) == 1
+    reread, _ = _bank(backbone, images, tmp_path / "cache")
+    assert len(_shards(cache)) == 1  # nothing encoded the second time
+    assert torch.equal(plain.features, filled.features)
+    assert torch.equal(plain.features, reread.features)
+    assert reread.rows == plain.rows
+    # Also equal to the per-step encoder used when caching is off, given the same batches (CPU conv
+    # kernels may round differently for another batch composition: that is the backbone, not the cache).
+    on_the_fly = OnTheFlyFeatures(backbone, images, torch.device("cpu"))
+    per_step = torch.cat([on_the_fly.lookup(torch.tensor([0, 1])), on_the_fly.lookup(torch.tensor([2]))])
+    assert torch.equal(per_step, reread.features)
+    other_batches = on_the_fly.lookup(torch.tensor([2, 0]))
+    torch.testing.assert_close(other_batches, reread.lookup(torch.tensor([2, 0])), rtol=1e-5, atol=1e-6)
+
+
+def test_preprocessing_change_uses_another_cache(tiny_mobilenet_pth, images, tmp_path):
+    root = tmp_path / "cache"
+    _, cache64 = _bank(_backbone(tiny_mobilenet_pth, 64), images, root)
+    bank48, cache48 = _bank(_backbone(tiny_mobilenet_pth, 48), images, root)
+    assert cache48.dir != cache64.dir
+    assert len(_shards(cache48)) == 1
+    plain48, _ = _bank(_backbone(tiny_mobilenet_pth, 48), images)
+    assert torch.equal(bank48.features, plain48.features)
+
+
+def test_weight_change_uses_another_cache(tiny_mobilenet_pth, images, tmp_path):
+    a = _backbone(tiny_mobilenet_pth)
+    b = _backbone(tiny_mobilenet_pth)
+    with torch.no_grad():
+        next(b.parameters()).add_(1e-3)
+    _, cache_a = _bank(a, images, tmp_path / "cache")
+    _, cache_b = _bank(b, images, tmp_path / "cache")
+    assert cache_a.dir != cache_b.dir
+
+
+def test_changed_image_is_recomputed(tiny_mobilenet_pth, images, tmp_path):
+    backbone = _backbone(tiny_mobilenet_pth)
+    before, cache = _bank(backbone, images, tmp_path / "cache")
+    draw_sample(tmp_path / "img1.png", "green", "rectangle")  # new content, same path
+    after, _ = _bank(backbone, images, tmp_path / "cache")
+    assert len(_shards(cache)) == 2  # only the changed image was encoded again
+    alone = encode_images(backbone, [open_image(images[1])], torch.device("cpu"))
+    assert torch.equal(after.features[1:2], alone)
+    assert not torch.equal(after.features[1], before.features[1])
+    assert torch.equal(after.features[0], before.features[0])
+
+
+def test_damaged_shard_is_ignored_and_recomputed(tiny_mobilenet_pth, images, tmp_path, caplog):
+    backbone = _backbone(tiny_mobilenet_pth)
+    good, cache = _bank(backbone, images, tmp_path / "cache")
+    shard = _shards(cache)[0]
+    shard.write_bytes(shard.read_bytes()[:100])  # truncated
+    with caplog.at_level("WARNING"):
+        again, _ = _bank(backbone, images, tmp_path / "cache")
+    assert "unreadable shard" in caplog.text and shard.name in caplog.text
+    assert torch.equal(again.features, good.features)
+
+
+def test_missing_and_broken_images_with_cache(tiny_mobilenet_pth, images, tmp_path):
+    backbone = _backbone(tiny_mobilenet_pth)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    paths = [*images, str(tmp_path / "absent.png"), str(broken)]
+    with pytest.raises(DataError, match="absent.png does not exist"):
+        _bank(backbone, paths, tmp_path / "cache")
+    bank, cache = _bank(backbone, paths, tmp_path / "cache", skip_bad=True)
+    assert set(bank.bad) == {paths[3], paths[4]}
+    assert list(bank.rows) == images
+    # Interrupted fills leave no temporary files behind as shards.
+    assert not list(cache.dir.glob("shard-*.tmp"))
+
+
+def test_cache_command_fills_and_training_reads(tiny_overrides, tmp_path, capsys, caplog):
+    from adaptkit.cli import main
+    from adaptkit.config import load_recipe
+    from adaptkit.train import train
+
+    overrides = [*tiny_overrides, f"feature_cache_dir={tmp_path / 'fc'}"]
+    assert main(["cache", "recipes/easyvqa_qformer_lora.yaml", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "6 images cached" in out
+    shards = sorted((tmp_path / "fc").rglob("shard-*.safetensors"))
+    assert len(shards) == 1
+    with caplog.at_level("INFO", logger="adaptkit"):
+        train(load_recipe("recipes/easyvqa_qformer_lora.yaml", overrides))
+    assert sorted((tmp_path / "fc").rglob("shard-*.safetensors")) == shards
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "6 images read, 0 encoded" in log
+
+
+def test_cache_command_refuses_memory_only_recipe(tiny_overrides, capsys):
+    from adaptkit.cli import main
+
+    assert (
+        main(["cache", "recipes/easyvqa_qformer_lora.yaml", *tiny_overrides, "feature_cache_dir=none"]) == 2
+    )
+    assert "keeps no disk cache" in capsys.readouterr().err
+
+
+def test_cache_dir_can_be_copied(tiny_mobilenet_pth, images, tmp_path):
+    """Shards carry their keys, so a copied cache folder serves another machine's identical run."""
+    backbone = _backbone(tiny_mobilenet_pth)
+    first, cache = _bank(backbone, images, tmp_path / "a")
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    second, cache_b = _bank(backbone, images, tmp_path / "b")
+    assert len(_shards(cache_b)) == 1
+    assert torch.equal(first.features, second.features)
