@@ -10,6 +10,16 @@ from pathlib import Path
 import torch
 
 
+def reset_peak_memory(device: torch.device | str) -> None:
+    """Start a new peak: CUDA allocator statistics, or VmHWM (Linux ``clear_refs``) on CPU."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    with contextlib.suppress(OSError):
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: torch.device | str) -> float:
     """This process's peak memory so far: CUDA allocator peak on a GPU, peak RSS (VmHWM) on CPU."""
     device = torch.device(device)

@@ -28,7 +28,7 @@ from adaptkit.data.collate import collate_train
 from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
 from adaptkit.evaluation import evaluate_vqa
 from adaptkit.model import ADAPTER_FILE, LORA_DIR, build_model, count_parameters, frozen_fingerprint
-from adaptkit.perf import peak_memory_mb
+from adaptkit.perf import peak_memory_mb, reset_peak_memory
 from adaptkit.runs import RECIPE_FILE, feature_cache_root, prepare_split, write_json
 
 log = logging.getLogger("adaptkit")
@@ -178,20 +178,37 @@ def train(recipe: Recipe) -> dict:
     if len(train_ds) < recipe.batch_size:
         raise ValueError(f"batch_size={recipe.batch_size} exceeds the {len(train_ds)} training samples")
 
+    collate = functools.partial(collate_train, pad_id=model.tokenizer.pad_token_id)
     lengths = [len(p) + len(t) for p, t in zip(train_ds.prompt_ids, train_ds.target_ids)]
-    sampler = LengthGroupedBatches(lengths, recipe.batch_size, recipe.length_grouping, recipe.seed)
     plain = LengthGroupedBatches(lengths, recipe.batch_size, 1, recipe.seed)
-    log.info(
-        "batches: %d per epoch, padding %.1f%% of text token slots (%.1f%% without length grouping)",
-        len(sampler),
-        100 * padding_fraction(lengths, sampler.batches(0)),
-        100 * padding_fraction(lengths, plain.batches(0)),
-    )
-    loader = DataLoader(
-        train_ds,
-        batch_sampler=sampler,
-        collate_fn=functools.partial(collate_train, pad_id=model.tokenizer.pad_token_id),
-    )
+    generator = torch.Generator().manual_seed(recipe.seed)
+    sampler: LengthGroupedBatches | None = None
+    if recipe.length_grouping > 1:
+        sampler = LengthGroupedBatches(lengths, recipe.batch_size, recipe.length_grouping, recipe.seed)
+        loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
+        log.info(
+            "batches: %d per epoch, grouped by length in windows of %d: padding %.1f%% of text token "
+            "slots (%.1f%% shuffled plainly)",
+            len(sampler),
+            recipe.length_grouping,
+            100 * padding_fraction(lengths, sampler.batches(0)),
+            100 * padding_fraction(lengths, plain.batches(0)),
+        )
+    else:  # a plain seeded shuffle (the order every run before length grouping existed used)
+        loader = DataLoader(
+            train_ds,
+            batch_size=recipe.batch_size,
+            shuffle=True,
+            drop_last=True,
+            generator=generator,
+            collate_fn=collate,
+        )
+        log.info(
+            "batches: %d per epoch, shuffled (padding about %.1f%% of text token slots; "
+            "length_grouping=4 cuts it)",
+            len(loader),
+            100 * padding_fraction(lengths, plain.batches(0)),
+        )
     groups = param_groups(model, recipe)
     optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
     procs = accelerator.num_processes
@@ -222,14 +239,19 @@ def train(recipe: Recipe) -> dict:
         record({"step": step, "wall_s": wall, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
+    setup_peak_mb = peak_memory_mb(device)
+    reset_peak_memory(device)
     prepared.train()
     step, window_loss, window_n, window_start = 0, 0.0, 0, time.perf_counter()
     train_start = time.perf_counter()
 
     def set_epoch(epoch: int) -> None:
-        sampler.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
+        else:
+            generator.manual_seed(recipe.seed + epoch)
 
     bar = tqdm(total=recipe.max_steps, desc="training", unit="step", disable=not main)
     for epoch, batch in _infinite(loader, set_epoch):
@@ -293,7 +315,7 @@ def train(recipe: Recipe) -> dict:
             "lora": n_train - n_adapter,
         },
         "frozen_unchanged": True,
-        "peak_memory_mb": peak_memory_mb(device),
+        "peak_memory_mb": {"setup": setup_peak_mb, "training": peak_memory_mb(device)},
         "eval": eval_metrics,
     }
     if main:
@@ -309,7 +331,13 @@ def train(recipe: Recipe) -> dict:
             log.info("wrote %s", plot_run(out))
         except ImportError as err:  # the plot is a convenience; the run itself is complete
             log.warning("no curves.png: %s (pip install matplotlib)", err)
-        log.info("saved run to %s (%.0f s)", out, summary["total_seconds"])
+        log.info(
+            "saved run to %s (%.0f s; peak memory %.0f MB in set-up, %.0f MB in training)",
+            out,
+            summary["total_seconds"],
+            summary["peak_memory_mb"]["setup"],
+            summary["peak_memory_mb"]["training"],
+        )
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return summary

@@ -4,7 +4,9 @@ Two ways to train the same trainable parts (the recipe's Q-Former + LoRA on the 
 same questions, batch for batch:
 
 - **adaptkit**: features of each image looked up from the frozen-feature cache (filled once, timed
-  separately), pre-tokenized short prompts, logits only at answer tokens (``MultimodalModel.forward``).
+  separately), pre-tokenized short prompts, batches grouped by length as the recipe's
+  ``length_grouping`` says (the same samples, batched differently), logits only at answer tokens
+  (``MultimodalModel.forward``).
 - **reference**, written here the way a practitioner does it with stock transformers + peft: each
   step decodes and preprocesses the images and runs the frozen backbone (under ``no_grad``), formats
   every sample with the LM's chat template, pads the batch with the tokenizer, and calls the HF model
@@ -35,6 +37,7 @@ from adaptkit.config import load_recipe
 from adaptkit.data.collate import VQADataset, collate_train
 from adaptkit.data.features import FeatureBank, encode_images, open_image
 from adaptkit.data.formats import load_vqa
+from adaptkit.data.sampling import LengthGroupedBatches
 from adaptkit.model import build_model
 from adaptkit.perf import PeakMemory, matmul_peak, sync
 from adaptkit.runs import subset
@@ -44,6 +47,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # ---- the two ways ----------------------------------------------------------------------------
+
+
+def _sig(x: float) -> float:
+    return float(f"{x:.4g}")
 
 
 def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast):
@@ -61,6 +68,10 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast):
         model.adapter.set_feature_stats(*bank.stats())
     ds = VQADataset(samples, bank.rows, model.tokenizer, recipe.data.prompt_template)
     pad = model.tokenizer.pad_token_id
+    if recipe.length_grouping > 1:  # the same samples, batched the way `adaptkit train` batches them
+        lengths = [len(a) + len(b) for a, b in zip(ds.prompt_ids, ds.target_ids)]
+        grouped = LengthGroupedBatches(lengths, len(batches[0]), recipe.length_grouping, recipe.seed)
+        batches = grouped.batches(0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(batch_ids):
@@ -129,12 +140,15 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
         batch = [samples[i] for i in batch_ids]
         with torch.no_grad():
             feats = encode_images(vision, [open_image(s.image) for s in batch], device)
-        prompts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": s.question}], tokenize=False, add_generation_prompt=True
-            )
-            for s in batch
-        ]
+        if tokenizer.chat_template:
+            prompts = [
+                tokenizer.apply_chat_template(
+                    [{"role": "user", "content": s.question}], tokenize=False, add_generation_prompt=True
+                )
+                for s in batch
+            ]
+        else:  # a base LM without a chat template: the recipe's prompt
+            prompts = [recipe.data.prompt_template.format(question=s.question) + " " for s in batch]
         full = [p + s.answer + tokenizer.eos_token for p, s in zip(prompts, batch)]
         enc = tokenizer(full, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         prompt_lens = [len(ids) for ids in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
@@ -185,6 +199,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
+    parser.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring matmul peak")
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -202,7 +217,7 @@ def main() -> None:
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
     batches = [order[i * recipe.batch_size : (i + 1) * recipe.batch_size] for i in range(n_batches)]
 
-    peak, peak_shape = matmul_peak(device, dtype)
+    peak, peak_shape = matmul_peak(device, dtype, args.peak_seconds)
     print(
         f"device {device} ({torch.get_num_threads()} threads), matmul peak {peak / 1e9:.1f} GFLOP/s "
         f"({peak_shape}, {str(dtype).removeprefix('torch.')})",
@@ -236,10 +251,10 @@ def main() -> None:
         "reference_padded_tokens_per_sample": round(ref["padded_tokens_per_sample"], 1),
         "adaptkit_one_time_encode_s": ours["one_time_encode_s"],
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "useful_gflops_per_step": round(ours["useful_flops_per_step"] / 1e9, 1),
-        "executed_gflops_per_step": round(ours["executed_flops_per_step"] / 1e9, 1),
-        "useful_gflops_per_s": round(useful_rate / 1e9, 1),
-        "useful_flops_fraction": round(useful_rate / peak, 3),
+        "useful_gflops_per_step": _sig(ours["useful_flops_per_step"] / 1e9),
+        "executed_gflops_per_step": _sig(ours["executed_flops_per_step"] / 1e9),
+        "useful_gflops_per_s": _sig(useful_rate / 1e9),
+        "useful_flops_fraction": _sig(useful_rate / peak),
         "adaptkit_peak_mem_mb": mem_a.mb,
         "reference_peak_mem_mb": mem_r.mb,
     }

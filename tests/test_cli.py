@@ -42,7 +42,7 @@ def test_train_then_eval_end_to_end(tiny_overrides, tiny_vqa, tmp_path, capsys):
     assert (
         summary["frozen_unchanged"]
         and 0 < summary["parameters"]["trainable"] < summary["parameters"]["total"]
-        and summary["peak_memory_mb"] > 0
+        and summary["peak_memory_mb"]["training"] > 0
     )
     assert (
         set(load_file(str(run / "adapter.safetensors")))

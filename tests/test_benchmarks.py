@@ -1,0 +1,35 @@
+"""The benchmark scripts run end to end on tiny models and print the figures they promise."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_train_throughput_json(tiny_overrides):
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "train_throughput.py"),
+        "--steps",
+        "2",
+        "--warmup",
+        "1",
+        "--peak-seconds",
+        "0.5",
+        *tiny_overrides,
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    for key in ("ratio", "adaptkit_samples_per_s", "reference_samples_per_s", "useful_flops_fraction"):
+        assert result[key] > 0, key
+    assert result["ratio"] == round(result["adaptkit_samples_per_s"] / result["reference_samples_per_s"], 2)
+    # Running each sample alone does no padded work: useful FLOPs never exceed the padded batch's.
+    assert 0 < result["useful_gflops_per_step"] <= result["executed_gflops_per_step"]
+    assert result["adaptkit_tokens_per_sample"] <= result["adaptkit_padded_tokens_per_sample"]
