@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import gc
 import time
 from pathlib import Path
 
@@ -53,36 +52,6 @@ def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 3.0) 
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-class PeakMemory:
-    """Peak memory of a block: CUDA allocator peak, or the process's peak RSS (VmHWM, reset first)."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.device = device
-
-    def __enter__(self) -> PeakMemory:
-        gc.collect()
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
-            torch.cuda.reset_peak_memory_stats(self.device)
-            self.base = torch.cuda.memory_allocated(self.device)
-        else:
-            with contextlib.suppress(OSError):  # reset VmHWM to the current RSS
-                Path("/proc/self/clear_refs").write_text("5")
-            self.base = _rss("VmRSS")
-        return self
-
-    def __exit__(self, *exc) -> None:
-        if self.device.type == "cuda":
-            self.peak = torch.cuda.max_memory_allocated(self.device)
-        else:
-            self.peak = _rss("VmHWM")
-
-    @property
-    def mb(self) -> float:
-        """Peak above what was in use before the block (the block's own models, data and activations)."""
-        return round((self.peak - self.base) / 2**20, 1)
 
 
 def _rss(field: str) -> int:

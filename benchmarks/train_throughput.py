@@ -27,6 +27,8 @@ import argparse
 import gc
 import json
 import os
+import subprocess
+import sys
 import time
 from dataclasses import replace
 
@@ -39,7 +41,7 @@ from adaptkit.data.features import FeatureBank, encode_images, open_image
 from adaptkit.data.formats import load_vqa
 from adaptkit.data.sampling import LengthGroupedBatches
 from adaptkit.model import build_model
-from adaptkit.perf import PeakMemory, matmul_peak, sync
+from adaptkit.perf import matmul_peak, peak_memory_mb, sync
 from adaptkit.runs import subset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +55,7 @@ def _sig(x: float) -> float:
     return float(f"{x:.4g}")
 
 
-def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast):
+def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, count_flops=True):
     """adaptkit's step; returns timings, tokens and useful FLOPs per step."""
     model = build_model(recipe, device)
     model.train()
@@ -90,17 +92,27 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast):
         return batch
 
     times, tokens, padded = _timed(step, batches, device, steps, warmup)
-    # Useful FLOPs: each sample of a timed batch alone (no padding at all), counted by torch.
+    if not count_flops:
+        return {"times": times}
+    timed = batches[warmup : warmup + steps]
+    # Useful FLOPs: every timed sample as if alone (no padding at all), counted by torch. A sample's
+    # FLOPs depend only on its prompt and target lengths, so each distinct pair is counted once.
+    by_shape: dict[tuple[int, int], list[int]] = {}
+    for i in (i for b in timed for i in b):
+        by_shape.setdefault((len(ds.prompt_ids[i]), len(ds.target_ids[i])), []).append(i)
+    useful = 0
+    for members in by_shape.values():
+        counter = FlopCounterMode(display=False)
+        with counter:
+            step([members[0]])
+        useful += counter.get_total_flops() * len(members)
+    # Executed FLOPs: the timed batches as run (padding included).
     counter = FlopCounterMode(display=False)
     with counter:
-        for i in batches[warmup]:
-            step([i])
-    optimizer.zero_grad(set_to_none=True)
-    useful_per_step = counter.get_total_flops()
-    counter = FlopCounterMode(display=False)
-    with counter:
-        step(batches[warmup])
-    executed_per_step = counter.get_total_flops()
+        for batch_ids in timed:
+            step(batch_ids)
+    executed = counter.get_total_flops()
+    useful_per_step, executed_per_step = useful / steps, executed / steps
     n_soft = recipe.adapter.num_queries
     return {
         "times": times,
@@ -192,14 +204,28 @@ def _timed(step, batches, device, steps, warmup):
     return times, tokens, padded
 
 
+def _peak_memory_of(side: str, args: argparse.Namespace) -> float:
+    """Run one side for a few steps in a subprocess; its peak RSS (CPU) or allocator peak (CUDA)."""
+    cmd = [sys.executable, __file__, *args.overrides, "--recipe", args.recipe, "--memory-only", side]
+    cmd += ["--steps", "3", "--warmup", "1"] + (["--device", args.device] if args.device else [])
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. language.quant=4bit")
     parser.add_argument("--recipe", default="recipes/easyvqa_qformer_lora.yaml")
-    parser.add_argument("--steps", type=int, default=10, help="timed steps per side")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring matmul peak")
+    parser.add_argument(
+        "--memory-only",
+        choices=["adaptkit", "reference"],
+        default=None,
+        help="(internal) run one side alone and print its process's peak memory",
+    )
     args = parser.parse_args()
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -217,6 +243,13 @@ def main() -> None:
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
     batches = [order[i * recipe.batch_size : (i + 1) * recipe.batch_size] for i in range(n_batches)]
 
+    if args.memory_only:
+        side = adaptkit_side if args.memory_only == "adaptkit" else reference_side
+        kwargs = {"count_flops": False} if args.memory_only == "adaptkit" else {}
+        side(recipe, samples, batches, device, args.steps, args.warmup, autocast, **kwargs)
+        print(json.dumps({"side": args.memory_only, "peak_mem_mb": peak_memory_mb(device)}))
+        return
+
     peak, peak_shape = matmul_peak(device, dtype, args.peak_seconds)
     print(
         f"device {device} ({torch.get_num_threads()} threads), matmul peak {peak / 1e9:.1f} GFLOP/s "
@@ -224,11 +257,12 @@ def main() -> None:
         flush=True,
     )
 
-    with PeakMemory(device) as mem_a:
-        ours = adaptkit_side(recipe, samples, batches, device, args.steps, args.warmup, autocast)
+    ours = adaptkit_side(recipe, samples, batches, device, args.steps, args.warmup, autocast)
     gc.collect()
-    with PeakMemory(device) as mem_r:
-        ref = reference_side(recipe, samples, batches, device, args.steps, args.warmup, autocast)
+    ref = reference_side(recipe, samples, batches, device, args.steps, args.warmup, autocast)
+    # Peak memory: each side alone in a fresh process (a process's heap keeps what one side freed,
+    # so measuring the second side in the same process would flatter it).
+    mem = {side: _peak_memory_of(side, args) for side in ("adaptkit", "reference")}
 
     def rate(side):
         return recipe.batch_size * len(side["times"]) / sum(side["times"])
@@ -255,14 +289,14 @@ def main() -> None:
         "executed_gflops_per_step": _sig(ours["executed_flops_per_step"] / 1e9),
         "useful_gflops_per_s": _sig(useful_rate / 1e9),
         "useful_flops_fraction": _sig(useful_rate / peak),
-        "adaptkit_peak_mem_mb": mem_a.mb,
-        "reference_peak_mem_mb": mem_r.mb,
+        "adaptkit_peak_mem_mb": mem["adaptkit"],
+        "reference_peak_mem_mb": mem["reference"],
     }
     print(
         f"adaptkit  {ours_rate:6.2f} samples/s  ({result['adaptkit_tokens_per_sample']} tokens/sample, "
-        f"peak mem +{mem_a.mb} MB)\n"
+        f"peak mem {mem['adaptkit']} MB)\n"
         f"reference {ref_rate:6.2f} samples/s  ({result['reference_tokens_per_sample']} tokens/sample, "
-        f"peak mem +{mem_r.mb} MB)\n"
+        f"peak mem {mem['reference']} MB)\n"
         f"ratio {result['ratio']}x; adaptkit useful {result['useful_gflops_per_s']} GFLOP/s = "
         f"{100 * result['useful_flops_fraction']:.1f}% of the measured matmul peak",
         flush=True,
