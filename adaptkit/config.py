@@ -85,6 +85,7 @@ class Recipe:
     batch_size: int = 32
     grad_accum_steps: int = 1
     length_grouping: int = 1
+    activation_checkpointing: int = 0
     lr_adapter: float = 1e-3
     lr_lora: float = 5e-4
     weight_decay: float = 0.0
@@ -223,6 +224,10 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"{source}: vision.quant={recipe.vision.quant} needs vision.family=hf (bitsandbytes quantizes "
             f"Linear layers: {recipe.vision.family} trunks here are convolutions or fused attention); "
             "set vision.quant=none"
+        )
+    if recipe.activation_checkpointing < 0:
+        raise RecipeError(
+            f"{source}: activation_checkpointing must be 0 (off) or N >= 1 (every Nth LM layer)"
         )
     if "{question}" not in recipe.data.prompt_template:
         raise RecipeError(f"{source}: data.prompt_template must contain '{{question}}'")

@@ -198,6 +198,10 @@ def build_model(recipe: Recipe, device: torch.device | str = "cpu", lora_dir: st
         )
         lm = get_peft_model(lm, lora)
     model = MultimodalModel(vision, adapter, lm, tokenizer)
+    if recipe.activation_checkpointing:
+        # Recompute each checkpointed LM layer's activations in the backward pass instead of keeping them:
+        # activations, not the frozen weights, dominate a small LM's training memory.
+        model.base_lm.activation_checkpointing_enable(every_n_layers=recipe.activation_checkpointing)
     log.info(
         "model: vision %s (frozen, D=%d), adapter %s, LM %s (%s, frozen%s)",
         vision.identity,

@@ -40,12 +40,17 @@ def main() -> None:
         summary = json.loads((run / "summary.json").read_text())
         final = json.loads((run / "eval.json").read_text()) if (run / "eval.json").exists() else {}
         minutes = summary["total_seconds"] / 60
-        if final.get("limit") in (None, 0) and final.get("n"):
+        full = final.get("limit") in (None, 0) and final.get("n")
+        if full:
             acc = 100 * final["accuracy"]
             ax.plot([minutes], [acc], "*", ms=13, color=line.get_color(), label=f"{label}: full split")
             ax.annotate(f"{acc:.2f}%", (minutes, acc), textcoords="offset points", xytext=(6, -12))
         table.append(
-            {"run": str(run), "train_minutes": round(minutes, 2), "full_split": final.get("accuracy")}
+            {
+                "run": str(run),
+                "train_minutes": round(minutes, 2),
+                "full_split": final["accuracy"] if full else None,
+            }
         )
     ax.axvline(15, color="grey", ls="--", lw=0.8)
     ax.set(

@@ -82,3 +82,26 @@ def test_text_conditioned_adapter_reads_the_prompt_but_never_the_answer(tiny_ove
     other[:, 1] = model.tokenizer.convert_tokens_to_ids("circle")
     soft_other, _ = model.embed(f, other, mask, prompt_mask)
     assert not torch.allclose(soft_other[:, :n_soft], soft[:, :n_soft])
+
+
+def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_overrides):
+    feats = torch.randn(2, 4, 1280)
+    ids = torch.tensor([[5, 6, 7, 8], [6, 7, 8, 9]])
+    labels = torch.tensor([[-100, -100, 8, 9], [-100, -100, -100, 4]])
+    results = []
+    for every in (0, 1):
+        torch.manual_seed(0)
+        recipe = load_recipe(
+            "recipes/easyvqa_qformer_lora.yaml", [*tiny_overrides, f"activation_checkpointing={every}"]
+        )
+        model = build_model(recipe).train()
+        layers = model.base_lm.get_decoder().layers
+        assert all(layer.gradient_checkpointing == bool(every) for layer in layers)
+        loss = model(feats, ids, torch.ones_like(ids), labels)
+        loss.backward()
+        results.append((loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+    (loss0, grads0), (loss1, grads1) = results
+    torch.testing.assert_close(loss0, loss1)
+    assert grads0.keys() == grads1.keys()
+    for name in grads0:
+        torch.testing.assert_close(grads0[name], grads1[name], rtol=1e-5, atol=1e-6)
