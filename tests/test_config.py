@@ -55,3 +55,11 @@ def test_resolved_recipe_round_trips(tmp_path):
     path = tmp_path / "resolved.yaml"
     path.write_text(recipe_to_yaml(recipe))
     assert load_recipe(path) == recipe
+
+
+def test_text_override_with_braces_is_taken_as_written():
+    recipe = load_recipe(RECIPE, ["data.prompt_template={question}", "output_dir=runs/{x}"])
+    assert recipe.data.prompt_template == "{question}"
+    assert recipe.output_dir == "runs/{x}"
+    # Non-text fields still parse as YAML.
+    assert load_recipe(RECIPE, ["vision.extra_layers=[1, 2]"]).vision.extra_layers == [1, 2]
