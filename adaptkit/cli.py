@@ -23,6 +23,13 @@ from adaptkit.data.formats import DataError
 USER_ERRORS = (RecipeError, DataError, AssetError, FileNotFoundError, FileExistsError, ValueError)
 
 
+def _device(args: argparse.Namespace):
+    """``--device``, or CUDA when present, else CPU."""
+    import torch
+
+    return torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+
+
 def _cmd_train(args: argparse.Namespace) -> int:
     from adaptkit.config import load_recipe
     from adaptkit.train import train
@@ -35,12 +42,11 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
 
     from adaptkit.evaluation import evaluate_vqa
     from adaptkit.runs import feature_cache_root, load_run, prepare_split, write_json
 
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     recipe, model = load_run(args.run_dir, device)
     dataset, features, skipped = prepare_split(
         model,
@@ -73,7 +79,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    import torch
 
     from adaptkit.backbones.vision import build_vision_backbone
     from adaptkit.config import load_recipe
@@ -88,7 +93,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             f"feature_cache_dir={recipe.feature_cache_dir!r}); set cache_features=true feature_cache_dir=auto"
         )
     logging.getLogger("adaptkit").setLevel(logging.INFO)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     vision = build_vision_backbone(recipe.vision, device)
     specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
     for spec in specs:
@@ -108,7 +113,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_quant(args: argparse.Namespace) -> int:
-    import torch
 
     from adaptkit.config import load_recipe
     from adaptkit.quant_check import check_quant, format_rows
@@ -118,7 +122,7 @@ def _cmd_check_quant(args: argparse.Namespace) -> int:
     for level in levels or []:
         if level not in ("8bit", "4bit"):
             raise ValueError(f"--levels: '{level}' is not 8bit or 4bit")
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = _device(args)
     rows = check_quant(recipe, samples=args.samples, levels=levels, device=device)
     print(format_rows(rows))
     if args.json:

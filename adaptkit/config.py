@@ -198,32 +198,13 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
         except OmegaConfBaseException as err:
             raise RecipeError(f"override '{item}': {err}") from None
         key, raw = item.split("=", 1)
-        if _is_str_field(key) and not isinstance(OmegaConf.select(layer, key), str):
+        if isinstance(OmegaConf.select(cfg, key), str) and not isinstance(OmegaConf.select(layer, key), str):
             # YAML reads `{question}` as a mapping; a text field takes the value as written.
             layer = OmegaConf.create(_nested(key, raw))
         cfg = _merge(cfg, layer, f"command-line override '{item}'", {})
     recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]
     validate(recipe, str(path) if path else "defaults")
     return recipe
-
-
-def _is_str_field(dotted: str) -> bool:
-    """Whether a dotted recipe key names a text field (e.g. ``data.prompt_template``)."""
-    from dataclasses import fields, is_dataclass
-
-    cls: Any = Recipe
-    for part in dotted.split("."):
-        if not is_dataclass(cls):
-            return False
-        match = {f.name: f for f in fields(cls)}.get(part)
-        if match is None:
-            return False
-        cls = match.type if not isinstance(match.type, str) else _resolve_type(match.type)
-    return cls is str
-
-
-def _resolve_type(name: str) -> Any:
-    return {"str": str, "int": int, "float": float, "bool": bool}.get(name) or globals().get(name)
 
 
 def _nested(dotted: str, value: Any) -> dict:

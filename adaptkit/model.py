@@ -8,7 +8,6 @@ Only trainable pieces are saved: the adapter as safetensors, LoRA in peft's own 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import logging
 from pathlib import Path
 
@@ -20,6 +19,7 @@ from adaptkit.adapters import build_adapter
 from adaptkit.backbones.language import load_language_model
 from adaptkit.backbones.vision import VisionBackbone, build_vision_backbone
 from adaptkit.config import Recipe
+from adaptkit.data.feature_cache import tensor_digest
 
 log = logging.getLogger(__name__)
 
@@ -160,13 +160,7 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 
 def frozen_fingerprint(model: nn.Module) -> str:
     """A blake2b digest of every frozen parameter's bytes (to assert nothing frozen changed)."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            continue
-        digest.update(name.encode())
-        digest.update(param.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.hexdigest()
+    return tensor_digest((n, p) for n, p in model.named_parameters() if not p.requires_grad)
 
 
 def build_model(recipe: Recipe, device: torch.device | str = "cpu", lora_dir: str | Path | None = None):

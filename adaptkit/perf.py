@@ -9,6 +9,11 @@ from pathlib import Path
 import torch
 
 
+def significant(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant digits (tiny figures such as an 8-bit KL of 1e-6 stay visible)."""
+    return float(f"{x:.{digits}g}")
+
+
 def reset_peak_memory(device: torch.device | str) -> None:
     """Start a new peak: CUDA allocator statistics, or VmHWM (Linux ``clear_refs``) on CPU."""
     device = torch.device(device)

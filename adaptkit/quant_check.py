@@ -24,14 +24,10 @@ from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.config import Recipe
 from adaptkit.data.features import encode_images, open_image
 from adaptkit.data.formats import load_vqa
+from adaptkit.perf import significant
 from adaptkit.runs import subset
 
 log = logging.getLogger(__name__)
-
-
-def _sig(x: float) -> float:
-    """Four significant digits (KL of an 8-bit model can be 1e-6: fixed decimals would print 0)."""
-    return float(f"{x:.4g}")
 
 
 def _levels(recipe_level: str, requested: list[str] | None) -> list[str]:
@@ -91,8 +87,8 @@ def check_language(recipe: Recipe, samples, levels: list[str], device, batch_siz
                 "compute_dtype": recipe.language.compute_dtype,
                 "samples": len(samples),
                 "tokens": n,
-                "kl_mean": _sig(torch.cat(kls).mean().item()),
-                "kl_answer_mean": _sig(torch.cat(answer_kls).mean().item()),
+                "kl_mean": significant(torch.cat(kls).mean().item()),
+                "kl_answer_mean": significant(torch.cat(answer_kls).mean().item()),
                 "top1_agreement": round(agree / n, 4),
                 "memory_mb": _footprint_mb(quant),
                 "full_precision_memory_mb": full_mb,
@@ -134,8 +130,8 @@ def check_vision(recipe: Recipe, samples, levels: list[str], device) -> list[dic
                 "quant": level,
                 "compute_dtype": recipe.vision.compute_dtype,
                 "images": len(images),
-                "feature_cosine_mean": _sig(cos.mean().item()),
-                "feature_cosine_min": _sig(cos.min().item()),
+                "feature_cosine_mean": significant(cos.mean().item()),
+                "feature_cosine_min": significant(cos.min().item()),
                 "memory_mb": _footprint_mb(quant),
                 "full_precision_memory_mb": full_mb,
                 "seconds": round(time.perf_counter() - start, 1),

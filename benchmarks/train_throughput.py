@@ -41,7 +41,7 @@ from adaptkit.data.features import FeatureBank, encode_images, open_image
 from adaptkit.data.formats import load_vqa
 from adaptkit.data.sampling import LengthGroupedBatches
 from adaptkit.model import build_model
-from adaptkit.perf import matmul_peak, peak_memory_mb, sync
+from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
 from adaptkit.runs import subset
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -49,10 +49,6 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
 # ---- the two ways ----------------------------------------------------------------------------
-
-
-def _sig(x: float) -> float:
-    return float(f"{x:.4g}")
 
 
 def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, count_flops=True):
@@ -285,10 +281,10 @@ def main() -> None:
         "reference_padded_tokens_per_sample": round(ref["padded_tokens_per_sample"], 1),
         "adaptkit_one_time_encode_s": ours["one_time_encode_s"],
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "useful_gflops_per_step": _sig(ours["useful_flops_per_step"] / 1e9),
-        "executed_gflops_per_step": _sig(ours["executed_flops_per_step"] / 1e9),
-        "useful_gflops_per_s": _sig(useful_rate / 1e9),
-        "useful_flops_fraction": _sig(useful_rate / peak),
+        "useful_gflops_per_step": significant(ours["useful_flops_per_step"] / 1e9),
+        "executed_gflops_per_step": significant(ours["executed_flops_per_step"] / 1e9),
+        "useful_gflops_per_s": significant(useful_rate / 1e9),
+        "useful_flops_fraction": significant(useful_rate / peak),
         "adaptkit_peak_mem_mb": mem["adaptkit"],
         "reference_peak_mem_mb": mem["reference"],
     }

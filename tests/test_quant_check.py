@@ -14,6 +14,7 @@ from adaptkit.runs import subset
 
 @pytest.fixture
 def tiny_vit_dir(tmp_path):
+    # Width 64, not the 32 of test_vision's ViT: bitsandbytes' 8-bit CPU path fails on 32-wide layers.
     from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
     cfg = ViTConfig(

@@ -25,6 +25,7 @@ import logging
 import os
 import time
 import uuid
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -51,14 +52,18 @@ def _probe_image() -> Image.Image:
     return Image.frombytes("RGB", (97, 61), bytes(ramp.tolist()))
 
 
+def tensor_digest(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """A blake2b digest of named tensors' names and bytes (weights, buffers)."""
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in named:
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
 def backbone_key(backbone, device: torch.device | str, dtype: torch.dtype = torch.float32) -> dict:
     """Describe and hash everything that decides a backbone's features; returns ``info`` with ``key``."""
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in list(backbone.named_parameters()) + list(backbone.named_buffers()):
-        digest.update(name.encode())
-        data = tensor.detach().cpu().contiguous().reshape(-1)
-        digest.update(data.view(torch.uint8).numpy().tobytes())
-    weights = digest.hexdigest()
+    weights = tensor_digest(list(backbone.named_parameters()) + list(backbone.named_buffers()))
     pixels = backbone.preprocess([_probe_image()]).float().contiguous()
     preprocessing = hashlib.blake2b(pixels.reshape(-1).view(torch.uint8).numpy().tobytes(), digest_size=16)
     info = {

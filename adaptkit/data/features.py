@@ -29,15 +29,20 @@ def open_image(path: str, origin: str = "") -> Image.Image:
     Raises:
         DataError: missing, unreadable or undecodable file; the message names the sample's origin.
     """
-    where = f"{origin}: " if origin else ""
     try:
         with Image.open(path) as img:
             img.load()
             return img.convert("RGB")
     except FileNotFoundError:
-        raise DataError(f"{where}image {path} does not exist") from None
+        raise image_error(path, origin, "does not exist") from None
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise DataError(f"{where}image {path} cannot be decoded ({err})") from None
+        raise image_error(path, origin, f"cannot be decoded ({err})") from None
+
+
+def image_error(path: str, origin: str, reason: str) -> DataError:
+    """The error for an unusable image, naming the sample's origin (``file:line``) when known."""
+    where = f"{origin}: " if origin else ""
+    return DataError(f"{where}image {path} {reason}")
 
 
 @torch.no_grad()
@@ -124,13 +129,13 @@ class FeatureBank:
                 try:
                     keys[path] = file_key(path)
                 except OSError as err:
-                    where = f"{origins.get(path, '')}: " if origins.get(path) else ""
                     reason = (
                         "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
                     )
+                    error = image_error(path, origins.get(path, ""), reason)
                     if not skip_bad:
-                        raise DataError(f"{where}image {path} {reason}") from None
-                    bad[path] = f"{where}image {path} {reason}"
+                        raise error from None
+                    bad[path] = str(error)
             with cache.lock():
                 missing = set(cache.missing(list(keys.values())))
                 todo = [path for path in keys if keys[path] in missing]
