@@ -33,3 +33,20 @@ def test_train_throughput_json(tiny_overrides):
     # Running each sample alone does no padded work: useful FLOPs never exceed the padded batch's.
     assert 0 < result["useful_gflops_per_step"] <= result["executed_gflops_per_step"]
     assert result["adaptkit_tokens_per_sample"] <= result["adaptkit_padded_tokens_per_sample"]
+
+
+def test_time_to_quality_plot(tiny_overrides, tiny_vqa, tmp_path):
+    from adaptkit.cli import main
+
+    run = tmp_path / "run"
+    assert main(["train", "recipes/easyvqa_qformer_lora.yaml", *tiny_overrides, "eval_every=2"]) == 0
+    assert main(["eval", str(run), "--data", str(tiny_vqa)]) == 0
+    out = tmp_path / "ttq.png"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "time_to_quality.py"), str(run), "--out", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, cwd=ROOT, env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    full = json.loads((run / "eval.json").read_text())
+    assert result["runs"][0]["full_split"] == full["accuracy"]
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
