@@ -4,6 +4,9 @@ adaptkit train RECIPE.yaml [key=value ...]
 adaptkit eval RUN_DIR --data SPEC [--limit N] [--batch-size B] [--json]
 adaptkit cache RECIPE.yaml [key=value ...]   fill the frozen-feature disk cache ahead of training
 adaptkit check-quant RECIPE.yaml [--levels 8bit,4bit] [--samples N] [--json]
+adaptkit export RUN_DIR --out DIR [--dtype float32|bfloat16|float16]   merge LoRA, self-contained folder
+adaptkit predict DIR --image X --question "..." [--json]   one answer from a run or an export
+adaptkit demo DIR [--host 127.0.0.1] [--port 7860]        the Gradio demo
 adaptkit assets            verify the embedded assets and convert SmolLM2 once
 """
 
@@ -19,8 +22,17 @@ from pathlib import Path
 from adaptkit.assets import AssetError
 from adaptkit.config import RecipeError
 from adaptkit.data.formats import DataError
+from adaptkit.export import ExportError
 
-USER_ERRORS = (RecipeError, DataError, AssetError, FileNotFoundError, FileExistsError, ValueError)
+USER_ERRORS = (
+    RecipeError,
+    DataError,
+    AssetError,
+    ExportError,
+    FileNotFoundError,
+    FileExistsError,
+    ValueError,
+)
 
 
 def _device(args: argparse.Namespace):
@@ -130,6 +142,61 @@ def _cmd_check_quant(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_export(args: argparse.Namespace) -> int:
+    from adaptkit.export import export_run
+
+    logging.getLogger("adaptkit").setLevel(logging.INFO)
+    manifest = export_run(args.run_dir, args.out, dtype=args.dtype, verify_samples=args.verify_samples)
+    ver = manifest["verification"]
+    merged_in = manifest["language"]
+    if merged_in["trained_quant"] != "none":
+        print(
+            f"the run trained on a {merged_in['trained_quant']} LM: LoRA was merged into the base reloaded "
+            f"in float32, never into quantized weights"
+        )
+    print(
+        f"exported {args.run_dir} -> {args.out} ({manifest['dtype']}, {manifest['seconds']} s); verified on "
+        f"{ver['samples']} held samples: answers identical {ver['answers_identical']:.1%}, "
+        f"max |logit diff| {ver['max_abs_logit_diff']:.2e} (tolerance {ver['tolerance']})"
+    )
+    for key, value in ver.items():
+        if key.startswith("answers_identical_to_trained_"):
+            print(f"answers identical to the run as trained ({key.rsplit('_', 1)[1]} LM): {value:.1%}")
+    if args.json:
+        print(json.dumps({k: manifest[k] for k in ("dtype", "verification", "seconds")}))
+    return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from adaptkit.inference import load_for_inference
+
+    predictor = load_for_inference(args.dir, device=_device(args))
+    result = predictor.answer(args.image, args.question, top_k=args.top)
+    if args.json:
+        print(json.dumps(result.to_dict()))
+        return 0
+    print(f"{result.text}  (p={result.score:.4f})")
+    for answer, prob in result.top:
+        print(f"  {prob:7.2%}  {answer}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from adaptkit.inference import load_for_inference
+
+    script = Path(__file__).resolve().parent.parent / "app" / "demo.py"
+    if not script.is_file():
+        raise FileNotFoundError(f"{script} is missing: the demo runs from a checkout of the adaptkit repo")
+    spec = importlib.util.spec_from_file_location("adaptkit_demo_app", script)
+    demo = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(demo)
+    predictor = load_for_inference(args.dir, device=_device(args))
+    demo.launch(predictor, host=args.host, port=args.port, share=args.share)
+    return 0
+
+
 def _cmd_assets(args: argparse.Namespace) -> int:
     from adaptkit.assets import prepare_all
 
@@ -149,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="greedy-decode answers and score exact-match accuracy")
-    p.add_argument("run_dir", help="a run directory written by `adaptkit train`")
+    p.add_argument("run_dir", help="a run directory written by `adaptkit train`, or an export folder")
     p.add_argument("--data", required=True, help="easyvqa:test, easyvqa:train or a VQA .jsonl file")
     p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N samples")
     p.add_argument(
@@ -179,6 +246,33 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--json", action="store_true", help="print the figures as one JSON list on the last line")
     p.set_defaults(func=_cmd_check_quant)
+
+    p = sub.add_parser("export", help="merge LoRA and write a self-contained, self-verified model folder")
+    p.add_argument("run_dir", help="a run directory written by `adaptkit train`")
+    p.add_argument("--out", required=True, help="the export folder to create (must not exist)")
+    p.add_argument(
+        "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="merged LM weights"
+    )
+    p.add_argument("--verify-samples", type=int, default=32, help="held samples the export is verified on")
+    p.add_argument("--json", action="store_true", help="print the verification as JSON on the last line")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser("predict", help="answer one question about one image with a run or an export")
+    p.add_argument("dir", help="a run directory or an export folder")
+    p.add_argument("--image", required=True, help="image file")
+    p.add_argument("--question", required=True, help="the question")
+    p.add_argument("--top", type=int, default=3, help="top answers of the answer set to show (0: none)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    p.set_defaults(func=_cmd_predict)
+
+    p = sub.add_parser("demo", help="serve the Gradio demo for a run or an export")
+    p.add_argument("dir", help="a run directory or an export folder")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
+    p.add_argument("--share", action="store_true", help="also open a public gradio.live link (default off)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("assets", help="verify the embedded assets and convert SmolLM2 to safetensors once")
     p.set_defaults(func=_cmd_assets)

@@ -62,14 +62,14 @@ class MultimodalModel(nn.Module):
         ones = torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         return torch.cat([soft, text], dim=1), torch.cat([ones, attention_mask], dim=1)
 
-    def forward(
+    def _answer_logits(
         self,
         features: torch.Tensor,
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
-    ) -> torch.Tensor:
-        """Mean cross-entropy over answer tokens, with logits computed only where they are needed."""
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at answer positions only, and a mask of where those positions are in ``labels``."""
         prompt_mask = attention_mask * (labels == -100)
         embeds, mask = self.embed(features, input_ids, attention_mask, prompt_mask)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
@@ -82,8 +82,32 @@ class MultimodalModel(nn.Module):
         # hidden[:, t] predicts token t+1; text token j sits at position n_soft + j.
         text_hidden = hidden[:, n_soft - 1 : -1]
         selected = labels != -100
-        logits = self.base_lm.get_output_embeddings()(text_hidden[selected])
+        return self.base_lm.get_output_embeddings()(text_hidden[selected]), selected
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Mean cross-entropy over answer tokens, with logits computed only where they are needed."""
+        logits, selected = self._answer_logits(features, input_ids, attention_mask, labels)
         return F.cross_entropy(logits.float(), labels[selected])
+
+    @torch.no_grad()
+    def sequence_logprobs(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-row sum of the answer tokens' log-probabilities (right-padded rows, as for training)."""
+        logits, selected = self._answer_logits(features, input_ids, attention_mask, labels)
+        token_logp = logits.float().log_softmax(-1).gather(-1, labels[selected].unsqueeze(-1)).squeeze(-1)
+        rows = selected.nonzero()[:, 0]
+        return torch.zeros(labels.shape[0], device=token_logp.device).index_add_(0, rows, token_logp)
 
     @torch.no_grad()
     def generate(

@@ -25,6 +25,7 @@ from adaptkit.data.collate import VQADataset
 from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
 from adaptkit.data.formats import VQASample, load_vqa
+from adaptkit.export import EXPORT_FILE, resolve_export_recipe
 from adaptkit.model import ADAPTER_FILE, LORA_DIR, build_model
 
 RECIPE_FILE = "recipe.yaml"
@@ -110,12 +111,14 @@ def prepare_split(
 
 
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu"):
-    """Rebuild a trained model from a run directory; returns ``(recipe, model)``."""
+    """Rebuild a trained model from a run directory or an export folder; returns ``(recipe, model)``."""
     run = Path(run_dir)
     recipe_path = run / RECIPE_FILE
     if not recipe_path.is_file():
         raise FileNotFoundError(f"{recipe_path} is missing: {run} is not a run directory of `adaptkit train`")
     recipe = load_recipe(recipe_path)
+    if (run / EXPORT_FILE).is_file():  # an `adaptkit export` folder: paths are relative to it
+        recipe = resolve_export_recipe(recipe, run)
     lora_dir = run / LORA_DIR
     if recipe.lora.enabled and not (lora_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{lora_dir} is missing or incomplete; the recipe has lora.enabled=true")

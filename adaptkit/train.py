@@ -27,6 +27,7 @@ from adaptkit.config import Recipe, recipe_to_yaml
 from adaptkit.data.collate import collate_train
 from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
 from adaptkit.evaluation import evaluate_vqa
+from adaptkit.inference import ANSWERS_FILE, answer_set
 from adaptkit.model import ADAPTER_FILE, LORA_DIR, build_model, count_parameters, frozen_fingerprint
 from adaptkit.perf import peak_memory_mb, reset_peak_memory
 from adaptkit.runs import RECIPE_FILE, feature_cache_root, prepare_split, write_json
@@ -320,6 +321,7 @@ def train(recipe: Recipe) -> dict:
     }
     if main:
         model.save_trainables(out)
+        write_json(out / ANSWERS_FILE, {"answers": answer_set([s.answer for s in train_ds.samples])})
         write_json(
             out / "eval.json", {"data": data.eval, "limit": recipe.eval_limit, "step": step, **eval_metrics}
         )

@@ -106,15 +106,14 @@ def tiny_vqa(tmp_path_factory) -> Path:
     return path
 
 
-@pytest.fixture
-def tiny_overrides(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[str]:
-    """Recipe overrides that point every part at the tiny fixtures."""
+def overrides_for(lm_dir: Path, vision_pth: Path, vqa: Path, root: Path) -> list[str]:
+    """Recipe overrides that point every part at the tiny fixtures, writing under ``root``."""
     return [
-        f"output_dir={tmp_path / 'run'}",
-        f"vision.weights={tiny_mobilenet_pth}",
+        f"output_dir={root / 'run'}",
+        f"vision.weights={vision_pth}",
         "vision.image_size=64",
         "vision.extra_layers=[]",
-        f"language.name={tiny_lm_dir}",
+        f"language.name={lm_dir}",
         "adapter.num_queries=4",
         "adapter.num_layers=1",
         "adapter.hidden_size=32",
@@ -123,9 +122,9 @@ def tiny_overrides(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[
         "lora.alpha=8",
         "lora.dropout=0",
         "lora.target_modules=[q_proj,v_proj]",
-        f"data.train={tiny_vqa}",
-        f"data.eval={tiny_vqa}",
-        f"feature_cache_dir={tmp_path / 'features'}",
+        f"data.train={vqa}",
+        f"data.eval={vqa}",
+        f"feature_cache_dir={root / 'features'}",
         "max_steps=4",
         "batch_size=4",
         "warmup_steps=1",
@@ -134,3 +133,35 @@ def tiny_overrides(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[
         "eval_batch_size=4",
         "max_new_tokens=3",
     ]
+
+
+@pytest.fixture
+def tiny_overrides(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[str]:
+    """Recipe overrides that point every part at the tiny fixtures."""
+    return overrides_for(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path)
+
+
+def _train_tiny(root: Path, overrides: list[str]) -> Path:
+    from adaptkit.config import load_recipe
+    from adaptkit.train import train
+
+    # LoRA trains from step 0 at a high rate so its merge visibly changes the LM.
+    extra = ["lora.start_step=0", "lr_lora=0.02", "max_steps=40", "eval_every=0"]
+    recipe = Path(__file__).resolve().parent.parent / "recipes" / "easyvqa_qformer_lora.yaml"
+    train(load_recipe(recipe, overrides + extra))
+    return root / "run"
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path_factory) -> Path:
+    """A finished tiny run directory (fp32 LM with trained LoRA), shared by the tests that read runs."""
+    root = tmp_path_factory.mktemp("tiny_run")
+    return _train_tiny(root, overrides_for(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, root))
+
+
+@pytest.fixture(scope="session")
+def tiny_run_4bit(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path_factory) -> Path:
+    """The same tiny run, trained on a 4-bit (bitsandbytes NF4) LM."""
+    root = tmp_path_factory.mktemp("tiny_run_4bit")
+    overrides = overrides_for(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, root) + ["language.quant=4bit"]
+    return _train_tiny(root, overrides)

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -29,7 +31,9 @@ def test_train_throughput_json(tiny_overrides):
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("ratio", "adaptkit_samples_per_s", "reference_samples_per_s", "useful_flops_fraction"):
         assert result[key] > 0, key
-    assert result["ratio"] == round(result["adaptkit_samples_per_s"] / result["reference_samples_per_s"], 2)
+    # The ratio comes from the unrounded rates; the printed rates are rounded to 2 decimals.
+    expected = result["adaptkit_samples_per_s"] / result["reference_samples_per_s"]
+    assert result["ratio"] == pytest.approx(expected, rel=0.02, abs=0.011)
     # Running each sample alone does no padded work: useful FLOPs never exceed the padded batch's.
     assert 0 < result["useful_gflops_per_step"] <= result["executed_gflops_per_step"]
     assert result["adaptkit_tokens_per_sample"] <= result["adaptkit_padded_tokens_per_sample"]

@@ -1,0 +1,408 @@
+"""``adaptkit export``: a trained run → one self-contained folder with LoRA merged into the LM.
+
+The export folder::
+
+    lm/                     the merged causal LM + tokenizer, standard Hugging Face format (safetensors):
+                            loads with stock ``AutoModelForCausalLM.from_pretrained``, no peft needed
+    vision/                 the vision backbone's weights (absent for the embedded MobileNetV2, which the
+                            manifest names by package, file and sha256)
+    adapter.safetensors     the fusion adapter
+    recipe.yaml             the composition as a recipe (paths relative to the folder)
+    verification.json       merged vs unmerged model on held samples (answers, logit differences)
+    README.md               a model card with the run's metrics
+    adaptkit_export.json    the manifest: backbones, adapter, prompt template, preprocessing, answer set,
+                            metrics, verification, and the sha256 of every file above
+
+LoRA is never merged into quantized weights: a run trained on a 4-bit or 8-bit LM has its base reloaded
+in full precision (float32) and LoRA merged there. The export verifies itself before it reports success:
+on held samples the merged model must give the same greedy answers as the unmerged adapter model on the
+same full-precision base, and logits within ``TOLERANCE[dtype]``; otherwise it fails and leaves the
+partial folder for inspection.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+
+from adaptkit.assets import ASSETS, sha256_file
+from adaptkit.config import load_recipe, recipe_to_yaml
+from adaptkit.model import ADAPTER_FILE, LORA_DIR
+
+log = logging.getLogger(__name__)
+
+EXPORT_FILE = "adaptkit_export.json"
+FORMAT_VERSION = 1
+# Largest |logit difference| (merged vs unmerged, both computed in float64, over every vocabulary entry at
+# every position of the held samples) accepted per export dtype. float32: the merged weights W + s*BA are
+# rounded once to float32. 16-bit: they are rounded to 8 (bf16) or 11 (fp16) significant bits, so logits
+# move by up to about a unit; greedy answers must still agree on MIN_AGREEMENT_16BIT of the samples.
+TOLERANCE = {"float32": 1e-4, "bfloat16": 2.0, "float16": 1.0}
+MIN_AGREEMENT_16BIT = 0.95
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class ExportError(RuntimeError):
+    """An export failed its verification, or an export folder is damaged (names the file)."""
+
+
+# ---- reading an export --------------------------------------------------------------------------
+
+
+def read_manifest(root: str | Path, verify: bool = True) -> dict:
+    """The manifest of an export folder; with ``verify``, every listed file's sha256 is checked.
+
+    Raises:
+        ExportError: manifest unreadable, a file missing, or a file changed since export.
+    """
+    root = Path(root)
+    path = root / EXPORT_FILE
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ExportError(f"{path}: not a readable adaptkit export manifest ({err})") from None
+    if manifest.get("format") != "adaptkit-export":
+        raise ExportError(f"{path}: not an adaptkit export manifest (no format: adaptkit-export)")
+    if verify:
+        for rel, expected in manifest.get("files", {}).items():
+            file = root / rel
+            if not file.is_file():
+                raise ExportError(f"{file} is missing from the export; re-export with `adaptkit export`")
+            actual = sha256_file(file)
+            if actual != expected:
+                raise ExportError(
+                    f"{file} was changed after export (sha256 {actual[:16]}…, manifest {expected[:16]}…); "
+                    "re-export, or load with verify=False if you changed it on purpose"
+                )
+    return manifest
+
+
+def resolve_export_recipe(recipe, root: Path):
+    """Turn an export recipe's folder-relative paths into absolute ones."""
+    lang = dataclasses.replace(recipe.language, name=str(root / recipe.language.name))
+    vision = recipe.vision
+    if vision.family == "hf" and (root / vision.name).is_dir():
+        vision = dataclasses.replace(vision, name=str(root / vision.name))
+    elif vision.weights not in ("embedded", "", "none", "random") and (root / vision.weights).is_file():
+        vision = dataclasses.replace(vision, weights=str(root / vision.weights))
+    return dataclasses.replace(recipe, language=lang, vision=vision)
+
+
+# ---- writing one ----------------------------------------------------------------------------------
+
+
+def _merged_lm(recipe, run: Path, dtype: str):
+    """The run's LM with LoRA merged, on a full-precision (float32) base, then cast to ``dtype``."""
+    from adaptkit.backbones.language import load_language_model
+
+    full = dataclasses.replace(recipe.language, quant="none", dtype="float32")
+    lm, tokenizer = load_language_model(full, "cpu")
+    if recipe.lora.enabled:
+        from peft import PeftModel
+
+        lm = PeftModel.from_pretrained(lm, str(run / LORA_DIR), is_trainable=False).merge_and_unload()
+    lm = lm.to(DTYPES[dtype])
+    if getattr(lm.config, "quantization_config", None) is not None:
+        del lm.config.quantization_config
+    return lm, tokenizer
+
+
+def _copy_vision(recipe, out: Path) -> tuple[object, dict]:
+    """Put the vision weights into ``out/vision`` (or name the embedded asset); returns (config, info)."""
+    cfg = recipe.vision
+    info: dict = {"family": cfg.family, "name": cfg.name, "weights": cfg.weights}
+    if cfg.family == "torchvision" and cfg.weights == "embedded":
+        asset = ASSETS["mobilenet_v2"]
+        ((rel, sha),) = asset.files.items()
+        info["embedded_asset"] = {"package": f"{asset.dist}=={asset.version}", "file": rel, "sha256": sha}
+        return cfg, info
+    target = out / "vision"
+    target.mkdir()
+    if cfg.family == "hf":
+        from transformers import AutoImageProcessor, AutoModel
+
+        AutoModel.from_pretrained(cfg.name).save_pretrained(target)
+        AutoImageProcessor.from_pretrained(cfg.name).save_pretrained(target)
+        return dataclasses.replace(cfg, name="vision"), info
+    if cfg.weights in ("", "none", "random"):
+        return cfg, info
+    source = Path(cfg.weights)
+    if not source.is_file():  # an open_clip pretrained tag: the manifest names it
+        return cfg, info
+    if cfg.family == "torchvision" and source.suffix != ".safetensors":
+        from safetensors.torch import save_file
+
+        from adaptkit.backbones.vision import _load_state_dict
+
+        state = {k: v.contiguous() for k, v in _load_state_dict(str(source)).items()}
+        save_file(state, str(target / "weights.safetensors"))
+        rel = "vision/weights.safetensors"
+    else:
+        rel = f"vision/{source.name}"
+        shutil.copy2(source, out / rel)
+    return dataclasses.replace(cfg, weights=rel), info
+
+
+def _held_samples(recipe, n: int):
+    """``n`` samples of the recipe's eval data (its training data when the eval data is gone)."""
+    from adaptkit.data.formats import DataError, load_vqa
+    from adaptkit.runs import subset
+
+    for spec in (recipe.data.eval, recipe.data.train):
+        try:
+            data = load_vqa(spec, "skip")
+        except (DataError, FileNotFoundError, OSError):
+            continue
+        if data.samples:
+            return spec, subset(data.samples, n, seed=1)
+    raise ExportError(
+        f"no held samples to verify the export: neither data.eval={recipe.data.eval} nor "
+        f"data.train={recipe.data.train} is readable"
+    )
+
+
+@torch.no_grad()
+def _outputs(
+    model, samples, template: str, max_new_tokens: int, answers: bool = True
+) -> tuple[list[str], torch.Tensor]:
+    """Greedy answers and full-vocabulary logits at every position (soft tokens, prompt, gold answer)."""
+    from adaptkit.data.collate import VQADataset, collate_prompts, collate_train
+    from adaptkit.data.features import encode_images, open_image
+
+    paths = list(dict.fromkeys(s.image for s in samples))
+    rows = {p: i for i, p in enumerate(paths)}
+    feats = encode_images(model.vision, [open_image(p) for p in paths], torch.device("cpu"))
+    feats = feats.to(next(model.adapter.parameters()).dtype)
+    data = VQADataset(samples, rows, model.tokenizer, template)
+    items = [data[i] for i in range(len(data))]
+    pad = model.tokenizer.pad_token_id
+    greedy: list[str] = []
+    if answers:
+        prompts = collate_prompts(items, pad)
+        greedy, _ = model.generate(
+            feats[prompts["image"]], prompts["input_ids"], prompts["attention_mask"], max_new_tokens
+        )
+    full = collate_train(items, pad)
+    prompt_mask = full["attention_mask"] * (full["labels"] == -100)
+    embeds, mask = model.embed(feats[full["image"]], full["input_ids"], full["attention_mask"], prompt_mask)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    return greedy, logits[mask.bool()].double()
+
+
+def _verify(recipe, run: Path, out: Path, dtype: str, samples: int) -> dict:
+    """Compare the export (loaded back from disk) with the unmerged adapter model on held samples.
+
+    Answers: the export in its own dtype against the unmerged float32 model, as users run them.
+    Logits: both models upcast to float64, so the difference measures the merged weights alone: float32
+    arithmetic by itself moves a 30-layer LM's logits by about 1e-3 (SmolLM2: float32 vs float64 compute
+    of the same unmerged model), more than a correct merge does.
+    """
+    from adaptkit.backbones.language import load_language_model
+    from adaptkit.model import MultimodalModel
+    from adaptkit.runs import load_run
+
+    spec, held = _held_samples(recipe, samples)
+    started = time.perf_counter()
+    _, merged = load_run(out, "cpu")
+    full = dataclasses.replace(recipe.language, quant="none", dtype="float32")
+    base, tokenizer = load_language_model(full, "cpu")
+    if recipe.lora.enabled:
+        from peft import PeftModel
+
+        base = PeftModel.from_pretrained(base, str(run / LORA_DIR), is_trainable=False)
+    reference = MultimodalModel(merged.vision, merged.adapter, base, tokenizer).eval()
+    template, new = recipe.data.prompt_template, recipe.max_new_tokens
+    ref_answers, ref_native = _outputs(reference, held, template, new)
+    got_answers, got_native = _outputs(merged, held, template, new)
+    agree = sum(a == b for a, b in zip(ref_answers, got_answers)) / len(held)
+    report = {
+        "data": spec,
+        "samples": len(held),
+        "dtype": dtype,
+        "reference": "unmerged LoRA (peft) on the float32 base LM, same vision backbone and adapter",
+        "answers_identical": agree,
+        f"max_abs_logit_diff_{dtype}_compute": float((ref_native - got_native).abs().max()),
+    }
+    if recipe.language.quant != "none":
+        _, trained = load_run(run, "cpu")
+        trained_answers, _ = _outputs(trained, held, template, new)
+        report["answers_identical_to_trained_" + recipe.language.quant] = sum(
+            a == b for a, b in zip(trained_answers, got_answers)
+        ) / len(held)
+        del trained
+    reference.double()
+    merged.double()  # the vision backbone and adapter are shared; both models now compute in float64
+    _, ref64 = _outputs(reference, held, template, new, answers=False)
+    _, got64 = _outputs(merged, held, template, new, answers=False)
+    diff = (ref64 - got64).abs()
+    report["max_abs_logit_diff"] = float(diff.max())
+    report["mean_abs_logit_diff"] = float(diff.mean())
+    report["logits_compared_in"] = "float64"
+    report["tolerance"] = TOLERANCE[dtype]
+    need = 1.0 if dtype == "float32" else MIN_AGREEMENT_16BIT
+    report["passed"] = bool(agree >= need and report["max_abs_logit_diff"] <= TOLERANCE[dtype])
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    return report
+
+
+def _model_card(manifest: dict) -> str:
+    ver = manifest["verification"]
+    metrics = manifest.get("metrics", {})
+    evaluation = metrics.get("eval") or {}
+    params = manifest["parameters"]
+    lines = [
+        f"# adaptkit export of `{manifest['source_run']}`",
+        "",
+        "A vision-language model trained with adaptkit: a frozen vision backbone, a trained fusion adapter "
+        "and a causal LM with its LoRA merged in.",
+        "",
+        f"- vision: {manifest['vision']['family']}:{manifest['vision']['name']} "
+        f"(weights: {manifest['vision']['weights']}), frozen",
+        f"- adapter: {manifest['adapter']['kind']} "
+        f"({manifest['adapter']['config']['num_queries']} soft tokens), `{ADAPTER_FILE}`",
+        f"- language model: `lm/` = {manifest['language']['base']} + LoRA merged in float32, saved as "
+        f"{manifest['dtype']} (trained with the LM at quant={manifest['language']['trained_quant']})",
+        f"- prompt template: `{manifest['prompt_template']}`",
+        f"- parameters: {params.get('trainable')} trained of {params.get('total')}",
+    ]
+    if evaluation:
+        lines.append(
+            f"- accuracy of the run: {evaluation.get('accuracy')} on {evaluation.get('n')} samples of "
+            f"{evaluation.get('data', 'its eval data')}"
+        )
+    lines += [
+        "",
+        "## Verification",
+        "",
+        f"On {ver['samples']} held samples of {ver['data']}: greedy answers identical to the unmerged "
+        f"model on {ver['answers_identical']:.1%}; largest |logit difference| "
+        f"{ver['max_abs_logit_diff']:.2e} (tolerance {ver['tolerance']}).",
+        "",
+        "## Use",
+        "",
+        "```python",
+        "from adaptkit import load_for_inference",
+        "predictor = load_for_inference('THIS_FOLDER')",
+        "print(predictor.answer('image.png', 'What shape is in the image?'))",
+        "```",
+        "",
+        'or `adaptkit predict THIS_FOLDER --image image.png --question "..."`,',
+        "`adaptkit demo THIS_FOLDER`.",
+        "The LM alone: `transformers.AutoModelForCausalLM.from_pretrained('THIS_FOLDER/lm')`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def export_run(
+    run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", verify_samples: int = 32
+) -> dict:
+    """Export a run directory into ``out_dir`` (which must not exist); returns the manifest.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists (an export is never overwritten).
+        ExportError: the merged model failed its verification (the partial folder is kept).
+    """
+    from adaptkit.inference import run_answers
+    from adaptkit.runs import RECIPE_FILE, load_run
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    run, out = Path(run_dir), Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; exports are never overwritten, choose another --out")
+    load_run(run, "cpu")  # fails early, with a clear message, on an incomplete run directory
+    recipe = load_recipe(run / RECIPE_FILE)
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True)
+    started = time.perf_counter()
+
+    if recipe.language.quant != "none":
+        log.info(
+            "the run trained on a %s LM: reloading the base in float32 and merging LoRA there "
+            "(never into quantized weights)",
+            recipe.language.quant,
+        )
+    lm, tokenizer = _merged_lm(recipe, run, dtype)
+    lm.save_pretrained(partial / "lm", safe_serialization=True)
+    tokenizer.save_pretrained(partial / "lm")
+    del lm
+    vision_cfg, vision_info = _copy_vision(recipe, partial)
+    shutil.copy2(run / ADAPTER_FILE, partial / ADAPTER_FILE)
+    lang_cfg = dataclasses.replace(recipe.language, name="lm", quant="none", dtype=dtype)
+    lora_cfg = dataclasses.replace(recipe.lora, enabled=False)
+    exported = dataclasses.replace(recipe, language=lang_cfg, vision=vision_cfg, lora=lora_cfg)
+    (partial / RECIPE_FILE).write_text(recipe_to_yaml(exported))
+
+    summary = _read(run / "summary.json")
+    run_eval = _read(run / "eval.json")
+    manifest = {
+        "format": "adaptkit-export",
+        "version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(run.resolve()),
+        "dtype": dtype,
+        "language": {
+            "path": "lm",
+            "base": recipe.language.name,
+            "trained_quant": recipe.language.quant,
+            "merged_in": "float32",
+            "lora": dataclasses.asdict(recipe.lora) if recipe.lora.enabled else None,
+        },
+        "vision": {**vision_info, **dataclasses.asdict(vision_cfg)},
+        "adapter": {
+            "file": ADAPTER_FILE,
+            "kind": recipe.adapter.kind,
+            "config": dataclasses.asdict(recipe.adapter),
+        },
+        "prompt_template": recipe.data.prompt_template,
+        "max_new_tokens": recipe.max_new_tokens,
+        "answers": run_answers(run, recipe),
+        "parameters": summary.get("parameters", {}),
+        "metrics": {"eval": run_eval, "steps": summary.get("steps")},
+    }
+    # Hash before verifying: the verification loads the folder the way users will.
+    manifest["files"] = _hashes(partial)
+    (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    report = _verify(recipe, run, partial, dtype, verify_samples)
+    manifest["verification"] = report
+    (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
+    (partial / "README.md").write_text(_model_card(manifest))
+    manifest["files"] = _hashes(partial)
+    manifest["seconds"] = round(time.perf_counter() - started, 2)
+    (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
+    if not report["passed"]:
+        raise ExportError(
+            f"the merged model does not match the adapter model on {report['samples']} held samples "
+            f"(answers identical {report['answers_identical']:.1%}, max |logit diff| "
+            f"{report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']}); the partial export is "
+            f"kept in {partial} with verification.json"
+        )
+    os.replace(partial, out)
+    return manifest
+
+
+def _read(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def _hashes(root: Path) -> dict[str, str]:
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != EXPORT_FILE
+    }

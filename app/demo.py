@@ -1,0 +1,177 @@
+"""The adaptkit Gradio demo: upload an image, ask a question, get the answer and the top answers.
+
+    adaptkit demo RUN_OR_EXPORT_DIR [--host 127.0.0.1] [--port 7860]
+    python app/demo.py RUN_OR_EXPORT_DIR [--host ...] [--port ...]
+
+One process: the model lives in this process and a queue (at most ``QUEUE_SIZE`` waiting requests, one
+running at a time) feeds it. Hardened for showing on a network: no public share link unless asked,
+bound to 127.0.0.1 unless another host is given, uploads capped at ``MAX_FILE_SIZE``, and a file that
+is not a decodable image (or a decompression bomb) gets a readable message instead of a traceback.
+The API endpoint is ``/answer`` (``gradio_client.Client(url).predict(handle_file(img), question,
+api_name="/answer")`` returns ``(answer_text, top_answers)``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings from a demo of your model
+
+import gradio as gr  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+
+MAX_FILE_SIZE = "10mb"
+QUEUE_SIZE = 16
+EMPTY_ANSWER = "(no answer: the model ended its reply at once)"
+NOT_AN_IMAGE = "This file is not an image I can read ({why}). Upload a PNG, JPEG, WebP, GIF or BMP image."
+
+log = logging.getLogger(__name__)
+
+
+class _BadUpload(str):
+    """The reason an upload could not be decoded, passed to the handler instead of an image."""
+
+
+def tolerant_image(**kwargs) -> gr.Image:
+    """``gr.Image`` whose undecodable uploads reach the handler as a :class:`_BadUpload` reason instead
+    of failing inside Gradio with a bare "Error" (a subclass would make Gradio write a .pyi stub file)."""
+    component = gr.Image(**kwargs)
+    strict = component.preprocess
+
+    def preprocess(payload):
+        try:
+            return strict(payload)
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            name = getattr(payload, "orig_name", None) or "the upload"
+            return _BadUpload(f"{name}: {type(err).__name__}: {err}".strip())
+
+    component.preprocess = preprocess
+    return component
+
+
+def _facts_markdown(facts: dict) -> str:
+    def fmt(n):
+        return f"{n:,}" if isinstance(n, int) else "unknown"
+
+    acc = facts.get("eval_accuracy")
+    acc_text = (
+        f"{acc:.2%} on {facts.get('eval_samples')} questions of {facts.get('eval_data') or 'its eval data'}"
+        if isinstance(acc, float)
+        else "not evaluated"
+    )
+    trainable, total = facts.get("trainable_parameters"), facts.get("total_parameters")
+    share = f" ({trainable / total:.1%})" if isinstance(trainable, int) and total else ""
+    rows = [
+        ("loaded from", f"`{facts.get('source')}` ({facts.get('kind')})"),
+        ("vision backbone", facts.get("vision")),
+        ("fusion adapter", facts.get("adapter")),
+        ("language model", f"{facts.get('language')} (frozen), LoRA: {facts.get('lora')}"),
+        ("trainable / total parameters", f"{fmt(trainable)} / {fmt(total)}{share}"),
+        ("eval accuracy", acc_text),
+        ("prompt", f"`{facts.get('prompt_template')}`"),
+    ]
+    return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def example_rows(predictor, count: int = 4) -> list[list[str]]:
+    """A few questions from the model's eval data, images copied to a temp folder Gradio may serve."""
+    from adaptkit.data.formats import DataError, load_vqa
+
+    try:
+        samples = load_vqa(predictor.recipe.data.eval, "skip").samples
+    except (DataError, FileNotFoundError, OSError) as err:
+        log.warning("no examples: %s", err)
+        return []
+    folder = Path(tempfile.mkdtemp(prefix="adaptkit-demo-"))
+    rows, seen = [], set()
+    for sample in samples:
+        if sample.image in seen or not Path(sample.image).is_file():
+            continue
+        seen.add(sample.image)
+        target = folder / f"example{len(rows)}{Path(sample.image).suffix}"
+        shutil.copy2(sample.image, target)
+        rows.append([str(target), sample.question])
+        if len(rows) == count:
+            break
+    return rows
+
+
+def build_demo(predictor, examples: list[list[str]] | None = None) -> gr.Blocks:
+    """The demo's Blocks for a :class:`adaptkit.inference.Predictor`."""
+    from adaptkit.data.formats import DataError
+
+    def answer(image, question: str):
+        if isinstance(image, _BadUpload):
+            return NOT_AN_IMAGE.format(why=str(image)), None
+        if image is None:
+            return "Upload an image first.", None
+        if not question or not question.strip():
+            return "Type a question about the image.", None
+        try:
+            result = predictor.answer(image, question.strip())
+        except (DataError, ValueError) as err:
+            return f"Cannot answer: {err}", None
+        top = dict(result.top) if result.top else {result.text: result.score}
+        return result.text or EMPTY_ANSWER, top
+
+    with gr.Blocks(title="adaptkit demo") as demo:
+        gr.Markdown(
+            "# adaptkit demo\nAsk a question about an image. A frozen vision backbone encodes it, the "
+            "trained adapter turns it into soft tokens for the language model, which answers."
+        )
+        with gr.Row():
+            with gr.Column():
+                image = tolerant_image(type="pil", label="Image", sources=["upload", "clipboard"], height=300)
+                question = gr.Textbox(label="Question", placeholder="What shape is in the image?", lines=1)
+                ask = gr.Button("Ask", variant="primary")
+            with gr.Column():
+                text = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
+                top = gr.Label(label="Top answers", num_top_classes=5)
+        if examples:
+            gr.Examples(examples=examples, inputs=[image, question], label="easy-VQA examples")
+        with gr.Accordion("About this model", open=True):
+            gr.Markdown(_facts_markdown(predictor.facts()))
+        ask.click(answer, inputs=[image, question], outputs=[text, top], api_name="answer")
+        question.submit(answer, inputs=[image, question], outputs=[text, top], api_name=False)
+    demo.queue(max_size=QUEUE_SIZE, default_concurrency_limit=1)
+    return demo
+
+
+def launch(predictor, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
+    """Serve the demo; returns ``(demo, url)`` (with ``block=False`` the server runs in a thread)."""
+    demo = build_demo(predictor, example_rows(predictor))
+    if host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("the demo is bound to %s: anyone who reaches this address can use it", host)
+    _, url, _ = demo.launch(
+        server_name=host,
+        server_port=port,
+        share=share,
+        max_file_size=MAX_FILE_SIZE,
+        show_error=False,
+        prevent_thread_lock=not block,
+        quiet=False,
+    )
+    return demo, url
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("dir", help="a run directory or an export folder")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=7860)
+    parser.add_argument("--share", action="store_true")
+    parser.add_argument("--device", default=None)
+    args = parser.parse_args(argv)
+    from adaptkit.inference import load_for_inference
+
+    launch(load_for_inference(args.dir, device=args.device), args.host, args.port, args.share)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

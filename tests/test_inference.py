@@ -1,0 +1,94 @@
+"""The inference API: load_for_inference on a run directory, answers, scores, top answers, bad inputs."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from adaptkit.cli import main
+from adaptkit.data.formats import DataError
+from adaptkit.evaluation import evaluate_vqa
+from adaptkit.inference import Answer, answer_set, load_for_inference
+from adaptkit.runs import prepare_split
+
+
+def _samples(vqa):
+    rows = [json.loads(line) for line in vqa.read_text().splitlines()]
+    return [str(vqa.parent / r["image"]) for r in rows], [r["question"] for r in rows]
+
+
+def test_predictor_matches_evaluation_and_ranks_answers(tiny_run, tiny_vqa):
+    predictor = load_for_inference(tiny_run, "cpu")
+    images, questions = _samples(tiny_vqa)
+    got = predictor.answer_batch(images, questions, batch_size=5)  # batches that do not divide 24
+    model = predictor.model
+    dataset, feats, _ = prepare_split(model, str(tiny_vqa), predictor.template, "cpu", progress=False)
+    _, records = evaluate_vqa(predictor.model, dataset, feats, batch_size=8, max_new_tokens=3, progress=False)
+    assert [a.text for a in got] == [r["prediction"] for r in records]
+    assert [a.score for a in got] == pytest.approx([r["score"] for r in records], abs=1e-4)
+
+    answers = [json.loads(x)["answer"] for x in tiny_vqa.read_text().splitlines()]
+    assert predictor.answers == answer_set(answers)
+    for answer in got:
+        probs = [p for _, p in answer.top]
+        assert len(answer.top) == 5 and probs == sorted(probs, reverse=True)
+        assert 0 < sum(probs) <= 1 + 1e-5 and all(a in predictor.answers for a, _ in answer.top)
+        assert 0 <= answer.score <= 1
+
+    # One at a time, and from every supported kind of image input, gives the same answer.
+    first = Image.open(images[0])
+    buffer = io.BytesIO()
+    first.save(buffer, format="PNG")
+    for given in (images[0], first, np.asarray(first), buffer.getvalue()):
+        single = predictor.answer(given, questions[0])
+        assert isinstance(single, Answer) and single.text == got[0].text
+        assert [a for a, _ in single.top] == [a for a, _ in got[0].top]
+        assert [p for _, p in single.top] == pytest.approx([p for _, p in got[0].top], abs=1e-4)
+
+
+def test_top_answers_are_the_models_own_ranking(tiny_run, tiny_vqa):
+    """The top answer set's probabilities are the model's sequence likelihoods, normalised over the set."""
+    predictor = load_for_inference(tiny_run, "cpu")
+    images, questions = _samples(tiny_vqa)
+    feats = predictor.encode(images[:2])
+    prompts = predictor._prompts(questions[:2])
+    logp = predictor.candidate_logprobs(feats, prompts, predictor.answers)
+    assert logp.shape == (2, len(predictor.answers)) and (logp < 0).all()
+    answer = predictor.answer(images[0], questions[0], top_k=len(predictor.answers))
+    expected = dict(zip(predictor.answers, logp[0].softmax(-1).tolist()))
+    for text, prob in answer.top:
+        assert prob == pytest.approx(expected[text], abs=1e-5)
+
+
+def test_bad_inputs_get_clear_errors(tiny_run, tmp_path):
+    predictor = load_for_inference(tiny_run, "cpu")
+    text = tmp_path / "notes.txt"
+    text.write_text("not an image")
+    with pytest.raises(DataError, match=r"notes\.txt cannot be decoded"):
+        predictor.answer(text, "what shape?")
+    with pytest.raises(DataError, match="does not exist"):
+        predictor.answer(tmp_path / "missing.png", "what shape?")
+    with pytest.raises(DataError, match="bytes are not an image"):
+        predictor.answer(b"\x00\x01garbage", "what shape?")
+    img = Image.new("RGB", (8, 8))
+    with pytest.raises(ValueError, match="question 0 is empty"):
+        predictor.answer(img, "  ")
+    with pytest.raises(ValueError, match="2 images but 1 questions"):
+        predictor.answer_batch([img, img], ["what?"])
+
+
+def test_predict_cli(tiny_run, tiny_vqa, capsys):
+    images, questions = _samples(tiny_vqa)
+    assert main(["predict", str(tiny_run), "--image", images[0], "--question", questions[0], "--json"]) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    expected = load_for_inference(tiny_run, "cpu").answer(images[0], questions[0], top_k=3)
+    assert result["answer"] == expected.text and len(result["top"]) == 3
+    assert main(["predict", str(tiny_run), "--image", images[0], "--question", questions[0]]) == 0
+    printed = capsys.readouterr().out
+    assert printed.startswith(expected.text) and "%" in printed
+    assert main(["predict", str(tiny_run), "--image", "nope.png", "--question", "x"]) == 2
+    assert "nope.png does not exist" in capsys.readouterr().err
