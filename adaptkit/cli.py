@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 from adaptkit.assets import AssetError
+from adaptkit.checkpoint import CheckpointError
 from adaptkit.config import RecipeError
 from adaptkit.data.formats import DataError
 from adaptkit.export import ExportError
@@ -29,6 +30,7 @@ USER_ERRORS = (
     DataError,
     AssetError,
     ExportError,
+    CheckpointError,
     FileNotFoundError,
     FileExistsError,
     ValueError,
@@ -46,7 +48,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
     from adaptkit.config import load_recipe
     from adaptkit.train import train
 
-    recipe = load_recipe(args.recipe, args.overrides)
+    overrides = list(args.overrides)
+    if args.resume:
+        overrides += [f"resume={args.resume}", f"output_dir={args.resume}"]
+    recipe = load_recipe(args.recipe, overrides)
     summary = train(recipe)
     if args.json:
         print(json.dumps(summary))
@@ -59,7 +64,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from adaptkit.runs import feature_cache_root, load_run, prepare_split, write_json
 
     device = _device(args)
-    recipe, model = load_run(args.run_dir, device)
+    recipe, model = load_run(args.run_dir, device, lm_quant=args.lm_quant)
     dataset, features, skipped = prepare_split(
         model,
         args.data,
@@ -213,6 +218,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/easyvqa_qformer_lora.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=200 language.quant=4bit")
     p.add_argument("--json", action="store_true", help="print the run summary as JSON on the last line")
+    p.add_argument(
+        "--resume", default=None, metavar="RUN_DIR", help="continue RUN_DIR from its newest checkpoint"
+    )
     p.set_defaults(func=_cmd_train)
 
     p = sub.add_parser("eval", help="greedy-decode answers and score exact-match accuracy")
@@ -225,6 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when present)")
     p.add_argument(
         "--json", action="store_true", help="print the metrics as one JSON object on the last line"
+    )
+    p.add_argument(
+        "--lm-quant",
+        choices=["none", "8bit", "4bit"],
+        default=None,
+        help="load the LM at this quantization instead of the run's (none: the base an export merges into)",
     )
     p.set_defaults(func=_cmd_eval)
 

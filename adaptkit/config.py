@@ -99,6 +99,11 @@ class Recipe:
     eval_limit: int = 500
     eval_batch_size: int = 64
     max_new_tokens: int = 5
+    checkpoint_every: int = 100
+    keep_checkpoints: int = 2
+    resume: str = ""
+    log_samples: bool = False
+    check_replicas: int = 0
 
 
 _CHOICES = {
@@ -235,6 +240,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"{source}: vision.quant={recipe.vision.quant} needs vision.family=hf (bitsandbytes quantizes "
             f"Linear layers: {recipe.vision.family} trunks here are convolutions or fused attention); "
             "set vision.quant=none"
+        )
+    if recipe.checkpoint_every < 0 or recipe.keep_checkpoints < 1:
+        raise RecipeError(
+            f"{source}: checkpoint_every must be >= 0 (0: only at the end) and keep_checkpoints >= 1, got "
+            f"{recipe.checkpoint_every} and {recipe.keep_checkpoints}"
         )
     if recipe.activation_checkpointing < 0:
         raise RecipeError(

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import datasets
 import evaluate
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from adaptkit.data.collate import VQADataset, collate_prompts
@@ -90,11 +90,31 @@ def predict(
 
 
 def evaluate_vqa(
-    model, dataset: VQADataset, features, batch_size: int = 64, max_new_tokens: int = 5, progress: bool = True
+    model,
+    dataset: VQADataset,
+    features,
+    batch_size: int = 64,
+    max_new_tokens: int = 5,
+    progress: bool = True,
+    accelerator=None,
 ) -> tuple[dict, list[dict]]:
-    """Score greedy answers on ``dataset``; returns ``(metrics, per-sample records)``."""
+    """Score greedy answers on ``dataset``; returns ``(metrics, per-sample records)``.
+
+    With an ``accelerator`` of several processes, each process answers every N-th sample and the answers
+    are gathered (in dataset order) before scoring, so every process returns the same metrics.
+    """
     start = time.perf_counter()
-    answers, scores = predict(model, dataset, features, batch_size, max_new_tokens, progress)
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        rank, world = accelerator.process_index, accelerator.num_processes
+        shard = list(range(rank, len(dataset), world))
+        got = predict(model, Subset(dataset, shard), features, batch_size, max_new_tokens, progress)
+        gathered = gather_object([list(zip(shard, *got))])
+        ordered = sorted((row for part in gathered for row in part), key=lambda row: row[0])
+        answers, scores = [a for _, a, _ in ordered], [s for _, _, s in ordered]
+    else:
+        answers, scores = predict(model, dataset, features, batch_size, max_new_tokens, progress)
     refs = [s.answer for s in dataset.samples]
     metrics = VQAExactMatch().compute(predictions=answers, references=refs)
     metrics["seconds"] = round(time.perf_counter() - start, 2)

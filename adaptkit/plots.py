@@ -15,7 +15,10 @@ def read_metrics(run_dir: str | Path) -> tuple[list[dict], list[dict]]:
             row = json.loads(line)
         except json.JSONDecodeError:
             continue
-        (evals if "eval_accuracy" in row else train).append(row)
+        if "eval_accuracy" in row:
+            evals.append(row)
+        elif "loss" in row:  # other rows (replica digests, ...) are not curves
+            train.append(row)
     return train, evals
 
 

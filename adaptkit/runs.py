@@ -13,6 +13,7 @@ A run directory holds::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -110,8 +111,13 @@ def prepare_split(
     return dataset, features, skipped
 
 
-def load_run(run_dir: str | Path, device: torch.device | str = "cpu"):
-    """Rebuild a trained model from a run directory or an export folder; returns ``(recipe, model)``."""
+def load_run(run_dir: str | Path, device: torch.device | str = "cpu", lm_quant: str | None = None):
+    """Rebuild a trained model from a run directory or an export folder; returns ``(recipe, model)``.
+
+    Args:
+        lm_quant: load the LM at this quantization instead of the run's (``none``: the full-precision base
+            that `adaptkit export` merges into).
+    """
     run = Path(run_dir)
     recipe_path = run / RECIPE_FILE
     if not recipe_path.is_file():
@@ -119,6 +125,8 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu"):
     recipe = load_recipe(recipe_path)
     if (run / EXPORT_FILE).is_file():  # an `adaptkit export` folder: paths are relative to it
         recipe = resolve_export_recipe(recipe, run)
+    if lm_quant is not None:
+        recipe = dataclasses.replace(recipe, language=dataclasses.replace(recipe.language, quant=lm_quant))
     lora_dir = run / LORA_DIR
     if recipe.lora.enabled and not (lora_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{lora_dir} is missing or incomplete; the recipe has lora.enabled=true")

@@ -12,19 +12,22 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 import time
 from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from adaptkit import checkpoint as ckpt
 from adaptkit.config import Recipe, recipe_to_yaml
 from adaptkit.data.collate import collate_train
+from adaptkit.data.feature_cache import tensor_digest
 from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
 from adaptkit.evaluation import evaluate_vqa
 from adaptkit.inference import ANSWERS_FILE, answer_set
@@ -33,6 +36,7 @@ from adaptkit.perf import peak_memory_mb, reset_peak_memory
 from adaptkit.runs import RECIPE_FILE, feature_cache_root, prepare_split, write_json
 
 log = logging.getLogger("adaptkit")
+SAMPLES_FILE = "samples.jsonl"
 
 
 class _CurrentStderr(logging.StreamHandler):
@@ -79,13 +83,15 @@ def param_groups(model, recipe: Recipe) -> list[dict]:
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, procs: int = 1) -> LambdaLR:
     """Linear warmup then cosine decay to 0, per group; LoRA's starts at ``lora.start_step``.
 
-    Accelerate steps a prepared scheduler once per process, so the schedule counts in those steps.
+    Accelerate steps a prepared scheduler once per process at every optimizer step, so ``t // procs`` is
+    the optimizer step and N processes follow exactly the one-process schedule.
     """
 
     def schedule(start: int):
-        start, warmup, end = start * procs, recipe.warmup_steps * procs, recipe.max_steps * procs
+        warmup, end = recipe.warmup_steps, recipe.max_steps
 
         def factor(t: int) -> float:
+            t //= procs
             if t < start:
                 return 0.0
             t -= start
@@ -115,28 +121,113 @@ def _feature_source(recipe: Recipe) -> str:
     return f"computed once per image by the frozen backbone ({where})"
 
 
-def _infinite(loader: DataLoader, set_epoch):
-    epoch = 0
+def _infinite(loader: DataLoader, set_epoch, start_epoch: int = 0, skip: int = 0):
+    """``(epoch, micro-batch index in the epoch, batch)`` forever; the first ``skip`` of ``start_epoch``
+    are drawn and dropped, so a resumed run sees exactly the batches an uninterrupted one would."""
+    epoch = start_epoch
     while True:
         set_epoch(epoch)
-        for batch in loader:
-            yield epoch, batch
+        for index, batch in enumerate(loader):
+            if index >= skip:
+                yield epoch, index, batch
+        skip = 0
         epoch += 1
+
+
+def _resume_point(recipe: Recipe, out: Path) -> Path | None:
+    """The checkpoint ``recipe.resume`` asks for (None: start from scratch)."""
+    if not recipe.resume:
+        return None
+    if recipe.resume == "auto":
+        found = ckpt.latest_checkpoint(out)
+        if found is None and (out / RECIPE_FILE).exists():
+            stale = ckpt.checkpoint_root(out)
+            raise FileExistsError(
+                f"resume=auto: {out} holds a run but no complete checkpoint under {stale}; start a new "
+                "output_dir (nothing was overwritten)"
+            )
+        return found
+    path = Path(recipe.resume)
+    folder = path if (path / ckpt.MANIFEST).is_file() else ckpt.latest_checkpoint(path)
+    if folder is None:
+        raise FileNotFoundError(f"resume={recipe.resume}: no complete checkpoint there")
+    run = folder.parent.parent
+    if run.resolve() != out.resolve():
+        raise ValueError(
+            f"resume={recipe.resume} belongs to run {run}, but output_dir is {out}; pass output_dir={run}"
+        )
+    return folder
+
+
+def _check_same_recipe(recipe: Recipe, out: Path) -> None:
+    """A resumed run must train the recipe it was started with (only ``resume`` may differ)."""
+    from omegaconf import OmegaConf
+
+    saved = OmegaConf.to_container(OmegaConf.load(out / RECIPE_FILE))
+    now = OmegaConf.to_container(OmegaConf.structured(recipe))
+
+    def flat(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from flat(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    a, b = dict(flat(saved)), dict(flat(now))
+    differ = sorted(k for k in set(a) | set(b) if k != "resume" and a.get(k) != b.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:6])
+        raise ValueError(
+            f"resume: the recipe differs from {out / RECIPE_FILE} ({shown}); an exact resume needs the same "
+            "recipe — drop those overrides or start a new output_dir"
+        )
+
+
+def _truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a metrics file up to ``step`` (a crashed run may have logged past its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
 
 
 def train(recipe: Recipe) -> dict:
     """Train the recipe's model and write a run directory; returns the summary written to it."""
     out = Path(recipe.output_dir)
     accelerator = Accelerator(
-        gradient_accumulation_steps=recipe.grad_accum_steps, mixed_precision=recipe.mixed_precision
+        gradient_accumulation_steps=recipe.grad_accum_steps,
+        mixed_precision=recipe.mixed_precision,
+        # LoRA's parameters take no gradient before lora.start_step: DDP must not wait for them.
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched != accelerator.num_processes:
+        raise RuntimeError(
+            f"launched as {launched} processes but Accelerate set up {accelerator.num_processes}: each would "
+            "train alone and write the same run. On CPU machines set ACCELERATE_USE_CPU=1 for the launch"
+        )
     main = accelerator.is_main_process
-    if main:
+    resume_from = _resume_point(recipe, out)
+    if resume_from is not None:
+        _check_same_recipe(recipe, out)
+        start_state = ckpt.load_state(resume_from)
+        if start_state["step"] >= recipe.max_steps:
+            raise FileExistsError(f"{out}: the run already finished ({resume_from.name}); nothing to resume")
+    elif main:
         _check_output_dir(out)
         out.mkdir(parents=True, exist_ok=True)
         (out / RECIPE_FILE).write_text(recipe_to_yaml(recipe))
     accelerator.wait_for_everyone()
     _setup_logging(out, main)
+    if resume_from is not None:
+        log.info("resuming from %s (step %d)", resume_from, start_state["step"])
+        if main:
+            for stale in ckpt.clean_partial(out):
+                log.info("removed %s, left by a crash during a checkpoint save", stale)
     set_seed(recipe.seed)
     device = accelerator.device
     started = time.perf_counter()
@@ -217,13 +308,53 @@ def train(recipe: Recipe) -> dict:
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for group in groups for p in group["params"]]
 
-    metrics_file = (out / "metrics.jsonl").open("w") if main else None
+    step, epoch_start, skip, window_loss, window_n = 0, 0, 0, 0.0, 0
+    if resume_from is not None:
+        unwrapped = accelerator.unwrap_model(prepared)
+        ckpt.verify(resume_from)
+        ckpt.load_trainables(resume_from, dict(unwrapped.trainable_parameters()))
+        ckpt.load_optimizer(resume_from, optimizer)
+        ckpt.load_scheduler(resume_from, scheduler)
+        ckpt.load_rng(resume_from, accelerator.process_index, generator)
+        step, epoch_start, skip = start_state["step"], start_state["epoch"], start_state["batch_in_epoch"]
+        window_loss, window_n = start_state["window_loss"], start_state["window_n"]
+        accelerator.step = start_state["accumulation_counter"]
+        if main:
+            _truncate_jsonl(out / "metrics.jsonl", step)
+            _truncate_jsonl(out / SAMPLES_FILE, step)
+    mode = "a" if resume_from is not None else "w"
+    metrics_file = (out / "metrics.jsonl").open(mode) if main else None
+    samples_file = (out / SAMPLES_FILE).open(mode) if main and recipe.log_samples else None
     samples_per_step = recipe.batch_size * recipe.grad_accum_steps * procs
 
     def record(obj: dict) -> None:
         if metrics_file is not None:
             metrics_file.write(json.dumps(obj) + "\n")
             metrics_file.flush()
+
+    def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
+        """Every process writes its RNG states; the main process the rest; then one atomic rename."""
+        folder = ckpt.checkpoint_root(out) / f"checkpoint-{step:06d}.tmp"
+        if main:
+            ckpt.begin(out, step)
+        accelerator.wait_for_everyone()
+        ckpt.write_rng(folder, accelerator.process_index, generator)
+        accelerator.wait_for_everyone()
+        if main:
+            state = {
+                "step": step,
+                "epoch": epoch,
+                "batch_in_epoch": batch_in_epoch,
+                "accumulation_counter": accelerator.step,
+                "window_loss": window_loss,
+                "window_n": window_n,
+                "processes": procs,
+            }
+            unwrapped = accelerator.unwrap_model(prepared)
+            ckpt.write_main(folder, dict(unwrapped.trainable_parameters()), optimizer, scheduler, state)
+            final = ckpt.commit(folder, recipe.keep_checkpoints)
+            log.info("checkpoint %s", final)
+        accelerator.wait_for_everyone()
 
     def run_eval(step: int) -> dict:
         metrics, _ = evaluate_vqa(
@@ -233,6 +364,7 @@ def train(recipe: Recipe) -> dict:
             recipe.eval_batch_size,
             recipe.max_new_tokens,
             progress=main,
+            accelerator=accelerator,
         )
         prepared.train()
         log.info("step %d: eval accuracy %.4f on %d samples", step, metrics["accuracy"], metrics["n"])
@@ -240,22 +372,32 @@ def train(recipe: Recipe) -> dict:
         record({"step": step, "wall_s": wall, **{f"eval_{k}": v for k, v in metrics.items()}})
         return metrics
 
+    def check_replicas(step: int) -> None:
+        """Every process hashes its trainable weights; all digests must agree (DDP keeps replicas equal)."""
+        from accelerate.utils import gather_object
+
+        unwrapped = accelerator.unwrap_model(prepared)
+        digests = gather_object([tensor_digest(unwrapped.trainable_parameters())])
+        record({"step": step, "replica_digests": digests})
+        if len(set(digests)) != 1:
+            raise RuntimeError(f"step {step}: the {procs} processes hold different weights ({digests})")
+
     setup_peak_mb = peak_memory_mb(device)
     reset_peak_memory(device)
     prepared.train()
-    step, window_loss, window_n, window_start = 0, 0.0, 0, time.perf_counter()
+    window_start = time.perf_counter()
     train_start = time.perf_counter()
 
     def set_epoch(epoch: int) -> None:
+        # The order of an epoch depends on (seed, epoch) alone, so a resumed run can replay it.
+        generator.manual_seed(recipe.seed + epoch)
         if sampler is not None:
             sampler.set_epoch(epoch)
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
-        else:
-            generator.manual_seed(recipe.seed + epoch)
 
-    bar = tqdm(total=recipe.max_steps, desc="training", unit="step", disable=not main)
-    for epoch, batch in _infinite(loader, set_epoch):
+    bar = tqdm(total=recipe.max_steps, initial=step, desc="training", unit="step", disable=not main)
+    for epoch, index, batch in _infinite(loader, set_epoch, epoch_start, skip):
         model.lora_active = step >= recipe.lora.start_step
         with accelerator.accumulate(prepared):
             feats = train_feats.lookup(batch["image"])
@@ -266,8 +408,18 @@ def train(recipe: Recipe) -> dict:
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
-        window_loss += loss.detach().float().item()
+        micro_loss = loss.detach().float().item()
+        window_loss += micro_loss
         window_n += 1
+        if samples_file is not None:
+            seen = accelerator.gather(batch["index"].to(accelerator.device)).tolist()
+            samples_file.write(
+                json.dumps({"step": step + 1, "epoch": epoch, "indices": seen, "loss": micro_loss})
+            )
+            samples_file.write("\n")
+            samples_file.flush()
+        elif recipe.log_samples:
+            accelerator.gather(batch["index"].to(accelerator.device))  # every rank joins the gather
         if not accelerator.sync_gradients:
             continue
         step += 1
@@ -291,9 +443,14 @@ def train(recipe: Recipe) -> dict:
                 "step %d loss %.4f lr %.2e samples/s %.1f", step, row["loss"], row["lr"], row["samples_per_s"]
             )
             window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+        if recipe.check_replicas and step % recipe.check_replicas == 0:
+            check_replicas(step)
         if recipe.eval_every and step % recipe.eval_every == 0 and step < recipe.max_steps:
             run_eval(step)
             window_start = time.perf_counter()  # samples/s counts training time only
+        if step >= recipe.max_steps or (recipe.checkpoint_every and step % recipe.checkpoint_every == 0):
+            save_checkpoint(epoch, index + 1)
+            window_start = time.perf_counter()
         if step >= recipe.max_steps:
             break
     bar.close()
@@ -316,6 +473,7 @@ def train(recipe: Recipe) -> dict:
             "lora": n_train - n_adapter,
         },
         "frozen_unchanged": True,
+        "resumed_from": str(resume_from) if resume_from is not None else None,
         "peak_memory_mb": {"setup": setup_peak_mb, "training": peak_memory_mb(device)},
         "eval": eval_metrics,
     }
@@ -327,6 +485,8 @@ def train(recipe: Recipe) -> dict:
         )
         write_json(out / "summary.json", summary)
         metrics_file.close()
+        if samples_file is not None:
+            samples_file.close()
         try:
             from adaptkit.plots import plot_run
 
