@@ -69,7 +69,8 @@ class DataConfig:
     train: str = "easyvqa:train"
     eval: str = "easyvqa:test"
     prompt_template: str = "Question: {question} Answer:"
-    on_bad_sample: str = "error"
+    on_bad_sample: str = "skip"
+    max_skip_ratio: float = 0.01
 
 
 @dataclass
@@ -245,6 +246,10 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
         raise RecipeError(
             f"{source}: checkpoint_every must be >= 0 (0: only at the end) and keep_checkpoints >= 1, got "
             f"{recipe.checkpoint_every} and {recipe.keep_checkpoints}"
+        )
+    if not 0.0 <= recipe.data.max_skip_ratio <= 1.0:
+        raise RecipeError(
+            f"{source}: data.max_skip_ratio must lie in [0, 1], got {recipe.data.max_skip_ratio}"
         )
     if recipe.activation_checkpointing < 0:
         raise RecipeError(

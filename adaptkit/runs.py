@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -25,11 +26,12 @@ from adaptkit.config import load_recipe
 from adaptkit.data.collate import VQADataset
 from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
-from adaptkit.data.formats import VQASample, load_vqa
+from adaptkit.data.formats import DataError, VQASample, load_vqa
 from adaptkit.export import EXPORT_FILE, resolve_export_recipe
 from adaptkit.model import ADAPTER_FILE, LORA_DIR, build_model
 
 RECIPE_FILE = "recipe.yaml"
+log = logging.getLogger("adaptkit")
 
 
 def subset(samples: list[VQASample], limit: int | None, seed: int = 0) -> list[VQASample]:
@@ -64,11 +66,11 @@ def build_features(
     With ``cache_root``, features persist on disk, keyed by backbone and image content.
     """
     paths = [s.image for s in samples]
-    if not cache:
-        return OnTheFlyFeatures(vision, paths, device)
     origins: dict[str, str] = {}
     for s in samples:
         origins.setdefault(s.image, s.origin)
+    if not cache:
+        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad)
     disk = FeatureCache.for_backbone(cache_root, vision, device) if cache_root is not None else None
     return FeatureBank.compute(
         vision,
@@ -93,8 +95,13 @@ def prepare_split(
     progress: bool = True,
     desc: str = "encoding images",
     cache_root: Path | None = None,
+    max_skip_ratio: float = 1.0,
 ):
     """Load a data spec, encode its images and tokenize it.
+
+    Bad samples (malformed lines, unusable images) raise with ``on_bad_sample="error"``; with ``skip``
+    they are dropped and listed, and the call fails (naming them) when more than ``max_skip_ratio`` of
+    the samples are bad.
 
     Returns:
         ``(dataset, features, skipped)`` where ``skipped`` lists ``origin: reason`` of dropped samples.
@@ -104,9 +111,25 @@ def prepare_split(
     features = build_features(
         model.vision, samples, device, cache, on_bad_sample == "skip", desc, progress, cache_root
     )
-    skipped = list(data.skipped) + [
-        f"{s.origin}: {features.bad[s.image]}" for s in samples if s.image in features.bad
-    ]
+    skipped = list(data.skipped) + [features.bad[s.image] for s in samples if s.image in features.bad]
+    total = len(samples) + len(data.skipped)
+    if skipped and len(skipped) > max_skip_ratio * total:
+        shown = "\n  ".join(skipped[:20]) + (
+            f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        )
+        raise DataError(
+            f"{spec}: {len(skipped)} of {total} samples ({len(skipped) / total:.1%}) are unusable, more than "
+            f"data.max_skip_ratio={max_skip_ratio}:\n  {shown}\n"
+            "Fix or remove them, or raise data.max_skip_ratio"
+        )
+    if features.bad:
+        log.warning(
+            "%s: skipped %d samples whose image is unusable (%d images), first: %s",
+            spec,
+            len(skipped) - len(data.skipped),
+            len(features.bad),
+            next(iter(features.bad.values())),
+        )
     dataset = VQADataset(samples, features.rows, model.tokenizer, template)
     return dataset, features, skipped
 

@@ -255,14 +255,16 @@ def train(recipe: Recipe) -> dict:
         on_bad_sample=data.on_bad_sample,
         progress=main,
         cache_root=feature_cache_root(recipe.feature_cache_dir),
+        max_skip_ratio=data.max_skip_ratio,
     )
     train_ds, train_feats, train_skipped = split(data.train, desc="encoding train images")
-    eval_ds, eval_feats, _ = split(data.eval, limit=recipe.eval_limit, desc="encoding eval images")
+    eval_ds, eval_feats, eval_skipped = split(data.eval, limit=recipe.eval_limit, desc="encoding eval images")
     log.info(
-        "data: %d train samples (%d skipped), %d eval samples; image features %s",
+        "data: %d train samples (%d skipped), %d eval samples (%d skipped); image features %s",
         len(train_ds),
         len(train_skipped),
         len(eval_ds),
+        len(eval_skipped),
         _feature_source(recipe),
     )
     if hasattr(model.adapter, "set_feature_stats"):
@@ -331,6 +333,15 @@ def train(recipe: Recipe) -> dict:
         if metrics_file is not None:
             metrics_file.write(json.dumps(obj) + "\n")
             metrics_file.flush()
+
+    if resume_from is None:
+        record(
+            {
+                "step": 0,
+                "skipped_train": len(train_skipped),
+                "skipped_eval": len(eval_skipped),
+            }
+        )
 
     def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
         """Every process writes its RNG states; the main process the rest; then one atomic rename."""
@@ -466,6 +477,7 @@ def train(recipe: Recipe) -> dict:
         "total_seconds": round(time.perf_counter() - started, 2),
         "train_samples": len(train_ds),
         "skipped_samples": len(train_skipped),
+        "skipped": {"train": train_skipped[:100], "eval": eval_skipped[:100]},
         "parameters": {
             "total": n_total,
             "trainable": n_train,

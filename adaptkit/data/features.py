@@ -10,6 +10,8 @@ step and is what ``cache_features: false`` selects.
 from __future__ import annotations
 
 import logging
+import os
+import warnings
 from collections.abc import Sequence
 
 import torch
@@ -23,20 +25,56 @@ from adaptkit.data.formats import DataError
 log = logging.getLogger(__name__)
 
 
+MIN_IMAGE_SIDE = 8  # smaller images (1x1 placeholders, tracking pixels) carry nothing to answer from
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """RGB for any mode: transparency is composited over white, CMYK / grayscale / palette converted."""
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(white, rgba).convert("RGB")
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16/32-bit grayscale: scale to 8 bits, not clip
+        wide = img.convert("I")
+        hi = wide.getextrema()[1]
+        scale = 1.0 if hi <= 255 else (1 / 256 if hi <= 65535 else 255.0 / hi)
+        return wide.point(lambda v: v * scale).convert("L").convert("RGB")
+    return img.convert("RGB")
+
+
 def open_image(path: str, origin: str = "") -> Image.Image:
-    """Open and fully decode an image as RGB.
+    """Open and fully decode an image as RGB (see :func:`to_rgb` for the conversions).
 
     Raises:
-        DataError: missing, unreadable or undecodable file; the message names the sample's origin.
+        DataError: missing, empty, truncated, not an image, smaller than ``MIN_IMAGE_SIDE`` pixels a side,
+            or a decompression bomb (more than ``PIL.Image.MAX_IMAGE_PIXELS``); the message names the
+            sample's origin and the reason.
     """
     try:
-        with Image.open(path) as img:
-            img.load()
-            return img.convert("RGB")
+        if os.path.getsize(path) == 0:
+            raise image_error(path, origin, "is empty (0 bytes)")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as img:
+                if min(img.size) < MIN_IMAGE_SIDE:
+                    raise image_error(
+                        path,
+                        origin,
+                        f"is too small ({img.size[0]}x{img.size[1]} pixels; at least "
+                        f"{MIN_IMAGE_SIDE} a side)",
+                    )
+                img.load()
+                return to_rgb(img)
+    except DataError:
+        raise
     except FileNotFoundError:
         raise image_error(path, origin, "does not exist") from None
-    except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-        raise image_error(path, origin, f"cannot be decoded ({err})") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
+        raise image_error(path, origin, f"is a decompression bomb ({err})") from None
+    except UnidentifiedImageError:
+        raise image_error(path, origin, "is not an image PIL can identify") from None
+    except (OSError, ValueError, SyntaxError) as err:
+        raise image_error(path, origin, f"cannot be decoded, truncated or corrupt ({err})") from None
 
 
 def image_error(path: str, origin: str, reason: str) -> DataError:
@@ -158,8 +196,6 @@ class FeatureBank:
                 len(keys) - len(todo),
                 len(todo) - sum(p in bad for p in todo),
             )
-        if bad:
-            log.warning("skipped %d undecodable images, first: %s", len(bad), next(iter(bad.values())))
         if features is None:
             raise DataError("no image could be decoded")
         return cls(features, rows, bad)
@@ -176,12 +212,30 @@ class FeatureBank:
 class OnTheFlyFeatures:
     """Encodes the images of each batch at every step (no caching)."""
 
-    def __init__(self, backbone: VisionBackbone, paths: Sequence[str], device: torch.device) -> None:
+    def __init__(
+        self,
+        backbone: VisionBackbone,
+        paths: Sequence[str],
+        device: torch.device,
+        origins: dict[str, str] | None = None,
+        skip_bad: bool = False,
+    ) -> None:
+        """Every image is decoded once up front, so a bad one is known (skipped or raised) before training."""
         self.backbone = backbone
-        self.paths = list(dict.fromkeys(paths))
-        self.rows = {path: i for i, path in enumerate(self.paths)}
         self.device = device
         self.bad: dict[str, str] = {}
+        self.paths = []
+        for path in dict.fromkeys(paths):
+            try:
+                open_image(path, (origins or {}).get(path, ""))
+                self.paths.append(path)
+            except DataError as err:
+                if not skip_bad:
+                    raise
+                self.bad[path] = str(err)
+        if not self.paths:
+            raise DataError("no image could be decoded")
+        self.rows = {path: i for i, path in enumerate(self.paths)}
 
     def lookup(self, rows: torch.Tensor) -> torch.Tensor:
         images = [open_image(self.paths[int(r)]) for r in rows]
