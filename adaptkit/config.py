@@ -105,6 +105,7 @@ class Recipe:
     resume: str = ""
     log_samples: bool = False
     check_replicas: int = 0
+    report_to: str = "none"
 
 
 _CHOICES = {
@@ -117,6 +118,7 @@ _CHOICES = {
     "adapter.kind": ("qformer",),
     "data.on_bad_sample": ("error", "skip"),
     "mixed_precision": ("no", "bf16", "fp16"),
+    "report_to": ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "all"),
 }
 _POSITIVE = (
     "max_steps",

@@ -159,21 +159,25 @@ def _resume_point(recipe: Recipe, out: Path) -> Path | None:
     return folder
 
 
-def _check_same_recipe(recipe: Recipe, out: Path) -> None:
-    """A resumed run must train the recipe it was started with (only ``resume`` may differ)."""
+def _flat(recipe: Recipe):
+    """``(dotted key, value)`` for every recipe field."""
     from omegaconf import OmegaConf
 
-    saved = OmegaConf.to_container(OmegaConf.load(out / RECIPE_FILE))
-    now = OmegaConf.to_container(OmegaConf.structured(recipe))
-
-    def flat(d, prefix=""):
+    def walk(d, prefix=""):
         for k, v in d.items():
             if isinstance(v, dict):
-                yield from flat(v, f"{prefix}{k}.")
+                yield from walk(v, f"{prefix}{k}.")
             else:
                 yield f"{prefix}{k}", v
 
-    a, b = dict(flat(saved)), dict(flat(now))
+    return list(walk(OmegaConf.to_container(OmegaConf.structured(recipe))))
+
+
+def _check_same_recipe(recipe: Recipe, out: Path) -> None:
+    """A resumed run must train the recipe it was started with (only ``resume`` may differ)."""
+    from adaptkit.config import load_recipe
+
+    a, b = dict(_flat(load_recipe(out / RECIPE_FILE))), dict(_flat(recipe))
     differ = sorted(k for k in set(a) | set(b) if k != "resume" and a.get(k) != b.get(k))
     if differ:
         shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:6])
@@ -201,6 +205,8 @@ def train(recipe: Recipe) -> dict:
     accelerator = Accelerator(
         gradient_accumulation_steps=recipe.grad_accum_steps,
         mixed_precision=recipe.mixed_precision,
+        log_with=None if recipe.report_to == "none" else recipe.report_to,
+        project_dir=str(out),
         # LoRA's parameters take no gradient before lora.start_step: DDP must not wait for them.
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
     )
@@ -329,10 +335,17 @@ def train(recipe: Recipe) -> dict:
     samples_file = (out / SAMPLES_FILE).open(mode) if main and recipe.log_samples else None
     samples_per_step = recipe.batch_size * recipe.grad_accum_steps * procs
 
+    if recipe.report_to != "none":
+        hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in _flat(recipe)}
+        accelerator.init_trackers("tensorboard", config=hparams)
+
     def record(obj: dict) -> None:
         if metrics_file is not None:
             metrics_file.write(json.dumps(obj) + "\n")
             metrics_file.flush()
+        if recipe.report_to != "none":
+            scalars = {k: v for k, v in obj.items() if k != "step" and isinstance(v, int | float)}
+            accelerator.log(scalars, step=obj["step"])
 
     if resume_from is None:
         record(

@@ -1,15 +1,18 @@
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import torch
 
 from adaptkit.config import load_recipe
 from adaptkit.model import build_model
-from adaptkit.train import build_scheduler, param_groups
+from adaptkit.train import build_scheduler, param_groups, train
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
 
-def _lrs(recipe, steps):
+def _lrs(recipe, steps, procs=1):
     params = [torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))]
     optimizer = torch.optim.AdamW(
         [
@@ -17,13 +20,20 @@ def _lrs(recipe, steps):
             {"params": [params[1]], "lr": 1.0, "name": "lora"},
         ]
     )
-    scheduler = build_scheduler(optimizer, recipe)
+    scheduler = build_scheduler(optimizer, recipe, procs)
     out = []
     for _ in range(steps):
         out.append([g["lr"] for g in optimizer.param_groups])
         optimizer.step()
-        scheduler.step()
+        for _ in range(procs):  # Accelerate steps a prepared scheduler once per process
+            scheduler.step()
     return out
+
+
+def test_schedule_is_the_same_for_any_process_count():
+    recipe = load_recipe(RECIPE, ["max_steps=50", "warmup_steps=7", "lora.start_step=13"])
+    one = _lrs(recipe, 50)
+    assert _lrs(recipe, 50, procs=2) == one and _lrs(recipe, 50, procs=3) == one
 
 
 def test_schedule_warms_up_decays_and_delays_lora():
@@ -69,3 +79,19 @@ def test_feature_standardization_is_saved_with_the_adapter(tiny_overrides, tmp_p
     fresh = build_model(recipe, lora_dir=tmp_path / "lora")
     fresh.load_adapter(tmp_path)
     torch.testing.assert_close(fresh.adapter(feats), after)
+
+
+def test_tensorboard_tracker_gets_the_metrics(tiny_overrides, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    recipe = load_recipe(RECIPE, [*tiny_overrides, "report_to=tensorboard", "log_every=1"])
+    train(recipe)
+    out = Path(recipe.output_dir)
+    events = list((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, "no TensorBoard event file"
+    acc = EventAccumulator(str(events[0].parent))
+    acc.Reload()
+    logged = [(e.step, round(e.value, 6)) for e in acc.Scalars("loss")]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    assert [e.step for e in acc.Scalars("eval_accuracy")] == [4]
