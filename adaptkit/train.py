@@ -15,6 +15,7 @@ import math
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -217,6 +218,12 @@ def train(recipe: Recipe) -> dict:
             "train alone and write the same run. On CPU machines set ACCELERATE_USE_CPU=1 for the launch"
         )
     main = accelerator.is_main_process
+    if accelerator.distributed_type.value == "FSDP":
+        warnings.warn(
+            "FSDP has not been run by adaptkit's tests (DDP has): checkpoints save each process's view of "
+            "the trainable parameters; check a resumed run before relying on it",
+            stacklevel=2,
+        )
     resume_from = _resume_point(recipe, out)
     if resume_from is not None:
         _check_same_recipe(recipe, out)

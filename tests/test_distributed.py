@@ -83,3 +83,14 @@ def test_two_processes_stay_in_sync_and_match_one(tiny_overrides, tmp_path):
     assert ev_two["accuracy"] == ev_one["accuracy"]
     log = (two / "train.log").read_text()
     assert log.count("saved run to") == 1  # one process logs and saves
+
+
+def test_example_accelerate_configs_parse():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    expected = {"single_gpu": "NO", "multi_gpu_ddp": "MULTI_GPU", "fsdp": "FSDP"}
+    for name, kind in expected.items():
+        config = load_config_from_file(str(ROOT / "configs" / "accelerate" / f"{name}.yaml"))
+        assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
+    fsdp = load_config_from_file(str(ROOT / "configs" / "accelerate" / "fsdp.yaml"))
+    assert fsdp.fsdp_config["fsdp_use_orig_params"] is True  # peft's frozen/trainable split needs it
