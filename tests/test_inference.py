@@ -68,7 +68,7 @@ def test_bad_inputs_get_clear_errors(tiny_run, tmp_path):
     predictor = load_for_inference(tiny_run, "cpu")
     text = tmp_path / "notes.txt"
     text.write_text("not an image")
-    with pytest.raises(DataError, match=r"notes\.txt cannot be decoded"):
+    with pytest.raises(DataError, match=r"notes\.txt is not an image"):
         predictor.answer(text, "what shape?")
     with pytest.raises(DataError, match="does not exist"):
         predictor.answer(tmp_path / "missing.png", "what shape?")
