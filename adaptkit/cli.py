@@ -151,13 +151,19 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from adaptkit.export import export_run
 
     logging.getLogger("adaptkit").setLevel(logging.INFO)
-    manifest = export_run(args.run_dir, args.out, dtype=args.dtype, verify_samples=args.verify_samples)
+    manifest = export_run(
+        args.run_dir,
+        args.out,
+        dtype=args.dtype,
+        verify_samples=args.verify_samples,
+        merge_base=args.merge_base,
+    )
     ver = manifest["verification"]
     merged_in = manifest["language"]
     if merged_in["trained_quant"] != "none":
         print(
-            f"the run trained on a {merged_in['trained_quant']} LM: LoRA was merged into the base reloaded "
-            f"in float32, never into quantized weights"
+            f"the run trained on a {merged_in['trained_quant']} LM: LoRA was merged in float32 into "
+            f"{merged_in['merged_into']} (never into quantized weights)"
         )
     print(
         f"exported {args.run_dir} -> {args.out} ({manifest['dtype']}, {manifest['seconds']} s); verified on "
@@ -268,6 +274,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="merged LM weights"
     )
     p.add_argument("--verify-samples", type=int, default=32, help="held samples the export is verified on")
+    p.add_argument(
+        "--merge-base",
+        choices=["dequantized", "original"],
+        default="dequantized",
+        help="for a run trained on a 4/8-bit LM: merge into its quantized weights dequantized to float32 "
+        "(the base LoRA learned against; default) or into the original float32 checkpoint",
+    )
     p.add_argument("--json", action="store_true", help="print the verification as JSON on the last line")
     p.set_defaults(func=_cmd_export)
 

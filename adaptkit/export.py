@@ -99,12 +99,27 @@ def resolve_export_recipe(recipe, root: Path):
 # ---- writing one ----------------------------------------------------------------------------------
 
 
-def _merged_lm(recipe, run: Path, dtype: str):
-    """The run's LM with LoRA merged, on a full-precision (float32) base, then cast to ``dtype``."""
+MERGE_BASES = ("dequantized", "original")
+
+
+def full_precision_base(recipe, merge_base: str = "dequantized"):
+    """The float32 LM that LoRA is merged into: for a run trained on a 4/8-bit LM, either the quantized
+    weights dequantized to float32 (``dequantized``: the base LoRA was trained against) or the original
+    checkpoint (``original``); for a full-precision run, its base in float32. Returns ``(lm, tokenizer)``."""
     from adaptkit.backbones.language import load_language_model
 
-    full = dataclasses.replace(recipe.language, quant="none", dtype="float32")
-    lm, tokenizer = load_language_model(full, "cpu")
+    if recipe.language.quant != "none" and merge_base == "dequantized":
+        lm, tokenizer = load_language_model(recipe.language, "cpu")
+        lm = lm.dequantize().float()  # transformers drops bitsandbytes layers and quantization_config
+        return lm.eval(), tokenizer
+    if merge_base not in MERGE_BASES:
+        raise ValueError(f"--merge-base {merge_base}: choose one of {', '.join(MERGE_BASES)}")
+    return load_language_model(dataclasses.replace(recipe.language, quant="none", dtype="float32"), "cpu")
+
+
+def _merged_lm(recipe, run: Path, dtype: str, merge_base: str):
+    """The run's LM with LoRA merged into its float32 base (see :func:`full_precision_base`), then cast."""
+    lm, tokenizer = full_precision_base(recipe, merge_base)
     if recipe.lora.enabled:
         from peft import PeftModel
 
@@ -198,7 +213,7 @@ def _outputs(
     return greedy, logits[mask.bool()].double()
 
 
-def _verify(recipe, run: Path, out: Path, dtype: str, samples: int) -> dict:
+def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: str) -> dict:
     """Compare the export (loaded back from disk) with the unmerged adapter model on held samples.
 
     Answers: the export in its own dtype against the unmerged float32 model, as users run them.
@@ -206,15 +221,13 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int) -> dict:
     arithmetic by itself moves a 30-layer LM's logits by about 1e-3 (SmolLM2: float32 vs float64 compute
     of the same unmerged model), more than a correct merge does.
     """
-    from adaptkit.backbones.language import load_language_model
     from adaptkit.model import MultimodalModel
     from adaptkit.runs import load_run
 
     spec, held = _held_samples(recipe, samples)
     started = time.perf_counter()
     _, merged = load_run(out, "cpu")
-    full = dataclasses.replace(recipe.language, quant="none", dtype="float32")
-    base, tokenizer = load_language_model(full, "cpu")
+    base, tokenizer = full_precision_base(recipe, merge_base)
     if recipe.lora.enabled:
         from peft import PeftModel
 
@@ -228,7 +241,8 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int) -> dict:
         "data": spec,
         "samples": len(held),
         "dtype": dtype,
-        "reference": "unmerged LoRA (peft) on the float32 base LM, same vision backbone and adapter",
+        "reference": f"unmerged LoRA (peft) on the same float32 base LM ({_base_words(recipe, merge_base)}), "
+        "same vision backbone and adapter",
         "answers_identical": agree,
         f"max_abs_logit_diff_{dtype}_compute": float((ref_native - got_native).abs().max()),
     }
@@ -269,8 +283,9 @@ def _model_card(manifest: dict) -> str:
         f"(weights: {manifest['vision']['weights']}), frozen",
         f"- adapter: {manifest['adapter']['kind']} "
         f"({manifest['adapter']['config']['num_queries']} soft tokens), `{ADAPTER_FILE}`",
-        f"- language model: `lm/` = {manifest['language']['base']} + LoRA merged in float32, saved as "
-        f"{manifest['dtype']} (trained with the LM at quant={manifest['language']['trained_quant']})",
+        f"- language model: `lm/` = {manifest['language']['base']} + LoRA merged in float32 into "
+        f"{manifest['language']['merged_into']}, saved as {manifest['dtype']} (trained with the LM at "
+        f"quant={manifest['language']['trained_quant']})",
         f"- prompt template: `{manifest['prompt_template']}`",
         f"- parameters: {params.get('trainable')} trained of {params.get('total')}",
     ]
@@ -303,8 +318,20 @@ def _model_card(manifest: dict) -> str:
     return "\n".join(lines)
 
 
+def _base_words(recipe, merge_base: str) -> str:
+    if recipe.language.quant == "none":
+        return "the run's base"
+    if merge_base == "dequantized":
+        return f"the {recipe.language.quant} weights LoRA was trained against, dequantized"
+    return f"the original checkpoint, not the {recipe.language.quant} weights LoRA was trained against"
+
+
 def export_run(
-    run_dir: str | Path, out_dir: str | Path, dtype: str = "float32", verify_samples: int = 32
+    run_dir: str | Path,
+    out_dir: str | Path,
+    dtype: str = "float32",
+    verify_samples: int = 32,
+    merge_base: str = "dequantized",
 ) -> dict:
     """Export a run directory into ``out_dir`` (which must not exist); returns the manifest.
 
@@ -328,13 +355,15 @@ def export_run(
     partial.mkdir(parents=True)
     started = time.perf_counter()
 
+    if merge_base not in MERGE_BASES:
+        raise ValueError(f"--merge-base {merge_base}: choose one of {', '.join(MERGE_BASES)}")
     if recipe.language.quant != "none":
         log.info(
-            "the run trained on a %s LM: reloading the base in float32 and merging LoRA there "
-            "(never into quantized weights)",
+            "the run trained on a %s LM: merging LoRA into a float32 base (%s), never into quantized weights",
             recipe.language.quant,
+            _base_words(recipe, merge_base),
         )
-    lm, tokenizer = _merged_lm(recipe, run, dtype)
+    lm, tokenizer = _merged_lm(recipe, run, dtype, merge_base)
     lm.save_pretrained(partial / "lm", safe_serialization=True)
     tokenizer.save_pretrained(partial / "lm")
     del lm
@@ -358,6 +387,7 @@ def export_run(
             "base": recipe.language.name,
             "trained_quant": recipe.language.quant,
             "merged_in": "float32",
+            "merged_into": _base_words(recipe, merge_base),
             "lora": dataclasses.asdict(recipe.lora) if recipe.lora.enabled else None,
         },
         "vision": {**vision_info, **dataclasses.asdict(vision_cfg)},
@@ -375,7 +405,7 @@ def export_run(
     # Hash before verifying: the verification loads the folder the way users will.
     manifest["files"] = _hashes(partial)
     (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    report = _verify(recipe, run, partial, dtype, verify_samples)
+    report = _verify(recipe, run, partial, dtype, verify_samples, merge_base)
     manifest["verification"] = report
     (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
     (partial / "README.md").write_text(_model_card(manifest))

@@ -87,17 +87,26 @@ def test_export_of_4bit_run_merges_in_full_precision(tiny_run_4bit, tmp_path, ca
     out = tmp_path / "export4"
     assert main(["export", str(tiny_run_4bit), "--out", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "never into quantized weights" in text
+    assert "never into quantized weights" in text and "dequantized" in text
     manifest = read_manifest(out)
     assert manifest["language"]["trained_quant"] == "4bit"
     ver = manifest["verification"]
     assert ver["passed"] and ver["answers_identical"] == 1.0 and ver["max_abs_logit_diff"] <= 1e-4
     assert ver["logits_compared_in"] == "float64"
-    assert 0.0 <= ver["answers_identical_to_trained_4bit"] <= 1.0
+    # Merged into the dequantized 4-bit weights LoRA was trained against: the run's own answers.
+    assert ver["answers_identical_to_trained_4bit"] == 1.0
     config = json.loads((out / "lm" / "config.json").read_text())
     assert "quantization_config" not in config
     weights = _lm_weights(out / "lm")
     assert all(w.dtype == torch.float32 for w in weights.values())
+
+    original = tmp_path / "export4-original"
+    assert main(["export", str(tiny_run_4bit), "--out", str(original), "--merge-base", "original"]) == 0
+    assert "the original checkpoint" in capsys.readouterr().out
+    assert read_manifest(original)["verification"]["passed"]
+    other = _lm_weights(original / "lm")
+    name = next(k for k in weights if "mlp.up_proj" in k)  # not LoRA-targeted: base weights only
+    assert not torch.equal(weights[name], other[name])  # NF4 rounding vs the original checkpoint
 
 
 def test_bfloat16_export_within_its_documented_bound(tiny_run, tmp_path):
