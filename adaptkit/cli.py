@@ -242,9 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--lm-quant",
-        choices=["none", "8bit", "4bit"],
+        choices=["none", "8bit", "4bit", "dequantized"],
         default=None,
-        help="load the LM at this quantization instead of the run's (none: the base an export merges into)",
+        help="load the LM at this quantization instead of the run's (dequantized: the run's 4/8-bit weights "
+        "in float32, what its export computes with; none: the original checkpoint)",
     )
     p.set_defaults(func=_cmd_eval)
 

@@ -187,14 +187,23 @@ def frozen_fingerprint(model: nn.Module) -> str:
     return tensor_digest((n, p) for n, p in model.named_parameters() if not p.requires_grad)
 
 
-def build_model(recipe: Recipe, device: torch.device | str = "cpu", lora_dir: str | Path | None = None):
+def build_model(
+    recipe: Recipe,
+    device: torch.device | str = "cpu",
+    lora_dir: str | Path | None = None,
+    dequantize_lm: bool = False,
+):
     """Build the model a recipe describes: frozen backbones, a fresh adapter, LoRA via peft.
 
     Args:
         lora_dir: load trained LoRA weights from this peft folder instead of initializing new ones.
+        dequantize_lm: load the LM at the recipe's quantization, then dequantize it to float32 (the base
+            `adaptkit export` merges a 4/8-bit run's LoRA into).
     """
     vision = build_vision_backbone(recipe.vision, device)
     lm, tokenizer = load_language_model(recipe.language, device)
+    if dequantize_lm and recipe.language.quant != "none":
+        lm = lm.dequantize().float()
     embeddings = lm.get_input_embeddings()
     output_std = embeddings.weight.float().std().item()
     adapter = build_adapter(recipe.adapter, vision.feature_dim, embeddings.embedding_dim, output_std).to(

@@ -138,8 +138,9 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", lm_quant: 
     """Rebuild a trained model from a run directory or an export folder; returns ``(recipe, model)``.
 
     Args:
-        lm_quant: load the LM at this quantization instead of the run's (``none``: the full-precision base
-            that `adaptkit export` merges into).
+        lm_quant: load the LM at this quantization instead of the run's: ``none`` (its original
+            full-precision checkpoint) or ``dequantized`` (the run's 4/8-bit weights dequantized to float32,
+            the base `adaptkit export` merges a quantized run's LoRA into by default).
     """
     run = Path(run_dir)
     recipe_path = run / RECIPE_FILE
@@ -148,14 +149,19 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", lm_quant: 
     recipe = load_recipe(recipe_path)
     if (run / EXPORT_FILE).is_file():  # an `adaptkit export` folder: paths are relative to it
         recipe = resolve_export_recipe(recipe, run)
-    if lm_quant is not None:
+    if lm_quant not in (None, "dequantized"):
         recipe = dataclasses.replace(recipe, language=dataclasses.replace(recipe.language, quant=lm_quant))
     lora_dir = run / LORA_DIR
     if recipe.lora.enabled and not (lora_dir / "adapter_config.json").is_file():
         raise FileNotFoundError(f"{lora_dir} is missing or incomplete; the recipe has lora.enabled=true")
     if not (run / ADAPTER_FILE).is_file():
         raise FileNotFoundError(f"{run / ADAPTER_FILE} is missing; the run did not finish saving")
-    model = build_model(recipe, device, lora_dir=lora_dir if recipe.lora.enabled else None)
+    model = build_model(
+        recipe,
+        device,
+        lora_dir=lora_dir if recipe.lora.enabled else None,
+        dequantize_lm=lm_quant == "dequantized",
+    )
     model.load_adapter(run)
     model.eval()
     return recipe, model

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -150,3 +151,15 @@ def test_failed_verification_keeps_partial_and_fails_loudly(tiny_run, tmp_path, 
         export_run(tiny_run, tmp_path / "export")
     assert not (tmp_path / "export").exists()
     assert (tmp_path / "export.partial" / "verification.json").is_file()
+
+
+def test_eval_on_the_dequantized_base_matches_the_export(tiny_run_4bit, tiny_vqa, tmp_path, capsys):
+    out = tmp_path / "export4"
+    export_run(tiny_run_4bit, out)
+    preds = []
+    for args in ([str(out)], [str(tiny_run_4bit), "--lm-quant", "dequantized"]):
+        assert main(["eval", *args, "--data", str(tiny_vqa), "--json"]) == 0
+        capsys.readouterr()
+        rows = (Path(args[0]) / "eval_predictions.jsonl").read_text().splitlines()
+        preds.append([json.loads(r)["prediction"] for r in rows])
+    assert preds[0] == preds[1] and len(preds[0]) == 24
