@@ -99,6 +99,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
     from adaptkit.backbones.vision import build_vision_backbone
     from adaptkit.config import load_recipe
+    from adaptkit.data.feature_cache import FeatureCache
     from adaptkit.data.formats import load_vqa
     from adaptkit.runs import build_features, feature_cache_root
 
@@ -112,6 +113,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     logging.getLogger("adaptkit").setLevel(logging.INFO)
     device = _device(args)
     vision = build_vision_backbone(recipe.vision, device)
+    disk_cache = FeatureCache.for_backbone(root, vision, device)
     specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
     for spec in specs:
         data = load_vqa(spec, recipe.data.on_bad_sample)
@@ -122,7 +124,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             cache=True,
             skip_bad=recipe.data.on_bad_sample == "skip",
             desc=f"caching {spec}",
-            cache_root=root,
+            cache_root=disk_cache,
         )
         shape = tuple(bank.features.shape[1:])
         print(f"{spec}: {len(bank.rows)} images cached, features {shape}, {len(bank.bad)} undecodable")

@@ -59,11 +59,12 @@ def build_features(
     skip_bad: bool,
     desc: str,
     progress: bool = True,
-    cache_root: Path | None = None,
+    cache_root: Path | FeatureCache | None = None,
 ):
     """Feature source for the images of ``samples``: encoded once (cache) or at every lookup.
 
-    With ``cache_root``, features persist on disk, keyed by backbone and image content.
+    With ``cache_root`` (a cache folder, or a :class:`FeatureCache` already keyed for ``vision``, which
+    saves hashing the backbone again), features persist on disk, keyed by backbone and image content.
     """
     paths = [s.image for s in samples]
     origins: dict[str, str] = {}
@@ -71,7 +72,9 @@ def build_features(
         origins.setdefault(s.image, s.origin)
     if not cache:
         return OnTheFlyFeatures(vision, paths, device, origins, skip_bad)
-    disk = FeatureCache.for_backbone(cache_root, vision, device) if cache_root is not None else None
+    disk = cache_root
+    if cache_root is not None and not isinstance(cache_root, FeatureCache):
+        disk = FeatureCache.for_backbone(cache_root, vision, device)
     return FeatureBank.compute(
         vision,
         paths,
@@ -94,7 +97,7 @@ def prepare_split(
     on_bad_sample: str = "error",
     progress: bool = True,
     desc: str = "encoding images",
-    cache_root: Path | None = None,
+    cache_root: Path | FeatureCache | None = None,
     max_skip_ratio: float = 1.0,
 ):
     """Load a data spec, encode its images and tokenize it.

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 from adaptkit import checkpoint as ckpt
 from adaptkit.config import Recipe, recipe_to_yaml
 from adaptkit.data.collate import collate_train
-from adaptkit.data.feature_cache import tensor_digest
+from adaptkit.data.feature_cache import FeatureCache, tensor_digest
 from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
 from adaptkit.evaluation import evaluate_vqa
 from adaptkit.inference import ANSWERS_FILE, answer_set
@@ -259,6 +259,11 @@ def train(recipe: Recipe) -> dict:
     )
 
     data = recipe.data
+    root = feature_cache_root(recipe.feature_cache_dir)
+    # Keyed once (weights digest + probe preprocessing) for both splits.
+    disk_cache = (
+        FeatureCache.for_backbone(root, model.vision, device) if root and recipe.cache_features else None
+    )
     split = functools.partial(
         prepare_split,
         model,
@@ -267,7 +272,7 @@ def train(recipe: Recipe) -> dict:
         cache=recipe.cache_features,
         on_bad_sample=data.on_bad_sample,
         progress=main,
-        cache_root=feature_cache_root(recipe.feature_cache_dir),
+        cache_root=disk_cache,
         max_skip_ratio=data.max_skip_ratio,
     )
     train_ds, train_feats, train_skipped = split(data.train, desc="encoding train images")
