@@ -225,6 +225,7 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     from adaptkit.runs import load_run
 
     spec, held = _held_samples(recipe, samples)
+    log.info("verifying the export on %d held samples of %s", len(held), spec)
     started = time.perf_counter()
     _, merged = load_run(out, "cpu")
     base, tokenizer = full_precision_base(recipe, merge_base)
