@@ -23,10 +23,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from adaptkit.data.collate import collate_prompts, collate_train
-from adaptkit.data.features import encode_images, open_image
+from adaptkit.data.features import UnusableImage, decode_image, encode_images, open_image, to_rgb
 from adaptkit.data.formats import DataError
 
 log = logging.getLogger(__name__)
@@ -58,25 +58,27 @@ def answer_set(answers: Sequence[str]) -> list[str] | None:
 
 
 def to_image(image: ImageInput, name: str = "image") -> Image.Image:
-    """Decode any supported image input to RGB.
+    """Decode any supported image input to RGB, exactly as training images are (:func:`decode_image`).
 
     Raises:
         DataError: the input is not an image PIL can decode (message names ``name`` or the file).
     """
     if isinstance(image, Image.Image):
-        return image.convert("RGB")
+        return to_rgb(image)
     if isinstance(image, np.ndarray):
         try:
-            return Image.fromarray(image).convert("RGB")
+            return to_rgb(Image.fromarray(image))
         except (TypeError, ValueError) as err:
             raise DataError(f"{name}: array of shape {image.shape} is not an image ({err})") from None
     if isinstance(image, bytes | bytearray):
         try:
-            with Image.open(io.BytesIO(image)) as img:
-                img.load()
-                return img.convert("RGB")
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
-            raise DataError(f"{name}: the bytes are not an image PIL can decode ({err})") from None
+            if not image:
+                raise UnusableImage("is empty (0 bytes)")
+            return decode_image(io.BytesIO(image))
+        except UnusableImage as err:
+            raise DataError(
+                f"{name}: the bytes are not an image PIL can decode (the data {err.reason})"
+            ) from None
     if isinstance(image, str | Path):
         return open_image(str(image))
     raise DataError(f"{name}: expected a path, bytes, PIL image or array, got {type(image).__name__}")

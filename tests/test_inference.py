@@ -92,3 +92,20 @@ def test_predict_cli(tiny_run, tiny_vqa, capsys):
     assert printed.startswith(expected.text) and "%" in printed
     assert main(["predict", str(tiny_run), "--image", "nope.png", "--question", "x"]) == 2
     assert "nope.png does not exist" in capsys.readouterr().err
+
+
+def test_every_input_kind_is_decoded_like_training_images(tiny_run, tiny_vqa, tmp_path):
+    """A transparent RGBA image gives the same features as a path, bytes, PIL image or array (white
+    background, as training's decoder makes it), not a black one."""
+    import torch
+
+    base = Image.open(tiny_vqa.parent / "images" / "0.png").convert("RGB")
+    rgba = Image.new("RGBA", base.size, (0, 0, 0, 0))
+    rgba.paste(base, mask=Image.eval(base.convert("L"), lambda v: 255 if v < 200 else 0))
+    path = tmp_path / "rgba.png"
+    rgba.save(path)
+    predictor = load_for_inference(tiny_run, "cpu")
+    reference = predictor.encode([str(path)])
+    for given in (Image.open(path), np.asarray(Image.open(path)), path.read_bytes()):
+        assert torch.equal(predictor.encode([given]), reference)
+    assert not torch.equal(predictor.encode([rgba.convert("RGB")]), reference)  # black background differs

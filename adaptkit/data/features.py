@@ -42,39 +42,59 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def open_image(path: str, origin: str = "") -> Image.Image:
-    """Open and fully decode an image as RGB (see :func:`to_rgb` for the conversions).
+class UnusableImage(ValueError):
+    """Why an image source cannot be used (``reason`` reads after the file's name: "is empty ...")."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def decode_image(source) -> Image.Image:
+    """Fully decode a path or binary file object as RGB (see :func:`to_rgb` for the conversions).
 
     Raises:
-        DataError: missing, empty, truncated, not an image, smaller than ``MIN_IMAGE_SIDE`` pixels a side,
-            or a decompression bomb (more than ``PIL.Image.MAX_IMAGE_PIXELS``); the message names the
-            sample's origin and the reason.
+        UnusableImage: not an image, truncated, smaller than ``MIN_IMAGE_SIDE`` pixels a side, or a
+            decompression bomb (more than ``PIL.Image.MAX_IMAGE_PIXELS``).
     """
     try:
-        if os.path.getsize(path) == 0:
-            raise image_error(path, origin, "is empty (0 bytes)")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(source) as img:
                 if min(img.size) < MIN_IMAGE_SIDE:
-                    raise image_error(
-                        path,
-                        origin,
-                        f"is too small ({img.size[0]}x{img.size[1]} pixels; at least "
-                        f"{MIN_IMAGE_SIDE} a side)",
+                    width, height = img.size
+                    raise UnusableImage(
+                        f"is too small ({width}x{height} pixels; at least {MIN_IMAGE_SIDE} a side)"
                     )
                 img.load()
                 return to_rgb(img)
-    except DataError:
+    except UnusableImage:
         raise
     except FileNotFoundError:
-        raise image_error(path, origin, "does not exist") from None
+        raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as err:
-        raise image_error(path, origin, f"is a decompression bomb ({err})") from None
+        raise UnusableImage(f"is a decompression bomb ({err})") from None
     except UnidentifiedImageError:
-        raise image_error(path, origin, "is not an image PIL can identify") from None
+        raise UnusableImage("is not an image PIL can identify") from None
     except (OSError, ValueError, SyntaxError) as err:
-        raise image_error(path, origin, f"cannot be decoded, truncated or corrupt ({err})") from None
+        raise UnusableImage(f"cannot be decoded, truncated or corrupt ({err})") from None
+
+
+def open_image(path: str, origin: str = "") -> Image.Image:
+    """Open and fully decode an image file as RGB (:func:`decode_image`).
+
+    Raises:
+        DataError: missing, empty, or unusable (:class:`UnusableImage`); the message names the sample's
+            origin, the file and the reason.
+    """
+    try:
+        if os.path.getsize(path) == 0:
+            raise UnusableImage("is empty (0 bytes)")
+        return decode_image(path)
+    except FileNotFoundError:
+        raise image_error(path, origin, "does not exist") from None
+    except UnusableImage as err:
+        raise image_error(path, origin, err.reason) from None
 
 
 def image_error(path: str, origin: str, reason: str) -> DataError:
