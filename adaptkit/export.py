@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 
 from adaptkit.assets import ASSETS, sha256_file
-from adaptkit.config import load_recipe, recipe_to_yaml
+from adaptkit.config import recipe_to_yaml
 from adaptkit.model import ADAPTER_FILE, LORA_DIR
 
 log = logging.getLogger(__name__)
@@ -341,15 +341,14 @@ def export_run(
         ExportError: the merged model failed its verification (the partial folder is kept).
     """
     from adaptkit.inference import run_answers
-    from adaptkit.runs import RECIPE_FILE, load_run
+    from adaptkit.runs import RECIPE_FILE, check_run, read_json
 
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     run, out = Path(run_dir), Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; exports are never overwritten, choose another --out")
-    load_run(run, "cpu")  # fails early, with a clear message, on an incomplete run directory
-    recipe = load_recipe(run / RECIPE_FILE)
+    recipe = check_run(run)  # fails early, with a clear message, on an incomplete run directory
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -375,8 +374,8 @@ def export_run(
     exported = dataclasses.replace(recipe, language=lang_cfg, vision=vision_cfg, lora=lora_cfg)
     (partial / RECIPE_FILE).write_text(recipe_to_yaml(exported))
 
-    summary = _read(run / "summary.json")
-    run_eval = _read(run / "eval.json")
+    summary = read_json(run / "summary.json") or {}
+    run_eval = read_json(run / "eval.json") or {}
     manifest = {
         "format": "adaptkit-export",
         "version": FORMAT_VERSION,
@@ -422,13 +421,6 @@ def export_run(
         )
     os.replace(partial, out)
     return manifest
-
-
-def _read(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
 
 
 def _hashes(root: Path) -> dict[str, str]:

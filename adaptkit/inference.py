@@ -14,7 +14,6 @@ model, normalised over that set; it is empty when the run has no answer set (mor
 from __future__ import annotations
 
 import io
-import json
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -28,6 +27,7 @@ from PIL import Image
 from adaptkit.data.collate import collate_prompts, collate_train
 from adaptkit.data.features import UnusableImage, decode_image, encode_images, open_image, to_rgb
 from adaptkit.data.formats import DataError
+from adaptkit.runs import read_json
 
 log = logging.getLogger(__name__)
 
@@ -179,16 +179,9 @@ class Predictor:
         return dict(self.info)
 
 
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
 def run_answers(run: Path, recipe) -> list[str] | None:
     """The answer set a run was trained on: its ``answers.json``, else read from its training data."""
-    saved = _read_json(run / ANSWERS_FILE)
+    saved = read_json(run / ANSWERS_FILE)
     if saved is not None:
         return saved.get("answers")
     from adaptkit.data.formats import load_vqa
@@ -205,7 +198,7 @@ def describe(recipe, model, run: Path, export_info: dict | None = None) -> dict:
     """The facts the demo shows and ``adaptkit predict --json`` prints."""
     from adaptkit.model import count_parameters
 
-    summary = _read_json(run / "summary.json") or {}
+    summary = read_json(run / "summary.json") or {}
     params = (export_info or {}).get("parameters") or summary.get("parameters") or {}
     metrics = (export_info or {}).get("metrics") or {}
     if export_info:
@@ -214,7 +207,7 @@ def describe(recipe, model, run: Path, export_info: dict | None = None) -> dict:
         lora = f"r={recipe.lora.r} on {', '.join(recipe.lora.target_modules)}"
     else:
         lora = "off"
-    evaluation = metrics.get("eval") or _read_json(run / "eval.json") or summary.get("eval") or {}
+    evaluation = metrics.get("eval") or read_json(run / "eval.json") or summary.get("eval") or {}
     return {
         "source": str(run),
         "kind": "export" if export_info else "run",

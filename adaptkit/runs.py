@@ -137,6 +137,22 @@ def prepare_split(
     return dataset, features, skipped
 
 
+def check_run(run: Path):
+    """The recipe of a complete run directory or export folder (paths resolved); raises on a missing file."""
+    recipe_path = run / RECIPE_FILE
+    if not recipe_path.is_file():
+        raise FileNotFoundError(f"{recipe_path} is missing: {run} is not a run directory of `adaptkit train`")
+    recipe = load_recipe(recipe_path)
+    if (run / EXPORT_FILE).is_file():  # an `adaptkit export` folder: paths are relative to it
+        recipe = resolve_export_recipe(recipe, run)
+    lora_dir = run / LORA_DIR
+    if recipe.lora.enabled and not (lora_dir / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{lora_dir} is missing or incomplete; the recipe has lora.enabled=true")
+    if not (run / ADAPTER_FILE).is_file():
+        raise FileNotFoundError(f"{run / ADAPTER_FILE} is missing; the run did not finish saving")
+    return recipe
+
+
 def load_run(run_dir: str | Path, device: torch.device | str = "cpu", lm_quant: str | None = None):
     """Rebuild a trained model from a run directory or an export folder; returns ``(recipe, model)``.
 
@@ -146,28 +162,26 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", lm_quant: 
             the base `adaptkit export` merges a quantized run's LoRA into by default).
     """
     run = Path(run_dir)
-    recipe_path = run / RECIPE_FILE
-    if not recipe_path.is_file():
-        raise FileNotFoundError(f"{recipe_path} is missing: {run} is not a run directory of `adaptkit train`")
-    recipe = load_recipe(recipe_path)
-    if (run / EXPORT_FILE).is_file():  # an `adaptkit export` folder: paths are relative to it
-        recipe = resolve_export_recipe(recipe, run)
+    recipe = check_run(run)
     if lm_quant not in (None, "dequantized"):
         recipe = dataclasses.replace(recipe, language=dataclasses.replace(recipe.language, quant=lm_quant))
-    lora_dir = run / LORA_DIR
-    if recipe.lora.enabled and not (lora_dir / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{lora_dir} is missing or incomplete; the recipe has lora.enabled=true")
-    if not (run / ADAPTER_FILE).is_file():
-        raise FileNotFoundError(f"{run / ADAPTER_FILE} is missing; the run did not finish saving")
     model = build_model(
         recipe,
         device,
-        lora_dir=lora_dir if recipe.lora.enabled else None,
+        lora_dir=run / LORA_DIR if recipe.lora.enabled else None,
         dequantize_lm=lm_quant == "dequantized",
     )
     model.load_adapter(run)
     model.eval()
     return recipe, model
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file's object, or None when the file is missing or unreadable (optional run files)."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def write_json(path: Path, obj: dict) -> None:
