@@ -108,6 +108,27 @@ def sha256_file(path: str | Path) -> str:
     return digest.hexdigest()
 
 
+def hash_files(root: Path, skip: str = "") -> dict[str, str]:
+    """sha256 of every file under ``root`` by its path relative to it (``skip``: a file name to leave out)."""
+    return {
+        p.relative_to(root).as_posix(): sha256_file(p)
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and p.name != skip
+    }
+
+
+def first_mismatch(root: Path, files: dict[str, str]) -> tuple[Path, str | None] | None:
+    """The first listed file that is missing (``(path, None)``) or changed (``(path, its sha256)``)."""
+    for rel, expected in files.items():
+        file = root / rel
+        if not file.is_file():
+            return file, None
+        actual = sha256_file(file)
+        if actual != expected:
+            return file, actual
+    return None
+
+
 def _dist_root(asset: Asset) -> Path:
     try:
         dist = md.distribution(asset.dist)

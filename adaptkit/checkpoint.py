@@ -31,7 +31,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from adaptkit.assets import sha256_file
+from adaptkit.assets import first_mismatch, hash_files
 
 log = logging.getLogger("adaptkit")
 
@@ -112,7 +112,7 @@ def write_main(tmp: Path, trainables: dict[str, torch.Tensor], optimizer, schedu
 
 def commit(tmp: Path, keep: int) -> Path:
     """Write the manifest, rename ``tmp`` into place, then drop all but the newest ``keep`` checkpoints."""
-    files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+    files = hash_files(tmp)
     with (tmp / MANIFEST).open("w") as handle:
         json.dump({"files": files}, handle, indent=1)
         handle.flush()
@@ -149,15 +149,14 @@ def verify(folder: Path) -> dict:
         raise CheckpointError(
             f"{path}: missing or unreadable ({err}); {folder} is not a complete checkpoint"
         ) from None
-    for name, expected in files.items():
-        file = folder / name
-        if not file.is_file():
-            raise CheckpointError(f"{file} is missing from the checkpoint")
-        if sha256_file(file) != expected:
-            raise CheckpointError(
-                f"{file} is damaged (its sha256 differs from {path}: truncated or changed on disk); "
-                "resume from an earlier checkpoint with resume=PATH or delete this one"
-            )
+    bad = first_mismatch(folder, files)
+    if bad is not None and bad[1] is None:
+        raise CheckpointError(f"{bad[0]} is missing from the checkpoint")
+    if bad is not None:
+        raise CheckpointError(
+            f"{bad[0]} is damaged (its sha256 differs from {path}: truncated or changed on disk); "
+            "resume from an earlier checkpoint with resume=PATH or delete this one"
+        )
     return manifest
 
 

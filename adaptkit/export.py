@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from adaptkit.assets import ASSETS, sha256_file
+from adaptkit.assets import ASSETS, first_mismatch, hash_files
 from adaptkit.config import recipe_to_yaml
 from adaptkit.model import ADAPTER_FILE, LORA_DIR
 
@@ -71,17 +71,17 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict:
         raise ExportError(f"{path}: not a readable adaptkit export manifest ({err})") from None
     if manifest.get("format") != "adaptkit-export":
         raise ExportError(f"{path}: not an adaptkit export manifest (no format: adaptkit-export)")
-    if verify:
-        for rel, expected in manifest.get("files", {}).items():
-            file = root / rel
-            if not file.is_file():
-                raise ExportError(f"{file} is missing from the export; re-export with `adaptkit export`")
-            actual = sha256_file(file)
-            if actual != expected:
-                raise ExportError(
-                    f"{file} was changed after export (sha256 {actual[:16]}…, manifest {expected[:16]}…); "
-                    "re-export, or load with verify=False if you changed it on purpose"
-                )
+    files = manifest.get("files", {})
+    bad = first_mismatch(root, files) if verify else None
+    if bad is not None:
+        file, actual = bad
+        if actual is None:
+            raise ExportError(f"{file} is missing from the export; re-export with `adaptkit export`")
+        expected = files[file.relative_to(root).as_posix()]
+        raise ExportError(
+            f"{file} was changed after export (sha256 {actual[:16]}…, manifest {expected[:16]}…); "
+            "re-export, or load with verify=False if you changed it on purpose"
+        )
     return manifest
 
 
@@ -403,13 +403,13 @@ def export_run(
         "metrics": {"eval": run_eval, "steps": summary.get("steps")},
     }
     # Hash before verifying: the verification loads the folder the way users will.
-    manifest["files"] = _hashes(partial)
+    manifest["files"] = hash_files(partial, skip=EXPORT_FILE)
     (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     report = _verify(recipe, run, partial, dtype, verify_samples, merge_base)
     manifest["verification"] = report
     (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
     (partial / "README.md").write_text(_model_card(manifest))
-    manifest["files"] = _hashes(partial)
+    manifest["files"] = hash_files(partial, skip=EXPORT_FILE)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     if not report["passed"]:
@@ -421,11 +421,3 @@ def export_run(
         )
     os.replace(partial, out)
     return manifest
-
-
-def _hashes(root: Path) -> dict[str, str]:
-    return {
-        p.relative_to(root).as_posix(): sha256_file(p)
-        for p in sorted(root.rglob("*"))
-        if p.is_file() and p.name != EXPORT_FILE
-    }
