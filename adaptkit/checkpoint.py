@@ -88,13 +88,16 @@ def write_rng(folder: Path, rank: int, loader_generator: torch.Generator | None)
     (folder / f"rng-rank{rank}.json").write_text(json.dumps(plain))
 
 
-def begin(run_dir: Path, step: int) -> Path:
-    """Create (afresh) the temporary folder a checkpoint is written into; main process only."""
-    tmp = checkpoint_root(run_dir) / f"checkpoint-{step:06d}.tmp"
+def staging_dir(run_dir: Path, step: int) -> Path:
+    """The temporary folder the checkpoint of ``step`` is written into before :func:`commit` renames it."""
+    return checkpoint_root(run_dir) / f"checkpoint-{step:06d}.tmp"
+
+
+def begin(tmp: Path) -> None:
+    """Create ``tmp`` afresh (a crash may have left one); main process only."""
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    return tmp
 
 
 def write_main(tmp: Path, trainables: dict[str, torch.Tensor], optimizer, scheduler, state: dict) -> None:

@@ -370,9 +370,9 @@ def train(recipe: Recipe) -> dict:
 
     def save_checkpoint(epoch: int, batch_in_epoch: int) -> None:
         """Every process writes its RNG states; the main process the rest; then one atomic rename."""
-        folder = ckpt.checkpoint_root(out) / f"checkpoint-{step:06d}.tmp"
+        folder = ckpt.staging_dir(out, step)
         if main:
-            ckpt.begin(out, step)
+            ckpt.begin(folder)
         accelerator.wait_for_everyone()
         ckpt.write_rng(folder, accelerator.process_index, generator)
         accelerator.wait_for_everyone()
@@ -447,15 +447,12 @@ def train(recipe: Recipe) -> dict:
         micro_loss = loss.detach().float().item()
         window_loss += micro_loss
         window_n += 1
-        if samples_file is not None:
+        if recipe.log_samples:  # every process joins the gather; the main one writes
             seen = accelerator.gather(batch["index"].to(accelerator.device)).tolist()
-            samples_file.write(
-                json.dumps({"step": step + 1, "epoch": epoch, "indices": seen, "loss": micro_loss})
-            )
-            samples_file.write("\n")
-            samples_file.flush()
-        elif recipe.log_samples:
-            accelerator.gather(batch["index"].to(accelerator.device))  # every rank joins the gather
+            if samples_file is not None:
+                row = {"step": step + 1, "epoch": epoch, "indices": seen, "loss": micro_loss}
+                samples_file.write(json.dumps(row) + "\n")
+                samples_file.flush()
         if not accelerator.sync_gradients:
             continue
         step += 1
