@@ -74,6 +74,13 @@ class DataConfig:
 
 
 @dataclass
+class ObjectivesConfig:
+    lm: float = 1.0
+    classify: float = 0.0
+    classify_max_answers: int = 1000
+
+
+@dataclass
 class Recipe:
     output_dir: str = "runs/default"
     seed: int = 0
@@ -82,11 +89,13 @@ class Recipe:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    objectives: ObjectivesConfig = field(default_factory=ObjectivesConfig)
     max_steps: int = 700
     batch_size: int = 32
     grad_accum_steps: int = 1
     length_grouping: int = 1
     activation_checkpointing: int = 0
+    compile: bool = False
     lr_adapter: float = 1e-3
     lr_lora: float = 5e-4
     weight_decay: float = 0.0
@@ -256,6 +265,12 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     if recipe.activation_checkpointing < 0:
         raise RecipeError(
             f"{source}: activation_checkpointing must be 0 (off) or N >= 1 (every Nth LM layer)"
+        )
+    obj = recipe.objectives
+    if obj.lm < 0 or obj.classify < 0 or obj.lm + obj.classify == 0 or obj.classify_max_answers < 1:
+        raise RecipeError(
+            f"{source}: objectives.lm and objectives.classify are loss weights >= 0, not both 0, and "
+            f"objectives.classify_max_answers >= 1; got {obj.lm}, {obj.classify}, {obj.classify_max_answers}"
         )
     if "{question}" not in recipe.data.prompt_template:
         raise RecipeError(f"{source}: data.prompt_template must contain '{{question}}'")

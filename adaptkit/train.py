@@ -27,12 +27,19 @@ from tqdm.auto import tqdm
 
 from adaptkit import checkpoint as ckpt
 from adaptkit.config import Recipe, recipe_to_yaml
-from adaptkit.data.collate import collate_train
+from adaptkit.data.collate import answer_vocab, collate_train
 from adaptkit.data.feature_cache import FeatureCache, tensor_digest
 from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
 from adaptkit.evaluation import evaluate_vqa
 from adaptkit.inference import ANSWERS_FILE, answer_set
-from adaptkit.model import ADAPTER_FILE, LORA_DIR, build_model, count_parameters, frozen_fingerprint
+from adaptkit.model import (
+    ADAPTER_FILE,
+    LORA_DIR,
+    build_model,
+    compile_lm_layers,
+    count_parameters,
+    frozen_fingerprint,
+)
 from adaptkit.perf import peak_memory_mb, reset_peak_memory
 from adaptkit.runs import RECIPE_FILE, feature_cache_root, prepare_split, write_json
 
@@ -66,6 +73,8 @@ def _setup_logging(run_dir: Path, main: bool) -> None:
 def param_groups(model, recipe: Recipe) -> list[dict]:
     """Two AdamW groups (adapter, LoRA), checked to hold exactly the trainable parameters."""
     adapter = [p for p in model.adapter.parameters() if p.requires_grad]
+    if model.answer_head is not None:  # objectives.classify: trained with the adapter
+        adapter += list(model.answer_head.parameters())
     lora = [p for n, p in model.lm.named_parameters() if p.requires_grad]
     bad = [n for n, p in model.lm.named_parameters() if p.requires_grad and "lora_" not in n]
     if bad:
@@ -287,6 +296,25 @@ def train(recipe: Recipe) -> dict:
     )
     if hasattr(model.adapter, "set_feature_stats"):
         model.adapter.set_feature_stats(*train_feats.stats())
+    if recipe.objectives.classify > 0:
+        vocab = answer_vocab([smp.answer for smp in train_ds.samples], recipe.objectives.classify_max_answers)
+        labelled = train_ds.set_answer_vocab(vocab)
+        model.set_answer_head(
+            len(vocab), {"lm": recipe.objectives.lm, "classify": recipe.objectives.classify}
+        )
+        log.info(
+            "objectives: %.3g x LM loss + %.3g x answer classification over %d answers (%d of %d samples "
+            "labelled)",
+            recipe.objectives.lm,
+            recipe.objectives.classify,
+            len(vocab),
+            labelled,
+            len(train_ds),
+        )
+    else:
+        model.objective_weights = {"lm": recipe.objectives.lm, "classify": 0.0}
+    if recipe.compile:
+        compile_lm_layers(model)
     if len(train_ds) < recipe.batch_size:
         raise ValueError(f"batch_size={recipe.batch_size} exceeds the {len(train_ds)} training samples")
 
@@ -338,6 +366,7 @@ def train(recipe: Recipe) -> dict:
         ckpt.load_rng(resume_from, accelerator.process_index, generator)
         step, epoch_start, skip = start_state["step"], start_state["epoch"], start_state["batch_in_epoch"]
         window_loss, window_n = start_state["window_loss"], start_state["window_n"]
+        resumed_parts = start_state.get("window_parts", {})
         accelerator.step = start_state["accumulation_counter"]
         if main:
             _truncate_jsonl(out / "metrics.jsonl", step)
@@ -384,6 +413,7 @@ def train(recipe: Recipe) -> dict:
                 "accumulation_counter": accelerator.step,
                 "window_loss": window_loss,
                 "window_n": window_n,
+                "window_parts": window_parts,
                 "processes": procs,
             }
             unwrapped = accelerator.unwrap_model(prepared)
@@ -393,15 +423,16 @@ def train(recipe: Recipe) -> dict:
         accelerator.wait_for_everyone()
 
     def run_eval(step: int) -> dict:
-        metrics, _ = evaluate_vqa(
-            accelerator.unwrap_model(prepared),
-            eval_ds,
-            eval_feats,
-            recipe.eval_batch_size,
-            recipe.max_new_tokens,
-            progress=main,
-            accelerator=accelerator,
-        )
+        with torch.compiler.set_stance("force_eager"):  # compiled LM layers are for the training step
+            metrics, _ = evaluate_vqa(
+                accelerator.unwrap_model(prepared),
+                eval_ds,
+                eval_feats,
+                recipe.eval_batch_size,
+                recipe.max_new_tokens,
+                progress=main,
+                accelerator=accelerator,
+            )
         prepared.train()
         log.info("step %d: eval accuracy %.4f on %d samples", step, metrics["accuracy"], metrics["n"])
         wall = round(time.perf_counter() - started, 2)
@@ -432,12 +463,16 @@ def train(recipe: Recipe) -> dict:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
 
+    # The loss's parts over the logging window (logged when there are several objectives).
+    window_parts: dict[str, float] = dict(resumed_parts) if resume_from is not None else {}
     bar = tqdm(total=recipe.max_steps, initial=step, desc="training", unit="step", disable=not main)
     for epoch, index, batch in _infinite(loader, set_epoch, epoch_start, skip):
         model.lora_active = step >= recipe.lora.start_step
         with accelerator.accumulate(prepared):
             feats = train_feats.lookup(batch["image"])
-            loss = prepared(feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
+            loss = prepared(
+                feats, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("answer_class")
+            )
             accelerator.backward(loss)
             if accelerator.sync_gradients and recipe.max_grad_norm > 0:
                 accelerator.clip_grad_norm_(trainable, recipe.max_grad_norm)
@@ -447,6 +482,8 @@ def train(recipe: Recipe) -> dict:
         micro_loss = loss.detach().float().item()
         window_loss += micro_loss
         window_n += 1
+        for name, part in accelerator.unwrap_model(prepared).loss_parts.items():
+            window_parts[name] = window_parts.get(name, 0.0) + part.float().item()
         if recipe.log_samples:  # every process joins the gather; the main one writes
             seen = accelerator.gather(batch["index"].to(accelerator.device)).tolist()
             if samples_file is not None:
@@ -464,6 +501,11 @@ def train(recipe: Recipe) -> dict:
                 "step": step,
                 "epoch": epoch,
                 "loss": round(window_loss / window_n, 6),
+                **{
+                    f"loss_{k}": round(v / window_n, 6)
+                    for k, v in window_parts.items()
+                    if len(window_parts) > 1
+                },
                 "lr": optimizer.param_groups[0]["lr"],
                 "lr_lora": optimizer.param_groups[-1]["lr"],
                 "samples_per_s": round(steps_in_window * samples_per_step / elapsed, 3),
@@ -476,6 +518,7 @@ def train(recipe: Recipe) -> dict:
                 "step %d loss %.4f lr %.2e samples/s %.1f", step, row["loss"], row["lr"], row["samples_per_s"]
             )
             window_loss, window_n, window_start = 0.0, 0, time.perf_counter()
+            window_parts = {}
         if recipe.check_replicas and step % recipe.check_replicas == 0:
             check_replicas(step)
         if recipe.eval_every and step % recipe.eval_every == 0 and step < recipe.max_steps:

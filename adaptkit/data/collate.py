@@ -7,6 +7,7 @@ All tokenization happens once, when the dataset is built.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Sequence
 
 import torch
@@ -29,6 +30,8 @@ class VQADataset(Dataset):
         self, samples: Sequence[VQASample], image_rows: dict[str, int], tokenizer, prompt_template: str
     ) -> None:
         self.samples = [s for s in samples if s.image in image_rows]
+        # Index of each sample's answer in an answer vocabulary (set_answer_vocab), for objectives.classify.
+        self.answer_class: list[int] | None = None
         self.image_rows = [image_rows[s.image] for s in self.samples]
         prompts = [prompt_template.format(question=s.question) for s in self.samples]
         answers = [" " + s.answer.strip() for s in self.samples]
@@ -40,16 +43,33 @@ class VQADataset(Dataset):
             else []
         )
 
+    def set_answer_vocab(self, vocab: Sequence[str]) -> int:
+        """Label each sample with its answer's index in ``vocab`` (-100 when absent); returns how many
+        samples have a label."""
+        index = {a: i for i, a in enumerate(vocab)}
+        self.answer_class = [index.get(s.answer.strip(), -100) for s in self.samples]
+        return sum(c != -100 for c in self.answer_class)
+
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, i: int) -> dict:
-        return {
+        item = {
             "index": i,
             "image": self.image_rows[i],
             "prompt": self.prompt_ids[i],
             "target": self.target_ids[i],
         }
+        if self.answer_class is not None:
+            item["answer_class"] = self.answer_class[i]
+        return item
+
+
+def answer_vocab(answers: Sequence[str], max_answers: int) -> list[str]:
+    """The ``max_answers`` most frequent answers (ties by text), the classes of objectives.classify."""
+    counts = Counter(a.strip() for a in answers)
+    ranked = sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))
+    return [a for a, _ in ranked[:max_answers]]
 
 
 def collate_train(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
@@ -63,13 +83,16 @@ def collate_train(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
         input_ids[row, : len(seq)] = torch.tensor(seq)
         mask[row, : len(seq)] = 1
         labels[row, len(it["prompt"]) : len(seq)] = torch.tensor(it["target"])
-    return {
+    batch = {
         "image": torch.tensor([it["image"] for it in items]),
         "index": torch.tensor([it["index"] for it in items]),
         "input_ids": input_ids,
         "attention_mask": mask,
         "labels": labels,
     }
+    if "answer_class" in items[0]:
+        batch["answer_class"] = torch.tensor([it["answer_class"] for it in items])
+    return batch
 
 
 def collate_prompts(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

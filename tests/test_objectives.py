@@ -1,0 +1,155 @@
+"""Joint objectives (LM loss + answer classification) and compiled LM layers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from adaptkit.config import RecipeError, load_recipe
+from adaptkit.data.collate import VQADataset, answer_vocab, collate_train
+from adaptkit.data.formats import load_jsonl
+from adaptkit.model import build_model, compile_lm_layers
+from adaptkit.train import param_groups, train
+
+RECIPE = "recipes/easyvqa_qformer_lora.yaml"
+
+
+def _model_and_batch(overrides, tiny_vqa, weights=(1.0, 0.5)):
+    recipe = load_recipe(RECIPE, overrides)
+    torch.manual_seed(0)
+    model = build_model(recipe).train()
+    samples = load_jsonl(tiny_vqa).samples
+    rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
+    dataset = VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+    vocab = answer_vocab([s.answer for s in dataset.samples], 1000)
+    assert dataset.set_answer_vocab(vocab) == len(dataset)
+    model.set_answer_head(len(vocab), {"lm": weights[0], "classify": weights[1]})
+    batch = collate_train([dataset[i] for i in (0, 1, 2, 3, 5, 6)], model.tokenizer.pad_token_id)
+    feats = torch.randn(len(rows), 4, 1280)[batch["image"]]
+    return recipe, model, batch, feats, vocab
+
+
+def test_answer_vocab_is_most_frequent_first_and_capped():
+    answers = ["no", "yes", "yes ", "red", "no", "yes", "blue"]
+    assert answer_vocab(answers, 10) == ["yes", "no", "blue", "red"]
+    assert answer_vocab(answers, 2) == ["yes", "no"]
+
+
+def test_loss_is_the_weighted_sum_of_lm_and_classification(tiny_overrides, tiny_vqa):
+    _, model, batch, feats, vocab = _model_and_batch(tiny_overrides, tiny_vqa)
+    args = (feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    total = model(*args, batch["answer_class"])
+    lm_only = model(*args)  # no classes given: the LM loss alone
+    # The classification loss from scratch: the head on the mean of the soft tokens the LM is given.
+    prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
+    embeds, _ = model.embed(feats, batch["input_ids"], batch["attention_mask"], prompt_mask)
+    soft = embeds[:, : embeds.shape[1] - batch["input_ids"].shape[1]]
+    head = model.answer_head
+    logits = head.proj(F.layer_norm(soft.mean(1), (soft.shape[-1],), head.norm.weight, head.norm.bias))
+    cls = F.cross_entropy(logits, batch["answer_class"])
+    torch.testing.assert_close(total, lm_only + 0.5 * cls)
+    assert set(model.loss_parts) == {"lm"}  # the last call had no classes
+    model(*args, batch["answer_class"])
+    torch.testing.assert_close(model.loss_parts["classify"], cls.detach())
+    assert [vocab[c] for c in batch["answer_class"]][:2] == ["red", "circle"]
+
+
+def test_classification_alone_trains_the_adapter_and_head_not_lora(tiny_overrides, tiny_vqa):
+    recipe, model, batch, feats, _ = _model_and_batch(tiny_overrides, tiny_vqa, weights=(0.0, 1.0))
+    loss = model(feats, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["answer_class"])
+    loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.answer_head.parameters())
+    assert model.adapter.out_proj.weight.grad.abs().sum() > 0
+    # LoRA gets a gradient only from the LM loss (here weighted 0): exactly zero.
+    assert all(p.grad is None or not p.grad.any() for n, p in model.lm.named_parameters() if "lora_" in n)
+    adapter_group = param_groups(model, recipe)[0]["params"]
+    assert {id(p) for p in model.answer_head.parameters()} <= {id(p) for p in adapter_group}
+
+
+def test_unknown_answers_are_ignored(tiny_overrides, tiny_vqa):
+    _, model, batch, feats, _ = _model_and_batch(tiny_overrides, tiny_vqa)
+    args = (feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    classes = batch["answer_class"].clone()
+    classes[2:] = -100
+    partial = model(*args, classes)
+    alone = model(*[a[:2] for a in args], batch["answer_class"][:2])
+    cls_first_two = model.loss_parts["classify"]
+    torch.testing.assert_close(partial - model(*args), 0.5 * cls_first_two)
+    assert alone.isfinite()
+    everything_unknown = model(*args, torch.full_like(classes, -100))
+    torch.testing.assert_close(everything_unknown, model(*args))
+
+
+def test_objective_weights_are_checked(tiny_overrides):
+    with pytest.raises(RecipeError, match="objectives"):
+        load_recipe(RECIPE, [*tiny_overrides, "objectives.lm=0", "objectives.classify=0"])
+    with pytest.raises(RecipeError, match="objectives"):
+        load_recipe(RECIPE, [*tiny_overrides, "objectives.classify=-1"])
+
+
+def test_compiled_layers_give_the_same_loss_and_gradients(tiny_overrides):
+    feats = torch.randn(3, 4, 1280)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [6, 7, 8, 9, 4], [5, 5, 6, 7, 8]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, -100, -100, -100, 4], [-100, -100, -100, 7, 8]])
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(load_recipe(RECIPE, tiny_overrides)).train()
+        for name, param in model.lm.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.05)
+        if compiled:
+            names = [n for n, _ in model.named_parameters()]
+            assert compile_lm_layers(model) == 2
+            assert [n for n, _ in model.named_parameters()] == names  # checkpoints and peft see no change
+        out = []
+        for width in (5, 4):  # two sequence lengths: one dynamic-shape graph
+            loss = model(feats, ids[:, :width], torch.ones_like(ids[:, :width]), labels[:, :width])
+            loss.backward()
+            out.append((loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+            model.zero_grad()
+        results.append(out)
+    for (loss0, grads0), (loss1, grads1) in zip(*results):
+        torch.testing.assert_close(loss0, loss1, rtol=1e-5, atol=1e-6)
+        for name in grads0:
+            torch.testing.assert_close(grads0[name], grads1[name], rtol=1e-4, atol=1e-6)
+
+
+def test_training_with_both_objectives_and_compiled_layers(tiny_overrides, tmp_path):
+    recipe = load_recipe(
+        RECIPE, [*tiny_overrides, "objectives.classify=0.5", "compile=true", "log_every=1", "eval_every=2"]
+    )
+    summary = train(recipe)
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r for r in rows if "loss" in r]
+    assert len(steps) == 4
+    for r in steps:
+        assert r["loss"] == pytest.approx(r["loss_lm"] + 0.5 * r["loss_classify"], rel=1e-5)
+    assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]  # eager generation, compiled layers
+    assert summary["eval"]["n"] == 8
+    saved = load_file(str(run / "adapter.safetensors"))
+    assert saved and not any(k.startswith("answer_head") for k in saved)  # a training objective only
+    log = (run / "train.log").read_text()
+    assert "answer classification over 7 answers" in log and "compiled 2 LM decoder layers" in log
+
+
+def test_compiled_layers_on_a_4bit_lm_match_eager(tiny_overrides):
+    feats = torch.randn(2, 4, 1280)
+    ids = torch.tensor([[5, 6, 7, 8, 9], [6, 7, 8, 9, 4]])
+    labels = torch.tensor([[-100, -100, -100, 8, 9], [-100, -100, -100, -100, 4]])
+    losses = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(load_recipe(RECIPE, [*tiny_overrides, "language.quant=4bit"])).train()
+        if compiled:
+            compile_lm_layers(model)
+        loss = model(feats, ids, torch.ones_like(ids), labels)
+        loss.backward()
+        losses.append(loss.detach())
+        assert model.adapter.out_proj.weight.grad is not None
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
