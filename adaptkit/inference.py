@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import io
 import logging
-from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adaptkit.data.collate import collate_prompts, collate_train
+from adaptkit.data.collate import answer_vocab, collate_prompts, collate_train
 from adaptkit.data.features import UnusableImage, decode_image, encode_images, open_image, to_rgb
 from adaptkit.data.formats import DataError
 from adaptkit.runs import read_json
@@ -51,10 +50,8 @@ class Answer:
 
 def answer_set(answers: Sequence[str]) -> list[str] | None:
     """Distinct answers, most frequent first (None when there are more than ``MAX_ANSWER_SET``)."""
-    counts = Counter(a.strip() for a in answers)
-    if not counts or len(counts) > MAX_ANSWER_SET:
-        return None
-    return [a for a, _ in sorted(counts.items(), key=lambda kv: (-kv[1], kv[0]))]
+    ranked = answer_vocab(answers, MAX_ANSWER_SET + 1)
+    return ranked if 0 < len(ranked) <= MAX_ANSWER_SET else None
 
 
 def to_image(image: ImageInput, name: str = "image") -> Image.Image:

@@ -220,6 +220,19 @@ class MultimodalModel(nn.Module):
             raise ValueError(f"{path} does not fit this recipe's adapter: {err}") from None
 
 
+def add_answer_objective(model: MultimodalModel, dataset, objectives) -> tuple[list[str], int]:
+    """Set up ``objectives.classify``: the answer vocabulary from ``dataset``, its labels, the head.
+
+    Returns ``(vocab, labelled)``: the classes and how many of the dataset's samples have one.
+    """
+    from adaptkit.data.collate import answer_vocab
+
+    vocab = answer_vocab([s.answer for s in dataset.samples], objectives.classify_max_answers)
+    labelled = dataset.set_answer_vocab(vocab)
+    model.set_answer_head(len(vocab), {"lm": objectives.lm, "classify": objectives.classify})
+    return vocab, labelled
+
+
 def compile_lm_layers(model: MultimodalModel) -> int:
     """``torch.compile`` each LM decoder layer in place (parameter names unchanged).
 

@@ -27,7 +27,7 @@ from tqdm.auto import tqdm
 
 from adaptkit import checkpoint as ckpt
 from adaptkit.config import Recipe, recipe_to_yaml
-from adaptkit.data.collate import answer_vocab, collate_train
+from adaptkit.data.collate import collate_train
 from adaptkit.data.feature_cache import FeatureCache, tensor_digest
 from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
 from adaptkit.evaluation import evaluate_vqa
@@ -35,6 +35,7 @@ from adaptkit.inference import ANSWERS_FILE, answer_set
 from adaptkit.model import (
     ADAPTER_FILE,
     LORA_DIR,
+    add_answer_objective,
     build_model,
     compile_lm_layers,
     count_parameters,
@@ -297,11 +298,7 @@ def train(recipe: Recipe) -> dict:
     if hasattr(model.adapter, "set_feature_stats"):
         model.adapter.set_feature_stats(*train_feats.stats())
     if recipe.objectives.classify > 0:
-        vocab = answer_vocab([smp.answer for smp in train_ds.samples], recipe.objectives.classify_max_answers)
-        labelled = train_ds.set_answer_vocab(vocab)
-        model.set_answer_head(
-            len(vocab), {"lm": recipe.objectives.lm, "classify": recipe.objectives.classify}
-        )
+        vocab, labelled = add_answer_objective(model, train_ds, recipe.objectives)
         log.info(
             "objectives: %.3g x LM loss + %.3g x answer classification over %d answers (%d of %d samples "
             "labelled)",
@@ -311,8 +308,6 @@ def train(recipe: Recipe) -> dict:
             labelled,
             len(train_ds),
         )
-    else:
-        model.objective_weights = {"lm": recipe.objectives.lm, "classify": 0.0}
     if recipe.compile:
         compile_lm_layers(model)
     if len(train_ds) < recipe.batch_size:
@@ -357,6 +352,7 @@ def train(recipe: Recipe) -> dict:
     trainable = [p for group in groups for p in group["params"]]
 
     step, epoch_start, skip, window_loss, window_n = 0, 0, 0, 0.0, 0
+    window_parts: dict[str, float] = {}  # the loss's parts over the logging window (logged when > 1 part)
     if resume_from is not None:
         unwrapped = accelerator.unwrap_model(prepared)
         ckpt.verify(resume_from)
@@ -366,7 +362,7 @@ def train(recipe: Recipe) -> dict:
         ckpt.load_rng(resume_from, accelerator.process_index, generator)
         step, epoch_start, skip = start_state["step"], start_state["epoch"], start_state["batch_in_epoch"]
         window_loss, window_n = start_state["window_loss"], start_state["window_n"]
-        resumed_parts = start_state.get("window_parts", {})
+        window_parts = dict(start_state.get("window_parts", {}))
         accelerator.step = start_state["accumulation_counter"]
         if main:
             _truncate_jsonl(out / "metrics.jsonl", step)
@@ -463,8 +459,6 @@ def train(recipe: Recipe) -> dict:
         if hasattr(loader, "set_epoch"):
             loader.set_epoch(epoch)
 
-    # The loss's parts over the logging window (logged when there are several objectives).
-    window_parts: dict[str, float] = dict(resumed_parts) if resume_from is not None else {}
     bar = tqdm(total=recipe.max_steps, initial=step, desc="training", unit="step", disable=not main)
     for epoch, index, batch in _infinite(loader, set_epoch, epoch_start, skip):
         model.lora_active = step >= recipe.lora.start_step

@@ -20,14 +20,15 @@ import math
 import os
 import time
 from collections import Counter, defaultdict
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
 
 from adaptkit.config import load_recipe
-from adaptkit.data.collate import answer_vocab, collate_train
+from adaptkit.data.collate import collate_train
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.model import build_model
+from adaptkit.model import add_answer_objective, build_model
 from adaptkit.runs import feature_cache_root, prepare_split
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -71,10 +72,9 @@ def main() -> None:
     train, train_feats, _ = split(recipe.data.train)
     test, test_feats, _ = split(recipe.data.eval, limit=args.eval_limit)
     model.adapter.set_feature_stats(*train_feats.stats())
-    vocab = answer_vocab([s.answer for s in train.samples], recipe.objectives.classify_max_answers)
-    train.set_answer_vocab(vocab)
+    only_classify = replace(recipe.objectives, lm=0.0, classify=1.0)  # no LM in the loop
+    vocab, _ = add_answer_objective(model, train, only_classify)
     test.set_answer_vocab(vocab)
-    model.set_answer_head(len(vocab), {"lm": 0.0, "classify": 1.0})
     embed = model.base_lm.get_input_embeddings()
     params = list(model.adapter.parameters()) + list(model.answer_head.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.lr_adapter, weight_decay=recipe.weight_decay)

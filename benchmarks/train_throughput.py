@@ -36,11 +36,11 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptkit.config import load_recipe
-from adaptkit.data.collate import VQADataset, answer_vocab, collate_train
+from adaptkit.data.collate import VQADataset, collate_train
 from adaptkit.data.features import FeatureBank, encode_images, open_image
 from adaptkit.data.formats import load_vqa
 from adaptkit.data.sampling import LengthGroupedBatches
-from adaptkit.model import build_model, compile_lm_layers
+from adaptkit.model import add_answer_objective, build_model, compile_lm_layers
 from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
 from adaptkit.runs import subset
 
@@ -68,11 +68,7 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         model.adapter.set_feature_stats(*bank.stats())
     ds = VQADataset(samples, bank.rows, model.tokenizer, recipe.data.prompt_template)
     if recipe.objectives.classify > 0:  # the recipe's joint objective, as `adaptkit train` sets it up
-        vocab = answer_vocab([s.answer for s in ds.samples], recipe.objectives.classify_max_answers)
-        ds.set_answer_vocab(vocab)
-        model.set_answer_head(
-            len(vocab), {"lm": recipe.objectives.lm, "classify": recipe.objectives.classify}
-        )
+        add_answer_objective(model, ds, recipe.objectives)
     pad = model.tokenizer.pad_token_id
     if recipe.length_grouping > 1:  # the same samples, batched the way `adaptkit train` batches them
         lengths = [len(a) + len(b) for a, b in zip(ds.prompt_ids, ds.target_ids)]
