@@ -210,13 +210,21 @@ def load_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...] 
     for item in overrides:
         if "=" not in item:
             raise RecipeError(f"override '{item}' must look like key=value (for example max_steps=200)")
+        key, raw = item.split("=", 1)
+        text_field = isinstance(OmegaConf.select(cfg, key), str)
         try:
             layer = OmegaConf.from_dotlist([item])
-        except OmegaConfBaseException as err:
-            raise RecipeError(f"override '{item}': {err}") from None
-        key, raw = item.split("=", 1)
-        if isinstance(OmegaConf.select(cfg, key), str) and not isinstance(OmegaConf.select(layer, key), str):
-            # YAML reads `{question}` as a mapping; a text field takes the value as written.
+        except (OmegaConfBaseException, yaml.YAMLError) as err:
+            if not text_field:
+                reason = " ".join(str(err).split())
+                raise RecipeError(
+                    f"override '{item}' is not a valid value ({reason}); quote values with spaces or "
+                    "braces, e.g. 'data.prompt_template=\"{question} Answer:\"'"
+                ) from None
+            layer = None
+        if text_field and (layer is None or not isinstance(OmegaConf.select(layer, key), str)):
+            # YAML reads `{question}` (or `{question} Answer:`) as a mapping or fails on it; a text field
+            # takes the value as written.
             layer = OmegaConf.create(_nested(key, raw))
         cfg = _merge(cfg, layer, f"command-line override '{item}'", {})
     recipe: Recipe = OmegaConf.to_object(cfg)  # type: ignore[assignment]

@@ -63,3 +63,11 @@ def test_text_override_with_braces_is_taken_as_written():
     assert recipe.output_dir == "runs/{x}"
     # Non-text fields still parse as YAML.
     assert load_recipe(RECIPE, ["vision.extra_layers=[1, 2]"]).vision.extra_layers == [1, 2]
+    # A template YAML cannot parse unquoted, quoted or not.
+    for item in ("data.prompt_template={question} Answer:", 'data.prompt_template="{question} Answer:"'):
+        assert load_recipe(RECIPE, [item]).data.prompt_template == "{question} Answer:"
+
+
+def test_unparsable_override_value_names_the_override():
+    with pytest.raises(RecipeError, match=r"override 'vision.extra_layers=\[1, 2' is not a valid value"):
+        load_recipe(RECIPE, ["vision.extra_layers=[1, 2"])
