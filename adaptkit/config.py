@@ -94,6 +94,7 @@ class Recipe:
     batch_size: int = 32
     grad_accum_steps: int = 1
     length_grouping: int = 1
+    pack_questions: int = 1
     activation_checkpointing: int = 0
     compile: bool = False
     lr_adapter: float = 1e-3
@@ -134,6 +135,7 @@ _POSITIVE = (
     "batch_size",
     "grad_accum_steps",
     "length_grouping",
+    "pack_questions",
     "log_every",
     "eval_batch_size",
     "max_new_tokens",
@@ -280,6 +282,24 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"{source}: objectives.lm and objectives.classify are loss weights >= 0, not both 0, and "
             f"objectives.classify_max_answers >= 1; got {obj.lm}, {obj.classify}, {obj.classify_max_answers}"
         )
+    if recipe.pack_questions > 1:
+        clashes = [
+            what
+            for what, bad in (
+                (
+                    "adapter.text_conditioned=false (one copy of the image tokens serves every question)",
+                    recipe.adapter.text_conditioned,
+                ),
+                ("objectives.classify=0", recipe.objectives.classify > 0),
+            )
+            if bad
+        ]
+        if clashes:
+            raise RecipeError(
+                f"{source}: pack_questions={recipe.pack_questions} needs "
+                + "; ".join(clashes)
+                + " (or set pack_questions=1)"
+            )
     if "{question}" not in recipe.data.prompt_template:
         raise RecipeError(f"{source}: data.prompt_template must contain '{{question}}'")
     if recipe.adapter.hidden_size % recipe.adapter.num_heads:

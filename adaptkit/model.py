@@ -47,6 +47,28 @@ class AnswerHead(nn.Module):
         return self.proj(self.norm(soft.mean(dim=1)))
 
 
+def packed_attention(
+    segment_ids: torch.Tensor, positions: torch.Tensor, n_soft: int, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Additive attention mask ``(B, 1, T, T)`` and position ids ``(B, T)`` for packed rows: ``n_soft``
+    soft tokens, then segments (``segment_ids`` > 0, 0 = padding) whose ``positions`` restart at 0.
+
+    Every token sees the soft tokens and the earlier tokens of its own segment, at the positions it
+    would have alone after the soft tokens: each question is computed as in a sequence of its own.
+    """
+    batch, length = segment_ids.shape
+    device = segment_ids.device
+    seg = torch.cat([segment_ids.new_zeros(batch, n_soft), segment_ids], dim=1)
+    soft_pos = torch.arange(n_soft, device=device).expand(batch, -1)
+    position_ids = torch.cat([soft_pos, positions + n_soft], dim=1)
+    idx = torch.arange(n_soft + length, device=device)
+    causal = idx[:, None] >= idx[None, :]
+    same = (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] > 0)
+    allowed = causal & ((idx < n_soft)[None, None, :] | same)
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=device)
+    return mask.masked_fill(~allowed, torch.finfo(dtype).min)[:, None], position_ids
+
+
 class MultimodalModel(nn.Module):
     """The whole model. ``vision`` and the LM's base weights are frozen; ``adapter`` and LoRA train."""
 
@@ -96,18 +118,24 @@ class MultimodalModel(nn.Module):
         input_ids: torch.Tensor,
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits at answer positions only, a mask of where those positions are in ``labels``, and the
-        adapter's soft tokens."""
+        adapter's soft tokens. ``segment_ids`` and ``positions`` describe a packed batch
+        (``collate_packed``: several questions about one image per row)."""
         prompt_mask = attention_mask * (labels == -100)
         embeds, mask, soft = self._embed(features, input_ids, attention_mask, prompt_mask)
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        n_soft = embeds.shape[1] - input_ids.shape[1]
+        if segment_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            mask, position_ids = packed_attention(segment_ids, positions, n_soft, embeds.dtype)
         skip_lora = not self.lora_active and hasattr(self.lm, "disable_adapter")
         with self.lm.disable_adapter() if skip_lora else contextlib.nullcontext():
             hidden = self.base_lm.get_decoder()(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
-        n_soft = embeds.shape[1] - input_ids.shape[1]
         # hidden[:, t] predicts token t+1; text token j sits at position n_soft + j.
         text_hidden = hidden[:, n_soft - 1 : -1]
         selected = labels != -100
@@ -120,12 +148,16 @@ class MultimodalModel(nn.Module):
         attention_mask: torch.Tensor,
         labels: torch.Tensor,
         answer_class: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The training loss: mean cross-entropy over answer tokens (logits computed only where they are
         needed), weighted by ``objectives.lm``; plus ``objectives.classify`` times the answer-classification
         loss when an answer head is set and ``answer_class`` is given. The parts (detached) are kept in
-        ``loss_parts`` for logging."""
-        logits, selected, soft = self._answer_logits(features, input_ids, attention_mask, labels)
+        ``loss_parts`` for logging. ``segment_ids`` / ``positions``: a packed batch (``collate_packed``)."""
+        logits, selected, soft = self._answer_logits(
+            features, input_ids, attention_mask, labels, segment_ids, positions
+        )
         lm_loss = F.cross_entropy(logits.float(), labels[selected])
         self.loss_parts = {"lm": lm_loss.detach()}
         if self.answer_head is None or answer_class is None:

@@ -27,9 +27,9 @@ from tqdm.auto import tqdm
 
 from adaptkit import checkpoint as ckpt
 from adaptkit.config import Recipe, recipe_to_yaml
-from adaptkit.data.collate import collate_train
+from adaptkit.data.collate import collate_packed, collate_train, pack_runs
 from adaptkit.data.feature_cache import FeatureCache, tensor_digest
-from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
+from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches, padding_fraction
 from adaptkit.evaluation import evaluate_vqa
 from adaptkit.inference import ANSWERS_FILE, answer_set
 from adaptkit.model import (
@@ -122,6 +122,23 @@ def _check_output_dir(out: Path) -> None:
         raise FileExistsError(
             f"output_dir {out} already holds a run; pass another output_dir=... (nothing was overwritten)"
         )
+
+
+def _packing_summary(sampler, plain: LengthGroupedBatches, lengths: list[int], n_soft: int) -> str:
+    """LM token slots per question (soft tokens and padding included) with packing and without."""
+
+    def slots(rows: list[list[int]]) -> int:
+        return len(rows) * (n_soft + max(sum(lengths[i] for i in row) for row in rows))
+
+    packed = unpacked = questions = 0
+    for batch in sampler.batches(0):
+        runs = pack_runs([sampler.image_rows[i] for i in batch], sampler.pack)  # collate_packed's rows
+        packed += slots([[batch[k] for k in run] for run in runs])
+        questions += len(batch)
+    for batch in plain.batches(0):
+        unpacked += slots([[i] for i in batch])
+    per_plain = unpacked / (len(plain) * plain.batch_size)
+    return f"{packed / questions:.1f} LM token slots per question against {per_plain:.1f} unpacked"
 
 
 def _feature_source(recipe: Recipe) -> str:
@@ -317,8 +334,30 @@ def train(recipe: Recipe) -> dict:
     lengths = [len(p) + len(t) for p, t in zip(train_ds.prompt_ids, train_ds.target_ids)]
     plain = LengthGroupedBatches(lengths, recipe.batch_size, 1, recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    sampler: LengthGroupedBatches | None = None
-    if recipe.length_grouping > 1:
+    sampler: LengthGroupedBatches | ImagePackedBatches | None = None
+    if recipe.pack_questions > 1:
+        sampler = ImagePackedBatches(
+            train_ds.image_rows,
+            recipe.batch_size,
+            recipe.pack_questions,
+            recipe.seed,
+            lengths,
+            recipe.length_grouping,
+        )
+        collate = functools.partial(
+            collate_packed, pad_id=model.tokenizer.pad_token_id, pack=recipe.pack_questions
+        )
+        loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
+        log.info(
+            "batches: %d per epoch of %d questions, up to %d questions about one image per LM sequence, "
+            "rows grouped by length in windows of %d batches (%s)",
+            len(sampler),
+            recipe.batch_size,
+            recipe.pack_questions,
+            recipe.length_grouping,
+            _packing_summary(sampler, plain, lengths, recipe.adapter.num_queries),
+        )
+    elif recipe.length_grouping > 1:
         sampler = LengthGroupedBatches(lengths, recipe.batch_size, recipe.length_grouping, recipe.seed)
         loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
         log.info(
@@ -465,7 +504,13 @@ def train(recipe: Recipe) -> dict:
         with accelerator.accumulate(prepared):
             feats = train_feats.lookup(batch["image"])
             loss = prepared(
-                feats, batch["input_ids"], batch["attention_mask"], batch["labels"], batch.get("answer_class")
+                feats,
+                batch["input_ids"],
+                batch["attention_mask"],
+                batch["labels"],
+                batch.get("answer_class"),
+                segment_ids=batch.get("segment_ids"),
+                positions=batch.get("positions"),
             )
             accelerator.backward(loss)
             if accelerator.sync_gradients and recipe.max_grad_norm > 0:

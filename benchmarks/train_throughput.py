@@ -24,6 +24,7 @@ stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import json
 import os
@@ -36,10 +37,10 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptkit.config import load_recipe
-from adaptkit.data.collate import VQADataset, collate_train
+from adaptkit.data.collate import VQADataset, collate_packed, collate_train, pack_runs
 from adaptkit.data.features import FeatureBank, encode_images, open_image
 from adaptkit.data.formats import load_vqa
-from adaptkit.data.sampling import LengthGroupedBatches
+from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches
 from adaptkit.model import add_answer_objective, build_model, compile_lm_layers
 from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
 from adaptkit.runs import subset
@@ -70,15 +71,26 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     if recipe.objectives.classify > 0:  # the recipe's joint objective, as `adaptkit train` sets it up
         add_answer_objective(model, ds, recipe.objectives)
     pad = model.tokenizer.pad_token_id
-    if recipe.length_grouping > 1:  # the same samples, batched the way `adaptkit train` batches them
-        lengths = [len(a) + len(b) for a, b in zip(ds.prompt_ids, ds.target_ids)]
-        grouped = LengthGroupedBatches(lengths, len(batches[0]), recipe.length_grouping, recipe.seed)
-        batches = grouped.batches(0)
+    # The same samples, batched the way `adaptkit train` batches them.
+    lengths = [len(a) + len(b) for a, b in zip(ds.prompt_ids, ds.target_ids)]
+    pack = recipe.pack_questions
+    if pack > 1:
+        packed = ImagePackedBatches(
+            ds.image_rows, len(batches[0]), pack, recipe.seed, lengths, recipe.length_grouping
+        )
+        batches = packed.batches(0)
+        collate = functools.partial(collate_packed, pad_id=pad, pack=pack)
+    else:
+        collate = functools.partial(collate_train, pad_id=pad)
+        if recipe.length_grouping > 1:
+            grouped = LengthGroupedBatches(lengths, len(batches[0]), recipe.length_grouping, recipe.seed)
+            batches = grouped.batches(0)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
 
     def step(batch_ids):
-        batch = collate_train([ds[i] for i in batch_ids], pad)
+        batch = collate([ds[i] for i in batch_ids])
         feats = bank.lookup(batch["image"])
+        packing = {k: batch[k].to(device) for k in ("segment_ids", "positions") if k in batch}
         with autocast():
             classes = batch.get("answer_class")
             loss = model(
@@ -87,6 +99,7 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
                 batch["attention_mask"].to(device),
                 batch["labels"].to(device),
                 None if classes is None else classes.to(device),
+                **packing,
             )
         loss.backward()
         optimizer.step()
@@ -94,23 +107,27 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         return batch
 
     first = time.perf_counter()
-    times, tokens, padded = _timed(step, batches, device, steps, warmup)
+    times, tokens, padded = _timed(step, batches, device, steps, warmup, recipe.adapter.num_queries)
     warmup_s = time.perf_counter() - first - sum(times)
     if not count_flops:
         return {"times": times}
     timed = batches[warmup : warmup + steps]
-    # Useful FLOPs: every timed sample as if alone (no padding at all), counted by torch. A sample's
-    # FLOPs depend only on its prompt and target lengths, so each distinct pair is counted once.
-    by_shape: dict[tuple[int, int], list[int]] = {}
-    for i in (i for b in timed for i in b):
-        by_shape.setdefault((len(ds.prompt_ids[i]), len(ds.target_ids[i])), []).append(i)
+    # Useful FLOPs: every timed sample as if alone (no padding at all), counted by torch; with packing,
+    # every packed row alone (its image's soft tokens once, its questions, no padding). The FLOPs of
+    # a row depend only on its token lengths, so each distinct shape is counted once.
+    by_shape: dict[tuple[int, ...], list[list[int]]] = {}
+    for b in timed:
+        rows = [[b[k] for k in run] for run in pack_runs([ds.image_rows[i] for i in b], pack)]
+        for row in rows if pack > 1 else [[i] for i in b]:
+            shape = tuple(n for i in row for n in (len(ds.prompt_ids[i]), len(ds.target_ids[i])))
+            by_shape.setdefault(shape, []).append(row)
     useful = 0
     # FLOPs are counted on the eager path (the same arithmetic; torch's counter sees eager ops).
     with torch.compiler.set_stance("force_eager"):
         for members in by_shape.values():
             counter = FlopCounterMode(display=False)
             with counter:
-                step([members[0]])
+                step(members[0])
             useful += counter.get_total_flops() * len(members)
         # Executed FLOPs: the timed batches as run (padding included).
         counter = FlopCounterMode(display=False)
@@ -119,11 +136,10 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
                 step(batch_ids)
         executed = counter.get_total_flops()
     useful_per_step, executed_per_step = useful / steps, executed / steps
-    n_soft = recipe.adapter.num_queries
     return {
         "times": times,
-        "tokens_per_sample": n_soft + tokens / (steps * len(batches[0])),
-        "padded_tokens_per_sample": n_soft + padded / (steps * len(batches[0])),
+        "tokens_per_sample": tokens / (steps * len(batches[0])),
+        "padded_tokens_per_sample": padded / (steps * len(batches[0])),
         "useful_flops_per_step": useful_per_step,
         "executed_flops_per_step": executed_per_step,
         "one_time_encode_s": round(encode_s, 2),
@@ -188,16 +204,16 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
         optimizer.zero_grad(set_to_none=True)
         return {"attention_mask": mask[:, soft.shape[1] :], "labels": labels}
 
-    times, tokens, padded = _timed(step, batches, device, steps, warmup)
-    n_soft = recipe.adapter.num_queries
+    times, tokens, padded = _timed(step, batches, device, steps, warmup, recipe.adapter.num_queries)
     return {
         "times": times,
-        "tokens_per_sample": n_soft + tokens / (steps * len(batches[0])),
-        "padded_tokens_per_sample": n_soft + padded / (steps * len(batches[0])),
+        "tokens_per_sample": tokens / (steps * len(batches[0])),
+        "padded_tokens_per_sample": padded / (steps * len(batches[0])),
     }
 
 
-def _timed(step, batches, device, steps, warmup):
+def _timed(step, batches, device, steps, warmup, n_soft):
+    """Step times, and LM tokens without and with padding (soft tokens included: one copy per row)."""
     times, tokens, padded = [], 0, 0
     for n, batch_ids in enumerate(batches[: warmup + steps]):
         sync(device)
@@ -206,9 +222,20 @@ def _timed(step, batches, device, steps, warmup):
         sync(device)
         if n >= warmup:
             times.append(time.perf_counter() - start)
-            tokens += int(batch["attention_mask"].sum())
-            padded += batch["attention_mask"].numel()
+            soft = n_soft * batch["attention_mask"].shape[0]
+            tokens += int(batch["attention_mask"].sum()) + soft
+            padded += batch["attention_mask"].numel() + soft
     return times, tokens, padded
+
+
+def _image_subset(data, n: int, seed: int) -> list:
+    """``n`` samples made of whole images' questions (images in a seeded random order)."""
+    by_image: dict[str, list] = {}
+    for sample in data:
+        by_image.setdefault(sample.image, []).append(sample)
+    images = list(by_image)
+    order = torch.randperm(len(images), generator=torch.Generator().manual_seed(seed)).tolist()
+    return [s for k in order for s in by_image[images[k]]][:n]
 
 
 def _peak_memory_of(side: str, args: argparse.Namespace) -> float:
@@ -246,7 +273,10 @@ def main() -> None:
     torch.manual_seed(recipe.seed)
     data = load_vqa(recipe.data.train, recipe.data.on_bad_sample).samples
     n_batches = args.warmup + args.steps
-    samples = subset(data, n_batches * recipe.batch_size, seed=recipe.seed)
+    if recipe.pack_questions > 1:  # whole images' questions, as training packs them
+        samples = _image_subset(data, n_batches * recipe.batch_size, recipe.seed)
+    else:
+        samples = subset(data, n_batches * recipe.batch_size, seed=recipe.seed)
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
     batches = [order[i * recipe.batch_size : (i + 1) * recipe.batch_size] for i in range(n_batches)]
 

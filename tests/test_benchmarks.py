@@ -13,7 +13,10 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def test_train_throughput_json(tiny_overrides):
+@pytest.mark.parametrize(
+    "extra", [[], ["adapter.text_conditioned=false", "pack_questions=3"]], ids=["plain", "packed"]
+)
+def test_train_throughput_json(tiny_overrides, extra):
     cmd = [
         sys.executable,
         str(ROOT / "benchmarks" / "train_throughput.py"),
@@ -24,6 +27,7 @@ def test_train_throughput_json(tiny_overrides):
         "--peak-seconds",
         "0.5",
         *tiny_overrides,
+        *extra,
     ]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
@@ -34,7 +38,7 @@ def test_train_throughput_json(tiny_overrides):
     # The ratio comes from the unrounded rates; the printed rates are rounded to 2 decimals.
     expected = result["adaptkit_samples_per_s"] / result["reference_samples_per_s"]
     assert result["ratio"] == pytest.approx(expected, rel=0.02, abs=0.011)
-    # Running each sample alone does no padded work: useful FLOPs never exceed the padded batch's.
+    # Running each sample (or packed row) alone does no padded work: useful FLOPs never exceed the padded batch's.
     assert 0 < result["useful_gflops_per_step"] <= result["executed_gflops_per_step"]
     assert result["adaptkit_tokens_per_sample"] <= result["adaptkit_padded_tokens_per_sample"]
 

@@ -95,6 +95,58 @@ def collate_train(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
+def pack_runs(images: Sequence[int], pack: int) -> list[list[int]]:
+    """Positions grouped into runs of consecutive equal ``images``, at most ``pack`` long: the rows of
+    a packed batch."""
+    runs: list[list[int]] = []
+    for k, image in enumerate(images):
+        if runs and images[runs[-1][0]] == image and len(runs[-1]) < pack:
+            runs[-1].append(k)
+        else:
+            runs.append([k])
+    return runs
+
+
+def collate_packed(items: list[dict], pad_id: int, pack: int) -> dict[str, torch.Tensor]:
+    """Questions about one image in one right-padded sequence each, behind one copy of its soft tokens.
+
+    Consecutive items with the same image (as ``ImagePackedBatches`` orders them) form a sequence of
+    at most ``pack`` segments, each ``prompt + target``. ``segment_ids`` numbers the segments of each
+    row from 1 (0 is padding) and ``positions`` restarts at 0 in every segment, so the model can give
+    every question exactly the positions and the attention (image tokens + itself) it would have in a
+    sequence of its own: the loss equals the unpacked batch's. ``image`` has one row per sequence,
+    ``index`` one per question.
+    """
+    rows = [[items[k] for k in run] for run in pack_runs([it["image"] for it in items], pack)]
+    width = max(sum(len(it["prompt"]) + len(it["target"]) for it in row) for row in rows)
+    shape = (len(rows), width)
+    input_ids = torch.full(shape, pad_id, dtype=torch.long)
+    labels = torch.full(shape, -100, dtype=torch.long)
+    mask = torch.zeros(shape, dtype=torch.long)
+    segment_ids = torch.zeros(shape, dtype=torch.long)
+    positions = torch.zeros(shape, dtype=torch.long)
+    for r, row in enumerate(rows):
+        start = 0
+        for seg, it in enumerate(row, start=1):
+            seq = it["prompt"] + it["target"]
+            end = start + len(seq)
+            input_ids[r, start:end] = torch.tensor(seq)
+            labels[r, start + len(it["prompt"]) : end] = torch.tensor(it["target"])
+            segment_ids[r, start:end] = seg
+            positions[r, start:end] = torch.arange(len(seq))
+            start = end
+        mask[r, :start] = 1
+    return {
+        "image": torch.tensor([row[0]["image"] for row in rows]),
+        "index": torch.tensor([it["index"] for it in items]),
+        "input_ids": input_ids,
+        "attention_mask": mask,
+        "labels": labels,
+        "segment_ids": segment_ids,
+        "positions": positions,
+    }
+
+
 def collate_prompts(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     """Left-padded prompts for generation, so every row's next token is at the last position."""
     width = max(len(it["prompt"]) for it in items)

@@ -60,3 +60,73 @@ def padding_fraction(lengths: Sequence[int], batches: list[list[int]]) -> float:
     real = sum(lengths[i] for b in batches for i in b)
     slots = sum(max(lengths[i] for i in b) * len(b) for b in batches)
     return 1.0 - real / slots if slots else 0.0
+
+
+class ImagePackedBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` sample indices in which questions about one image sit next to each
+    other, in runs of at most ``pack``, for ``collate_packed`` to put into one LM sequence each.
+
+    Per epoch: each image's questions are shuffled and cut into near-equal chunks of at most ``pack``;
+    the chunks are shuffled and laid end to end (with ``group`` > 1 and ``lengths``, sorted by token
+    length within windows of ``group`` batches, so a batch's rows pad little, and the batches then
+    shuffled); the result is cut into batches (a chunk cut by a batch boundary becomes two shorter
+    rows). Every sample appears once per epoch except the last incomplete batch, which is dropped. The
+    order depends only on ``(seed, epoch)``.
+    """
+
+    def __init__(
+        self,
+        image_rows: Sequence[int],
+        batch_size: int,
+        pack: int,
+        seed: int = 0,
+        lengths: Sequence[int] | None = None,
+        group: int = 1,
+    ) -> None:
+        if batch_size <= 0 or pack <= 0 or group <= 0:
+            raise ValueError("batch_size, pack and group must be positive")
+        self.image_rows = list(image_rows)
+        self.batch_size = batch_size
+        self.pack = pack
+        self.seed = seed
+        self.lengths = list(lengths) if lengths is not None else None
+        self.group = group
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.image_rows) // self.batch_size
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        by_image: dict[int, list[int]] = {}
+        for i in torch.randperm(len(self.image_rows), generator=generator).tolist():
+            by_image.setdefault(self.image_rows[i], []).append(i)
+        chunks: list[list[int]] = []
+        for questions in by_image.values():
+            n = -(-len(questions) // self.pack)  # chunks of near-equal size, none over pack
+            chunks += [questions[k::n] for k in range(n)]
+        chunks = [chunks[k] for k in torch.randperm(len(chunks), generator=generator).tolist()]
+        sort = self.group > 1 and self.lengths is not None
+        if sort:
+            lengths = self.lengths
+            window, sorted_chunks, size = [], [], 0
+            for chunk in chunks:
+                window.append(chunk)
+                size += len(chunk)
+                if size >= self.group * self.batch_size or chunk is chunks[-1]:
+                    sorted_chunks += sorted(window, key=lambda c: sum(lengths[i] for i in c))
+                    window, size = [], 0
+            chunks = sorted_chunks
+        order = [i for chunk in chunks for i in chunk]
+        batches = [
+            order[s : s + self.batch_size] for s in range(0, len(self) * self.batch_size, self.batch_size)
+        ]
+        if sort:
+            batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
+        return batches
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)
