@@ -38,7 +38,8 @@ def test_train_throughput_json(tiny_overrides, extra):
     # The ratio comes from the unrounded rates; the printed rates are rounded to 2 decimals.
     expected = result["adaptkit_samples_per_s"] / result["reference_samples_per_s"]
     assert result["ratio"] == pytest.approx(expected, rel=0.02, abs=0.011)
-    # Running each sample (or packed row) alone does no padded work: useful FLOPs never exceed the padded batch's.
+    # Running each sample (or packed row) alone does no padded work: useful FLOPs never exceed the
+    # padded batch's.
     assert 0 < result["useful_gflops_per_step"] <= result["executed_gflops_per_step"]
     assert result["adaptkit_tokens_per_sample"] <= result["adaptkit_padded_tokens_per_sample"]
 

@@ -16,23 +16,37 @@ import torch
 from torch.utils.data import Sampler
 
 
-class LengthGroupedBatches(Sampler[list[int]]):
-    """Batches of sample indices, reshuffled per epoch (``set_epoch``), incomplete batch dropped."""
+class _EpochBatches(Sampler[list[int]]):
+    """Batches of ``batch_size`` of ``n`` sample indices, a function of ``(seed, epoch)`` alone
+    (``batches``), reshuffled per epoch (``set_epoch``); the incomplete last batch is dropped."""
 
-    def __init__(self, lengths: Sequence[int], batch_size: int, group: int = 1, seed: int = 0) -> None:
-        if batch_size <= 0 or group <= 0:
-            raise ValueError("batch_size and group must be positive")
-        self.lengths = list(lengths)
-        self.batch_size = batch_size
-        self.group = group
-        self.seed = seed
-        self.epoch = 0
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        self.n, self.batch_size, self.seed, self.epoch = n, batch_size, seed, 0
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __len__(self) -> int:
-        return len(self.lengths) // self.batch_size
+        return self.n // self.batch_size
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        raise NotImplementedError
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.epoch)
+
+
+class LengthGroupedBatches(_EpochBatches):
+    """Batches of sample indices, reshuffled per epoch (``set_epoch``), incomplete batch dropped."""
+
+    def __init__(self, lengths: Sequence[int], batch_size: int, group: int = 1, seed: int = 0) -> None:
+        if group <= 0:
+            raise ValueError("batch_size and group must be positive")
+        super().__init__(len(lengths), batch_size, seed)
+        self.lengths = list(lengths)
+        self.group = group
 
     def batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -51,9 +65,6 @@ class LengthGroupedBatches(Sampler[list[int]]):
             batches = [batches[i] for i in perm]
         return batches
 
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)
-
 
 def padding_fraction(lengths: Sequence[int], batches: list[list[int]]) -> float:
     """Share of a right-padded layout's token slots that are padding."""
@@ -62,7 +73,7 @@ def padding_fraction(lengths: Sequence[int], batches: list[list[int]]) -> float:
     return 1.0 - real / slots if slots else 0.0
 
 
-class ImagePackedBatches(Sampler[list[int]]):
+class ImagePackedBatches(_EpochBatches):
     """Batches of ``batch_size`` sample indices in which questions about one image sit next to each
     other, in runs of at most ``pack``, for ``collate_packed`` to put into one LM sequence each.
 
@@ -83,21 +94,13 @@ class ImagePackedBatches(Sampler[list[int]]):
         lengths: Sequence[int] | None = None,
         group: int = 1,
     ) -> None:
-        if batch_size <= 0 or pack <= 0 or group <= 0:
+        if pack <= 0 or group <= 0:
             raise ValueError("batch_size, pack and group must be positive")
+        super().__init__(len(image_rows), batch_size, seed)
         self.image_rows = list(image_rows)
-        self.batch_size = batch_size
         self.pack = pack
-        self.seed = seed
         self.lengths = list(lengths) if lengths is not None else None
         self.group = group
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return len(self.image_rows) // self.batch_size
 
     def batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -127,6 +130,3 @@ class ImagePackedBatches(Sampler[list[int]]):
         if sort:
             batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
-
-    def __iter__(self) -> Iterator[list[int]]:
-        yield from self.batches(self.epoch)
