@@ -349,8 +349,8 @@ def train(recipe: Recipe) -> dict:
         )
         loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
         log.info(
-            "batches: %d per epoch of %d questions, up to %d questions about one image per LM sequence, "
-            "rows grouped by length in windows of %d batches (%s)",
+            "batches: %d per epoch of %d questions, up to %d questions about one image per LM sequence "
+            "(length_grouping=%d sorts the rows): %s",
             len(sampler),
             recipe.batch_size,
             recipe.pack_questions,
