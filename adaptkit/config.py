@@ -50,6 +50,7 @@ class AdapterConfig:
     mlp_ratio: float = 4.0
     dropout: float = 0.0
     text_conditioned: bool = True
+    inject_layer: int = 0
 
 
 @dataclass
@@ -97,6 +98,7 @@ class Recipe:
     pack_questions: int = 1
     activation_checkpointing: int = 0
     compile: bool = False
+    lower_state_cache_mb: float = 1024.0
     lr_adapter: float = 1e-3
     lr_lora: float = 5e-4
     weight_decay: float = 0.0
@@ -271,6 +273,12 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     if not 0.0 <= recipe.data.max_skip_ratio <= 1.0:
         raise RecipeError(
             f"{source}: data.max_skip_ratio must lie in [0, 1], got {recipe.data.max_skip_ratio}"
+        )
+    if recipe.adapter.inject_layer < 0 or recipe.lower_state_cache_mb < 0:
+        raise RecipeError(
+            f"{source}: adapter.inject_layer must be >= 0 (0: soft tokens at the LM's input) and "
+            f"lower_state_cache_mb >= 0 (0: no cache); got {recipe.adapter.inject_layer} and "
+            f"{recipe.lower_state_cache_mb}"
         )
     if recipe.activation_checkpointing < 0:
         raise RecipeError(

@@ -233,7 +233,9 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
         from peft import PeftModel
 
         base = PeftModel.from_pretrained(base, str(run / LORA_DIR), is_trainable=False)
-    reference = MultimodalModel(merged.vision, merged.adapter, base, tokenizer).eval()
+    reference = MultimodalModel(
+        merged.vision, merged.adapter, base, tokenizer, inject_layer=merged.inject_layer
+    ).eval()
     template, new = recipe.data.prompt_template, recipe.max_new_tokens
     ref_answers, ref_native = _outputs(reference, held, template, new)
     got_answers, got_native = _outputs(merged, held, template, new)

@@ -1,6 +1,8 @@
 """MultimodalModel: frozen vision backbone → trainable fusion adapter → frozen LM with LoRA.
 
-The adapter's soft tokens are prepended to the prompt's embeddings. Training computes LM logits only
+The adapter's soft tokens are prepended to the prompt's embeddings, or, with ``adapter.inject_layer`` k,
+put in at decoder layer k behind a sink token (the layers below see the text alone, so training computes
+them once per distinct text: ``adaptkit.lower_states``). Training computes LM logits only
 at positions whose next token is an answer token (never the full-vocabulary logits of the prompt).
 Only trainable pieces are saved: the adapter as safetensors, LoRA in peft's own format.
 """
@@ -20,6 +22,7 @@ from adaptkit.backbones.language import load_language_model
 from adaptkit.backbones.vision import VisionBackbone, build_vision_backbone
 from adaptkit.config import Recipe
 from adaptkit.data.feature_cache import tensor_digest
+from adaptkit.lower_states import LowerStateCache, decoder_slice
 
 log = logging.getLogger(__name__)
 
@@ -72,12 +75,27 @@ def packed_attention(
 class MultimodalModel(nn.Module):
     """The whole model. ``vision`` and the LM's base weights are frozen; ``adapter`` and LoRA train."""
 
-    def __init__(self, vision: VisionBackbone, adapter: nn.Module, lm: nn.Module, tokenizer) -> None:
+    def __init__(
+        self, vision: VisionBackbone, adapter: nn.Module, lm: nn.Module, tokenizer, inject_layer: int = 0
+    ) -> None:
         super().__init__()
         self.vision = vision
         self.adapter = adapter
         self.lm = lm
         self.tokenizer = tokenizer
+        # inject_layer k > 0: the soft tokens enter the LM at decoder layer k instead of its input (see
+        # _embed and _inject); layers below k then see only text and hold no trainable weights.
+        self.inject_layer = inject_layer
+        self._pending_soft: torch.Tensor | None = None
+        self.lower_states: LowerStateCache | None = None
+        if inject_layer:
+            layers = self.base_lm.get_decoder().layers
+            if not 0 < inject_layer < len(layers):
+                raise ValueError(
+                    f"adapter.inject_layer={inject_layer} is outside this LM's decoder layers "
+                    f"(0..{len(layers) - 1})"
+                )
+            layers[inject_layer].register_forward_pre_hook(self._inject, with_kwargs=True)
         # False runs the LM without its LoRA branches (adapter-only phase before lora.start_step).
         self.lora_active = True
         # Auxiliary answer classification (objectives.classify), set by training when it is on.
@@ -105,12 +123,89 @@ class MultimodalModel(nn.Module):
         embeds, mask, _ = self._embed(features, input_ids, attention_mask, prompt_mask)
         return embeds, mask
 
+    def _text_and_soft(self, features, input_ids, read):
+        """The LM's input embedding module, the text's embeddings and the adapter's soft tokens."""
+        embedding = self.base_lm.get_input_embeddings()
+        text = embedding(input_ids)
+        return embedding, text, self.adapter(features.to(text.device), text, read).to(text.dtype)
+
     def _embed(self, features, input_ids, attention_mask, prompt_mask=None):
-        text = self.base_lm.get_input_embeddings()(input_ids)
         read = attention_mask if prompt_mask is None else prompt_mask
-        soft = self.adapter(features.to(text.device), text, read).to(text.dtype)
-        ones = torch.ones(soft.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
-        return torch.cat([soft, text], dim=1), torch.cat([ones, attention_mask], dim=1), soft
+        embedding, text, soft = self._text_and_soft(features, input_ids, read)
+        lead = soft
+        if self.inject_layer:
+            # A fixed first token (the LM's attention sink; its hidden state is kept) and zero placeholders
+            # where layer inject_layer's input gets the soft tokens (_inject).
+            lead = torch.cat(
+                [self._sink(embedding, text.shape[0], text.device), torch.zeros_like(soft)], dim=1
+            )
+            self._pending_soft = soft
+        ones = torch.ones(lead.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        return torch.cat([lead, text], dim=1), torch.cat([ones, attention_mask], dim=1), soft
+
+    def use_lower_state_cache(self, max_mb: float) -> LowerStateCache:
+        """From now on, training and scoring compute the layers below ``inject_layer`` once per distinct
+        text (``LowerStateCache``) and run only the layers from ``inject_layer`` on each step; generation
+        keeps the full forward pass. Needs ``inject_layer`` > 0."""
+        if not self.inject_layer:
+            raise ValueError("the lower-state cache needs adapter.inject_layer > 0")
+        embedding = self.base_lm.get_input_embeddings()
+        sink = self._sink(embedding, 1, embedding.weight.device)[0]
+        lead = torch.cat([sink, sink.new_zeros(self.adapter.num_queries, sink.shape[-1])])
+        self.lower_states = LowerStateCache(self.base_lm.get_decoder(), lead, self.inject_layer, max_mb)
+        return self.lower_states
+
+    def _sink(self, embedding: nn.Module, batch: int, device) -> torch.Tensor:
+        """``(batch, 1, D)`` embedding of the lead's first token (BOS, else EOS): the LM's attention sink."""
+        sink_id = self.tokenizer.bos_token_id
+        if sink_id is None:
+            sink_id = self.tokenizer.eos_token_id
+        return embedding(torch.tensor([[sink_id]], device=device)).expand(batch, 1, -1)
+
+    def _embed_at_injection(self, features, input_ids, attention_mask, prompt_mask, segment_ids=None):
+        """``_embed``'s result as layer ``inject_layer`` sees it: the lead's and the text's cached lower
+        states around the soft tokens. Rows are right-padded; a packed row's segments are looked up alone
+        (each segment sees only the lead and itself, so its states equal those of its own row)."""
+        embedding, text, soft = self._text_and_soft(features, input_ids, prompt_mask)
+        ids = input_ids.tolist()
+        spans: list[tuple[int, int, int]] = []  # (row, start, end) of each text
+        if segment_ids is None:
+            for row, length in enumerate(attention_mask.sum(-1).tolist()):
+                spans.append((row, 0, length))
+        else:
+            for row, segs in enumerate(segment_ids.tolist()):
+                start = 0
+                for j in range(1, len(segs) + 1):
+                    if j == len(segs) or segs[j] != segs[start]:
+                        if segs[start] > 0:
+                            spans.append((row, start, j))
+                        start = j
+        states = self.lower_states.texts([tuple(ids[r][a:b]) for r, a, b in spans], embedding)
+        hidden = text.new_zeros(text.shape)
+        for (row, start, end), state in zip(spans, states):
+            hidden[row, start:end] = state.to(text.dtype)
+        lead = self.lower_states.lead.to(text.dtype)
+        sink = lead[:1].expand(text.shape[0], 1, -1)
+        ones = torch.ones(
+            soft.shape[0], soft.shape[1] + 1, dtype=attention_mask.dtype, device=attention_mask.device
+        )
+        return torch.cat([sink, soft, hidden], dim=1), torch.cat([ones, attention_mask], dim=1), soft
+
+    def _inject(self, module, args, kwargs):
+        """Forward pre-hook on decoder layer ``inject_layer``: put the pending soft tokens in place of the
+        placeholders (positions 1..Q) of the hidden states, once per ``_embed`` (the prompt's forward pass;
+        generation's later one-token steps pass through unchanged)."""
+        soft, self._pending_soft = self._pending_soft, None
+        if soft is None:
+            return None
+        hidden = args[0] if args else kwargs["hidden_states"]
+        n = soft.shape[1]
+        if hidden.shape[1] < n + 1:
+            return None
+        hidden = torch.cat([hidden[:, :1], soft.to(hidden.dtype), hidden[:, n + 1 :]], dim=1)
+        if args:
+            return (hidden, *args[1:]), kwargs
+        return args, {**kwargs, "hidden_states": hidden}
 
     def _answer_logits(
         self,
@@ -125,15 +220,26 @@ class MultimodalModel(nn.Module):
         adapter's soft tokens. ``segment_ids`` and ``positions`` describe a packed batch
         (``collate_packed``: several questions about one image per row)."""
         prompt_mask = attention_mask * (labels == -100)
-        embeds, mask, soft = self._embed(features, input_ids, attention_mask, prompt_mask)
+        if self.lower_states is not None:
+            embeds, mask, soft = self._embed_at_injection(
+                features, input_ids, attention_mask, prompt_mask, segment_ids
+            )
+        else:
+            embeds, mask, soft = self._embed(features, input_ids, attention_mask, prompt_mask)
         n_soft = embeds.shape[1] - input_ids.shape[1]
         if segment_ids is None:
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         else:
             mask, position_ids = packed_attention(segment_ids, positions, n_soft, embeds.dtype)
         skip_lora = not self.lora_active and hasattr(self.lm, "disable_adapter")
-        with self.lm.disable_adapter() if skip_lora else contextlib.nullcontext():
-            hidden = self.base_lm.get_decoder()(
+        decoder = self.base_lm.get_decoder()
+        upper = (
+            decoder_slice(decoder, self.inject_layer, None, final_norm=True)
+            if self.lower_states is not None
+            else contextlib.nullcontext()
+        )
+        with self.lm.disable_adapter() if skip_lora else contextlib.nullcontext(), upper:
+            hidden = decoder(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
         # hidden[:, t] predicts token t+1; text token j sits at position n_soft + j.
@@ -280,6 +386,25 @@ def compile_lm_layers(model: MultimodalModel) -> int:
     return len(layers)
 
 
+def prepare_for_training(model: MultimodalModel, recipe: Recipe) -> LowerStateCache | None:
+    """What `adaptkit train` (and the throughput benchmark) set up before the first step: the lower-layer
+    state cache when the soft tokens enter at ``adapter.inject_layer`` > 0, and ``torch.compile`` of the
+    LM layers when ``compile`` is on. Returns the cache, if any."""
+    cache = None
+    if recipe.adapter.inject_layer and recipe.lower_state_cache_mb > 0:
+        cache = model.use_lower_state_cache(recipe.lower_state_cache_mb)
+        log.info(
+            "soft tokens enter LM layer %d: the %d layers below it see text only; their states are computed "
+            "once per distinct text and kept in memory (up to %g MB)",
+            recipe.adapter.inject_layer,
+            recipe.adapter.inject_layer,
+            recipe.lower_state_cache_mb,
+        )
+    if recipe.compile:
+        compile_lm_layers(model)
+    return cache
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
     """Parameter count; 4-bit packed parameters count their unpacked elements."""
     total = 0
@@ -296,6 +421,16 @@ def count_parameters(module: nn.Module, trainable_only: bool = False) -> int:
 def frozen_fingerprint(model: nn.Module) -> str:
     """A blake2b digest of every frozen parameter's bytes (to assert nothing frozen changed)."""
     return tensor_digest((n, p) for n, p in model.named_parameters() if not p.requires_grad)
+
+
+@torch.no_grad()
+def _hidden_std(lm: nn.Module, tokenizer, layer: int) -> float:
+    """Std of the hidden states entering decoder ``layer`` on a short prompt (the first token, the LM's
+    attention sink with outsized activations, left out): the scale soft tokens injected there start at."""
+    ids = tokenizer("Question: What color is the shape in the image? Answer: blue", return_tensors="pt")
+    ids = ids["input_ids"].to(lm.get_input_embeddings().weight.device)
+    hidden = lm(input_ids=ids, output_hidden_states=True).hidden_states[layer]
+    return hidden[:, 1:].float().std().item()
 
 
 def build_model(
@@ -316,7 +451,8 @@ def build_model(
     if dequantize_lm and recipe.language.quant != "none":
         lm = lm.dequantize().float()
     embeddings = lm.get_input_embeddings()
-    output_std = embeddings.weight.float().std().item()
+    inject = recipe.adapter.inject_layer
+    output_std = embeddings.weight.float().std().item() if not inject else _hidden_std(lm, tokenizer, inject)
     adapter = build_adapter(recipe.adapter, vision.feature_dim, embeddings.embedding_dim, output_std).to(
         device
     )
@@ -333,9 +469,12 @@ def build_model(
             lora_dropout=recipe.lora.dropout,
             target_modules=list(recipe.lora.target_modules),
             task_type="CAUSAL_LM",
+            # With inject_layer k, layers below k never see the image: LoRA there could not help it.
+            layers_to_transform=list(range(inject, lm.config.num_hidden_layers)) if inject else None,
+            layers_pattern="layers" if inject else None,
         )
         lm = get_peft_model(lm, lora)
-    model = MultimodalModel(vision, adapter, lm, tokenizer)
+    model = MultimodalModel(vision, adapter, lm, tokenizer, inject_layer=inject)
     if recipe.activation_checkpointing:
         # Recompute each checkpointed LM layer's activations in the backward pass instead of keeping them:
         # activations, not the frozen weights, dominate a small LM's training memory.

@@ -37,9 +37,9 @@ from adaptkit.model import (
     LORA_DIR,
     add_answer_objective,
     build_model,
-    compile_lm_layers,
     count_parameters,
     frozen_fingerprint,
+    prepare_for_training,
 )
 from adaptkit.perf import peak_memory_mb, reset_peak_memory
 from adaptkit.runs import RECIPE_FILE, feature_cache_root, prepare_split, write_json
@@ -325,8 +325,7 @@ def train(recipe: Recipe) -> dict:
             labelled,
             len(train_ds),
         )
-    if recipe.compile:
-        compile_lm_layers(model)
+    lower_states = prepare_for_training(model, recipe)
     if len(train_ds) < recipe.batch_size:
         raise ValueError(f"batch_size={recipe.batch_size} exceeds the {len(train_ds)} training samples")
 
@@ -609,6 +608,14 @@ def train(recipe: Recipe) -> dict:
             log.info("wrote %s", plot_run(out))
         except ImportError as err:  # the plot is a convenience; the run itself is complete
             log.warning("no curves.png: %s (pip install matplotlib)", err)
+        if lower_states is not None:
+            log.info(
+                "lower-layer states: %d texts kept (%.1f MB); %d looked up, %d computed",
+                len(lower_states.store),
+                lower_states.bytes / 2**20,
+                lower_states.hits + lower_states.misses,
+                lower_states.misses,
+            )
         log.info(
             "saved run to %s (%.0f s; peak memory %.0f MB in set-up, %.0f MB in training)",
             out,

@@ -41,7 +41,7 @@ from adaptkit.data.collate import VQADataset, collate_packed, collate_train, pac
 from adaptkit.data.features import FeatureBank, encode_images, open_image
 from adaptkit.data.formats import load_vqa
 from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches
-from adaptkit.model import add_answer_objective, build_model, compile_lm_layers
+from adaptkit.model import add_answer_objective, build_model, prepare_for_training
 from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
 from adaptkit.runs import subset
 
@@ -57,8 +57,9 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     model = build_model(recipe, device)
     model.train()
     model.lora_active = True  # the slower phase: LoRA on
-    if recipe.compile:  # as `adaptkit train` does; the first (untimed) warm-up step compiles
-        compile_lm_layers(model)
+    # As `adaptkit train` does: compile (the first, untimed warm-up step compiles) and the lower-layer
+    # state cache (filled by the warm-up steps' texts, then by any new text as met).
+    prepare_for_training(model, recipe)
     start = time.perf_counter()
     origins = {s.image: s.origin for s in samples}
     bank = FeatureBank.compute(

@@ -71,3 +71,25 @@ def test_text_override_with_braces_is_taken_as_written():
 def test_unparsable_override_value_names_the_override():
     with pytest.raises(RecipeError, match=r"override 'vision.extra_layers=\[1, 2' is not a valid value"):
         load_recipe(RECIPE, ["vision.extra_layers=[1, 2"])
+
+
+def test_default_recipe_sets_and_documents_every_key():
+    """Every recipe key appears in the shipped recipe, each with a comment saying what it does."""
+    from dataclasses import fields, is_dataclass
+    from pathlib import Path
+
+    from adaptkit.config import Recipe, _key_lines
+
+    def keys(obj, prefix=""):
+        for f in fields(obj):
+            value = getattr(obj, f.name)
+            if is_dataclass(value):
+                yield from keys(value, f"{prefix}{f.name}.")
+            else:
+                yield prefix + f.name
+
+    text = Path(RECIPE).read_text().splitlines()
+    lines = _key_lines(Path(RECIPE))
+    assert [k for k in keys(Recipe()) if k not in lines] == []
+    sections = {k.split(".")[0] for k in lines if "." in k}
+    assert [k for k, n in lines.items() if "#" not in text[n - 1] and k not in sections] == []

@@ -1,0 +1,152 @@
+"""Soft tokens injected at a middle LM layer (adapter.inject_layer) and the cached lower-layer states."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from adaptkit.config import load_recipe
+from adaptkit.data.collate import VQADataset, collate_packed, collate_prompts, collate_train
+from adaptkit.data.formats import load_jsonl
+from adaptkit.export import export_run
+from adaptkit.inference import load_for_inference
+from adaptkit.model import build_model
+from adaptkit.train import train
+
+RECIPE = "recipes/easyvqa_qformer_lora.yaml"
+
+
+def _model_and_batches(overrides, tiny_vqa, extra=()):
+    recipe = load_recipe(
+        RECIPE,
+        [*overrides, "adapter.inject_layer=1", "adapter.text_conditioned=false", "lora.start_step=0", *extra],
+    )
+    torch.manual_seed(0)
+    model = build_model(recipe).train()
+    with torch.no_grad():  # LoRA starts at zero; give it weights so the test covers it
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    samples = load_jsonl(tiny_vqa).samples
+    rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
+    dataset = VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+    items = [dataset[i] for i in [0, 1, 2, 3, 4, 5, 8]]
+    pad = model.tokenizer.pad_token_id
+    feats = torch.randn(len(rows), 4, 1280)
+    return model, collate_train(items, pad), collate_packed(items, pad, pack=3), feats, items
+
+
+def _loss_and_grads(model, feats, batch, **kw):
+    model.zero_grad(set_to_none=True)
+    loss = model(feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"], **kw)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_lora_sits_only_above_the_injection_layer(tiny_overrides, tiny_vqa):
+    model, *_ = _model_and_batches(tiny_overrides, tiny_vqa)
+    lora = [n for n, _ in model.lm.named_parameters() if "lora_" in n]
+    assert lora and all(".layers.1." in n for n in lora)
+
+
+def test_cached_lower_states_give_the_full_forward_loss_and_gradients(tiny_overrides, tiny_vqa):
+    model, plain, packed, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
+    loss_full, grads_full = _loss_and_grads(model, feats, plain)
+    assert any("lora_" in n for n in grads_full) and any(n.startswith("adapter.") for n in grads_full)
+    cache = model.use_lower_state_cache(max_mb=64)
+    loss_cached, grads_cached = _loss_and_grads(model, feats, plain)
+    lengths = plain["attention_mask"].sum(-1).tolist()
+    texts = {tuple(ids[:n]) for ids, n in zip(plain["input_ids"].tolist(), lengths)}
+    assert cache.misses == len(texts) and len(cache.store) == len(texts)
+    torch.testing.assert_close(loss_cached, loss_full, atol=1e-5, rtol=1e-5)
+    assert grads_cached.keys() == grads_full.keys()
+    for name, grad in grads_full.items():
+        torch.testing.assert_close(grads_cached[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    # A second pass reads every text from the cache; packed rows look their segments up one by one.
+    misses = cache.misses
+    loss_packed, grads_packed = _loss_and_grads(
+        model, feats, packed, segment_ids=packed["segment_ids"], positions=packed["positions"]
+    )
+    assert cache.misses == misses and cache.hits >= 7
+    torch.testing.assert_close(loss_packed, loss_full, atol=1e-5, rtol=1e-5)
+    for name, grad in grads_full.items():
+        torch.testing.assert_close(grads_packed[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_the_injected_tokens_carry_the_image(tiny_overrides, tiny_vqa):
+    """The equality above has teeth: other image features change the loss, on both paths."""
+    model, plain, _, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
+    args = (plain["input_ids"], plain["attention_mask"], plain["labels"])
+    other = torch.randn_like(feats)
+    with torch.no_grad():
+        a, b = model(feats[plain["image"]], *args), model(other[plain["image"]], *args)
+        model.use_lower_state_cache(max_mb=64)
+        c = model(other[plain["image"]], *args)
+    assert abs(a - b) > 1e-4
+    torch.testing.assert_close(c, b, atol=1e-5, rtol=1e-5)
+
+
+def test_generation_injects_once_and_matches_the_training_forward(tiny_overrides, tiny_vqa):
+    model, _, _, feats, items = _model_and_batches(tiny_overrides, tiny_vqa)
+    model.eval()
+    prompts = collate_prompts(items, model.tokenizer.pad_token_id)
+    answers, scores = model.generate(
+        feats[prompts["image"]], prompts["input_ids"], prompts["attention_mask"], 3
+    )
+    assert len(answers) == len(items) and all(0.0 <= s <= 1.0 for s in scores)
+    assert model._pending_soft is None
+    # The first generated token's score equals the next-token probability of the scoring forward pass.
+    with torch.no_grad():
+        one = collate_prompts(items[:1], model.tokenizer.pad_token_id)
+        embeds, mask = model.embed(feats[one["image"]], one["input_ids"], one["attention_mask"])
+        logits = model.lm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
+        out = model.lm.generate(
+            inputs_embeds=model.embed(feats[one["image"]], one["input_ids"], one["attention_mask"])[0],
+            attention_mask=mask,
+            max_new_tokens=1,
+            do_sample=False,
+            output_scores=True,
+            return_dict_in_generate=True,
+            pad_token_id=model.tokenizer.pad_token_id,
+        )
+    torch.testing.assert_close(out.scores[0][0], logits, atol=1e-4, rtol=1e-4)
+
+
+def test_lower_state_cache_stays_within_its_budget(tiny_overrides, tiny_vqa):
+    model, plain, _, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
+    per_token = 64 * 4  # hidden 64, float32
+    cache = model.use_lower_state_cache(max_mb=20 * per_token / 2**20)
+    with torch.no_grad():
+        model(feats[plain["image"]], plain["input_ids"], plain["attention_mask"], plain["labels"])
+    assert 0 < cache.bytes <= 20 * per_token and len(cache.store) < 7
+
+
+def test_injection_layer_outside_the_lm_is_an_error(tiny_overrides):
+    recipe = load_recipe(RECIPE, [*tiny_overrides, "adapter.inject_layer=2"])
+    with pytest.raises(ValueError, match=r"adapter.inject_layer=2 .*\(0\.\.1\)"):
+        build_model(recipe)
+
+
+def test_training_export_and_prediction_with_injection(tiny_overrides, tiny_vqa, tmp_path):
+    recipe = load_recipe(
+        RECIPE,
+        [*tiny_overrides, "adapter.inject_layer=1", "max_steps=6", "batch_size=8", "eval_every=0"],
+    )
+    summary = train(recipe)
+    assert summary["steps"] == 6 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    run = tmp_path / "run"
+    losses = [json.loads(x).get("loss") for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x for x in losses if x is not None] and all(x > 0 for x in losses if x is not None)
+    assert "lower-layer states" in (run / "train.log").read_text()
+    # The export's self-check (merged LM vs LoRA on the base, both with the injection hook) and the
+    # predictor built from the export answer like the trained run.
+    manifest = export_run(run, tmp_path / "export")
+    assert manifest["verification"]["passed"] and manifest["verification"]["answers_identical"] == 1.0
+    sample = load_jsonl(tiny_vqa).samples[0]
+    trained, exported = load_for_inference(run), load_for_inference(tmp_path / "export")
+    assert trained.model.inject_layer == exported.model.inject_layer == 1
+    got, want = exported.answer(sample.image, sample.question), trained.answer(sample.image, sample.question)
+    assert got.text == want.text and abs(got.score - want.score) < 1e-4
+    assert [a for a, _ in got.top] == [a for a, _ in want.top]
