@@ -100,6 +100,14 @@ class LowerStateCache:
             out.append(state)
         return out
 
+    def fill(self, sequences, embedding: nn.Module, batch: int = 64) -> int:
+        """Compute the states of the distinct ``sequences`` not yet kept, ``batch`` texts at a time (what
+        the first steps of training do as they meet them); returns how many were computed."""
+        todo = [s for s in dict.fromkeys(map(tuple, sequences)) if s not in self.store]
+        for start in range(0, len(todo), batch):
+            self.texts(todo[start : start + batch], embedding)
+        return len(todo)
+
     def _put(self, key: tuple[int, ...], state: torch.Tensor) -> None:
         size = state.numel() * state.element_size()
         if size > self.max_bytes:

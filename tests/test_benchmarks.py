@@ -14,7 +14,13 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
-    "extra", [[], ["adapter.text_conditioned=false", "pack_questions=3"]], ids=["plain", "packed"]
+    "extra",
+    [
+        [],
+        ["adapter.text_conditioned=false", "pack_questions=3"],
+        ["adapter.inject_layer=1", "adapter.text_conditioned=false", "pack_questions=3"],
+    ],
+    ids=["plain", "packed", "injected"],
 )
 def test_train_throughput_json(tiny_overrides, extra):
     cmd = [
@@ -42,6 +48,9 @@ def test_train_throughput_json(tiny_overrides, extra):
     # padded batch's.
     assert 0 < result["useful_gflops_per_step"] <= result["executed_gflops_per_step"]
     assert result["adaptkit_tokens_per_sample"] <= result["adaptkit_padded_tokens_per_sample"]
+    # With injection every text's lower-layer states are computed before timing: the steps run warm.
+    injected = any(x.startswith("adapter.inject_layer") for x in extra)
+    assert result["adaptkit_lower_state_misses"] == (0 if injected else None)
 
 
 def test_time_to_quality_plot(tiny_overrides, tiny_vqa, tmp_path):
