@@ -134,11 +134,7 @@ class MultimodalModel(nn.Module):
         embedding, text, soft = self._text_and_soft(features, input_ids, read)
         lead = soft
         if self.inject_layer:
-            # A fixed first token (the LM's attention sink; its hidden state is kept) and zero placeholders
-            # where layer inject_layer's input gets the soft tokens (_inject).
-            lead = torch.cat(
-                [self._sink(embedding, text.shape[0], text.device), torch.zeros_like(soft)], dim=1
-            )
+            lead = self._lead(embedding, text.shape[0], soft.shape[1], text.device)
             self._pending_soft = soft
         ones = torch.ones(lead.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
         return torch.cat([lead, text], dim=1), torch.cat([ones, attention_mask], dim=1), soft
@@ -150,17 +146,20 @@ class MultimodalModel(nn.Module):
         if not self.inject_layer:
             raise ValueError("the lower-state cache needs adapter.inject_layer > 0")
         embedding = self.base_lm.get_input_embeddings()
-        sink = self._sink(embedding, 1, embedding.weight.device)[0]
-        lead = torch.cat([sink, sink.new_zeros(self.adapter.num_queries, sink.shape[-1])])
+        lead = self._lead(embedding, 1, self.adapter.num_queries, embedding.weight.device)[0]
         self.lower_states = LowerStateCache(self.base_lm.get_decoder(), lead, self.inject_layer, max_mb)
         return self.lower_states
 
-    def _sink(self, embedding: nn.Module, batch: int, device) -> torch.Tensor:
-        """``(batch, 1, D)`` embedding of the lead's first token (BOS, else EOS): the LM's attention sink."""
+    def _lead(self, embedding: nn.Module, batch: int, n_soft: int, device) -> torch.Tensor:
+        """``(batch, 1 + n_soft, D)`` input embeddings in front of the text when injecting: a fixed first
+        token (BOS, else EOS: the LM's attention sink, whose hidden state is kept) and zero placeholders
+        where layer ``inject_layer``'s input gets the soft tokens (``_inject``)."""
         sink_id = self.tokenizer.bos_token_id
         if sink_id is None:
             sink_id = self.tokenizer.eos_token_id
-        return embedding(torch.tensor([[sink_id]], device=device)).expand(batch, 1, -1)
+        sink = embedding(torch.tensor([[sink_id]], device=device))
+        placeholders = sink.new_zeros(1, n_soft, sink.shape[-1])
+        return torch.cat([sink, placeholders], dim=1).expand(batch, -1, -1)
 
     def _embed_at_injection(self, features, input_ids, attention_mask, prompt_mask, segment_ids=None):
         """``_embed``'s result as layer ``inject_layer`` sees it: the lead's and the text's cached lower
