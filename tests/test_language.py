@@ -31,16 +31,21 @@ def test_quantized_lm_trains_a_step_on_cpu(quant, layer_type, tiny_overrides):
     trainable = {n: p.detach().clone() for n, p in model.trainable_parameters()}
     assert any("lora_" in n for n in trainable) and any(n.startswith("adapter.") for n in trainable)
     optimizer = torch.optim.AdamW(param_groups(model, recipe), lr=1e-2)
-    model.train()
     ids = torch.tensor([[5, 6, 7, 8], [6, 7, 8, 9]])
     labels = torch.tensor([[-100, -100, 8, 9], [-100, -100, -100, 4]])
+    with torch.no_grad():  # an evaluation first, as during training (bitsandbytes may repack weights here)
+        model.eval()(torch.randn(2, 4, 1280), ids, torch.ones_like(ids), labels)
+    model.train()
     loss = model(torch.randn(2, 4, 1280), ids, torch.ones_like(ids), labels)
     assert torch.isfinite(loss)
     loss.backward()
     optimizer.step()
     assert frozen_fingerprint(model) == frozen
     changed = [n for n, p in model.trainable_parameters() if not torch.equal(p, trainable[n])]
-    assert any("lora_B" in n for n in changed) and any(n.startswith("adapter.") for n in changed)
+    # Every LoRA layer got a gradient (through the frozen quantized layers above it), and the adapter did.
+    assert all(n in changed for n in trainable if "lora_B" in n) and any(
+        n.startswith("adapter.") for n in changed
+    )
 
 
 def test_optimizer_groups_reject_unfrozen_backbone(tiny_overrides):

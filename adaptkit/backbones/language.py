@@ -63,8 +63,27 @@ def load_language_model(cfg: LanguageConfig, device: torch.device | str = "cpu")
     model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
     if quant is None:
         model.to(device)
+    if cfg.quant == "4bit":
+        keep_4bit_differentiable(model)
     freeze(model)
     return model, tokenizer
+
+
+def keep_4bit_differentiable(model: nn.Module) -> int:
+    """Stop bitsandbytes from repacking 4-bit weights for inference on CPU; returns the layers changed.
+
+    On a CPU with AVX512-BF16, a ``Linear4bit`` in eval mode that sees an input without gradient repacks its
+    weight, once and for good, into a layout whose matmul has no autograd. Any later training step then
+    gets no gradient through that layer: nothing reaches LoRA below it or the soft tokens, silently. An
+    evaluation during training (or ``adapter.inject_layer``'s start-up forward pass) would trigger it, so
+    the frozen LM keeps the differentiable layout, at the cost of that faster CPU inference kernel.
+    """
+    changed = 0
+    for module in model.modules():
+        if getattr(module, "support_avx512bf16_for_cpu", False):
+            module.support_avx512bf16_for_cpu = False
+            changed += 1
+    return changed
 
 
 def freeze(model: nn.Module) -> nn.Module:
