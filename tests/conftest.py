@@ -106,8 +106,24 @@ def tiny_vqa(tmp_path_factory) -> Path:
     return path
 
 
+# The path the shipped recipe took before its soft tokens moved up the LM: soft tokens at the LM's input,
+# prompt-conditioned queries, one question per sequence, plain shuffle, the longer prompt. Tests of that path
+# add these.
+AT_INPUT = [
+    "adapter.inject_layer=0",
+    "adapter.text_conditioned=true",
+    "pack_questions=1",
+    "length_grouping=1",
+    "data.prompt_template=Question: {question} Answer:",
+]
+
+
 def overrides_for(lm_dir: Path, vision_pth: Path, vqa: Path, root: Path) -> list[str]:
-    """Recipe overrides that point every part at the tiny fixtures, writing under ``root``."""
+    """Recipe overrides that point every part at the tiny fixtures, writing under ``root``.
+
+    Everything else follows the shipped recipe (soft tokens injected above the LM's lowest layers, packed
+    questions, length-grouped batches); only the injection layer is scaled down to the 2-layer tiny LM.
+    """
     return [
         f"output_dir={root / 'run'}",
         f"vision.weights={vision_pth}",
@@ -118,6 +134,7 @@ def overrides_for(lm_dir: Path, vision_pth: Path, vqa: Path, root: Path) -> list
         "adapter.num_layers=1",
         "adapter.hidden_size=32",
         "adapter.num_heads=4",
+        "adapter.inject_layer=1",  # the recipe's 20 is out of range for 2 layers
         "lora.r=4",
         "lora.alpha=8",
         "lora.dropout=0",

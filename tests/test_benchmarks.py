@@ -10,14 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import AT_INPUT
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.mark.parametrize(
     "extra",
     [
-        [],
-        ["adapter.text_conditioned=false", "pack_questions=3"],
+        AT_INPUT,
+        ["adapter.inject_layer=0", "adapter.text_conditioned=false", "pack_questions=3"],
         ["adapter.inject_layer=1", "adapter.text_conditioned=false", "pack_questions=3"],
     ],
     ids=["plain", "packed", "injected"],
@@ -49,7 +51,9 @@ def test_train_throughput_json(tiny_overrides, extra):
     assert 0 < result["useful_gflops_per_step"] <= result["executed_gflops_per_step"]
     assert result["adaptkit_tokens_per_sample"] <= result["adaptkit_padded_tokens_per_sample"]
     # With injection every text's lower-layer states are computed before timing: the steps run warm.
-    injected = any(x.startswith("adapter.inject_layer") for x in extra)
+    injected = [x for x in [*tiny_overrides, *extra] if x.startswith("adapter.inject_layer=")][-1] != (
+        "adapter.inject_layer=0"
+    )
     assert result["adaptkit_lower_state_misses"] == (0 if injected else None)
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 import pytest
 
 CHROMIUM = "/usr/bin/chromium"
+EMPTY_ANSWER = "(no answer: the model ended its reply at once)"  # what app/demo.py shows for an empty reply
 CHROMIUM_FLAGS = [
     "--headless",
     "--no-sandbox",
@@ -86,7 +87,7 @@ def test_gradio_client_answers_and_rejects_non_images(demo, tiny_vqa, tmp_path):
     client = Client(url, verbose=False, download_files=str(tmp_path))
     text, top = client.predict(handle_file(image), question, api_name="/answer")
     expected = load_for_inference(model_dir, "cpu").answer(image, question)
-    assert text == expected.text
+    assert text == (expected.text or EMPTY_ANSWER)
     assert top["label"] == expected.top[0][0]
     assert [c["label"] for c in top["confidences"]] == [a for a, _ in expected.top]
 
@@ -140,7 +141,7 @@ def test_browser_upload_ask_and_read_answer(demo, tiny_vqa, tmp_path):
         page.wait_for_timeout(500)  # let the confidence bars finish rendering
         page.screenshot(path=str(shot), full_page=True)
         browser.close()
-    assert shown == expected.text
+    assert shown == (expected.text or EMPTY_ANSWER)
     assert shot.stat().st_size > 10_000
     keep = os.environ.get("ADAPTKIT_SCREENSHOT")
     if keep:

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import load_file
 
 from adaptkit.cli import main
+from tests.conftest import AT_INPUT
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "easyvqa_qformer_lora.yaml")
@@ -25,9 +26,9 @@ def _port() -> int:
         return sock.getsockname()[1]
 
 
-def test_two_processes_stay_in_sync_and_match_one(tiny_overrides, tmp_path):
+def _common(tiny_overrides) -> list[str]:
     kept = [o for o in tiny_overrides if not o.startswith(("output_dir=", "batch_size=", "max_steps="))]
-    common = [
+    return [
         *kept,
         "max_steps=5",
         "lora.start_step=2",  # LoRA unused for two steps: DDP must cope with parameters without gradients
@@ -38,23 +39,33 @@ def test_two_processes_stay_in_sync_and_match_one(tiny_overrides, tmp_path):
         "log_every=1",
         "log_samples=true",
     ]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["train", RECIPE, *common, "batch_size=4", f"output_dir={one}"]) == 0
+
+
+def _train_two_processes(common: list[str], out: Path) -> None:
+    """``adaptkit train`` in two gloo processes (batch 2 each); checks that the replicas stayed identical."""
     launch = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--num_cpu_threads_per_process", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-        "-m", "adaptkit", "train", RECIPE, *common, "batch_size=2", f"output_dir={two}",
+        "-m", "adaptkit", "train", RECIPE, *common, "batch_size=2", f"output_dir={out}",
     ]  # fmt: skip
     # On CPU, Accelerate sets up gloo DDP for torchrun-launched processes when ACCELERATE_USE_CPU=1.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
-
-    rows = [json.loads(line) for line in (two / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     digests = [r for r in rows if "replica_digests" in r]
     assert [r["step"] for r in digests] == [1, 2, 3, 4, 5]
     assert all(len(r["replica_digests"]) == 2 and len(set(r["replica_digests"])) == 1 for r in digests)
+
+
+def test_two_processes_stay_in_sync_and_match_one(tiny_overrides, tmp_path):
+    # One question per sequence: one process with batch 4 draws the same global batches as two with 2 each
+    # (packed batches are cut per process, so they cannot match; next test).
+    common = [*_common(tiny_overrides), *AT_INPUT]
+    one, two = tmp_path / "one", tmp_path / "two"
+    assert main(["train", RECIPE, *common, "batch_size=4", f"output_dir={one}"]) == 0
+    _train_two_processes(common, two)
 
     # Same global batch (2 x 2 vs 4), same samples per step: same training within float rounding.
     losses = {
@@ -83,6 +94,20 @@ def test_two_processes_stay_in_sync_and_match_one(tiny_overrides, tmp_path):
     assert ev_two["accuracy"] == ev_one["accuracy"]
     log = (two / "train.log").read_text()
     assert log.count("saved run to") == 1  # one process logs and saves
+
+
+def test_two_processes_with_the_shipped_path(tiny_overrides, tmp_path):
+    # Soft tokens injected above layer 0 with cached lower-layer states, packed questions: the replicas
+    # stay identical (checked every step), every global batch holds 4 different questions, and no question
+    # is drawn twice within the epoch (5 steps x 4 of the 24).
+    two = tmp_path / "two"
+    _train_two_processes(_common(tiny_overrides), two)
+    seen = [json.loads(line)["indices"] for line in (two / "samples.jsonl").read_text().splitlines()]
+    flat = [i for batch in seen for i in batch]
+    assert len(seen) == 5 and all(len(batch) == 4 for batch in seen) and len(set(flat)) == 20
+    assert json.loads((two / "eval.json").read_text())["n"] == 24
+    log = (two / "train.log").read_text()
+    assert "lower-layer states" in log and log.count("saved run to") == 1
 
 
 def test_example_accelerate_configs_parse():

@@ -6,6 +6,7 @@ from adaptkit.config import load_recipe
 from adaptkit.data.collate import VQADataset, collate_prompts, collate_train
 from adaptkit.data.formats import load_jsonl
 from adaptkit.model import build_model
+from tests.conftest import AT_INPUT
 
 
 def _setup(tiny_overrides, tiny_vqa):
@@ -65,7 +66,7 @@ def test_save_and_load_trainables_round_trip(tiny_overrides, tiny_vqa, tmp_path)
 
 
 def test_text_conditioned_adapter_reads_the_prompt_but_never_the_answer(tiny_overrides, tiny_vqa):
-    _, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
+    _, model, dataset, feats = _setup([*tiny_overrides, *AT_INPUT], tiny_vqa)
     batch = collate_train([dataset[i] for i in (0, 1)], model.tokenizer.pad_token_id)
     f = feats[batch["image"]]
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]

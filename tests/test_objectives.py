@@ -14,6 +14,7 @@ from adaptkit.data.collate import VQADataset, answer_vocab, collate_train
 from adaptkit.data.formats import load_jsonl
 from adaptkit.model import build_model, compile_lm_layers
 from adaptkit.train import param_groups, train
+from tests.conftest import AT_INPUT
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
@@ -40,7 +41,8 @@ def test_answer_vocab_is_most_frequent_first_and_capped():
 
 
 def test_loss_is_the_weighted_sum_of_lm_and_classification(tiny_overrides, tiny_vqa):
-    _, model, batch, feats, vocab = _model_and_batch(tiny_overrides, tiny_vqa)
+    # At the LM's input, so the soft tokens can be read back from the embedded sequence below.
+    _, model, batch, feats, vocab = _model_and_batch([*tiny_overrides, *AT_INPUT], tiny_vqa)
     args = (feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
     total = model(*args, batch["answer_class"])
     lm_only = model(*args)  # no classes given: the LM loss alone
@@ -121,7 +123,9 @@ def test_compiled_layers_give_the_same_loss_and_gradients(tiny_overrides):
 
 def test_training_with_both_objectives_and_compiled_layers(tiny_overrides, tmp_path):
     recipe = load_recipe(
-        RECIPE, [*tiny_overrides, "objectives.classify=0.5", "compile=true", "log_every=1", "eval_every=2"]
+        RECIPE,
+        [*tiny_overrides, "objectives.classify=0.5", "pack_questions=1", "compile=true"]
+        + ["log_every=1", "eval_every=2"],
     )
     summary = train(recipe)
     run = tmp_path / "run"

@@ -111,7 +111,7 @@ def test_without_the_segment_mask_questions_would_see_each_other(tiny_overrides,
 @pytest.mark.parametrize(
     "extra, needs",
     [
-        (["pack_questions=2"], "adapter.text_conditioned=false"),
+        (["pack_questions=2", "adapter.text_conditioned=true"], "adapter.text_conditioned=false"),
         ([*PACKED, "objectives.classify=0.5"], "objectives.classify=0"),
     ],
 )
