@@ -58,7 +58,7 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     model.train()
     model.lora_active = True  # the slower phase: LoRA on
     # As `adaptkit train` does: compile (the first, untimed warm-up step compiles) and the lower-layer
-    # state cache (filled by the warm-up steps' texts, then by any new text as met).
+    # state cache (filled below, before timing).
     lower_states = prepare_for_training(model, recipe)
     start = time.perf_counter()
     origins = {s.image: s.origin for s in samples}
