@@ -91,6 +91,19 @@ def param_groups(model, recipe: Recipe) -> list[dict]:
     return groups
 
 
+def build_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.Optimizer:
+    """AdamW, fused (one kernel over all parameters) where torch has a fused kernel for their device.
+
+    On CPU the default per-parameter AdamW spends ~40 ms a step on the ~190 tensors of the default
+    recipe; the fused kernel ~8 ms, with the same arithmetic (``tests/test_train.py``).
+    """
+    try:
+        return torch.optim.AdamW(groups, weight_decay=weight_decay, fused=True)
+    except RuntimeError as err:  # parameters on a device without a fused kernel
+        log.info("AdamW without the fused kernel (%s)", err)
+        return torch.optim.AdamW(groups, weight_decay=weight_decay)
+
+
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, procs: int = 1) -> LambdaLR:
     """Linear warmup then cosine decay to 0, per group; LoRA's starts at ``lora.start_step``.
 
@@ -383,7 +396,7 @@ def train(recipe: Recipe) -> dict:
             100 * padding_fraction(lengths, plain.batches(0)),
         )
     groups = param_groups(model, recipe)
-    optimizer = torch.optim.AdamW(groups, weight_decay=recipe.weight_decay)
+    optimizer = build_optimizer(groups, recipe.weight_decay)
     procs = accelerator.num_processes
     scheduler = build_scheduler(optimizer, recipe, procs)
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)

@@ -44,6 +44,7 @@ from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches
 from adaptkit.model import add_answer_objective, build_model, prepare_for_training
 from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
 from adaptkit.runs import subset
+from adaptkit.train import build_optimizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -94,7 +95,10 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         if recipe.length_grouping > 1:
             grouped = LengthGroupedBatches(lengths, len(batches[0]), recipe.length_grouping, recipe.seed)
             batches = grouped.batches(0)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-5)
+    # The optimizer `adaptkit train` builds (fused AdamW where torch has the kernel).
+    optimizer = build_optimizer(
+        [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-5}], 0.0
+    )
 
     def step(batch_ids):
         batch = collate([ds[i] for i in batch_ids])

@@ -7,7 +7,7 @@ import torch
 
 from adaptkit.config import load_recipe
 from adaptkit.model import build_model
-from adaptkit.train import build_scheduler, param_groups, train
+from adaptkit.train import build_optimizer, build_scheduler, param_groups, train
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
@@ -28,6 +28,29 @@ def _lrs(recipe, steps, procs=1):
         for _ in range(procs):  # Accelerate steps a prepared scheduler once per process
             scheduler.step()
     return out
+
+
+def test_fused_adamw_follows_the_plain_one():
+    """Training's optimizer is fused AdamW on CPU; it takes the same steps as the per-parameter one
+    (two groups, weight decay, a parameter without a gradient in some steps)."""
+    torch.manual_seed(0)
+    start = [torch.randn(7, 5), torch.randn(11), torch.randn(3, 3)]
+    grads = [[torch.randn_like(t) for t in start] for _ in range(6)]
+    runs = []
+    for make in (build_optimizer, lambda g, wd: torch.optim.AdamW(g, weight_decay=wd)):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        groups = [{"params": params[:2], "lr": 1e-2}, {"params": params[2:], "lr": 3e-3}]
+        optimizer = make(groups, 0.1)
+        for n, step in enumerate(grads):
+            for k, (p, g) in enumerate(zip(params, step)):
+                p.grad = None if (k == 2 and n < 2) else g.clone()  # LoRA before lora.start_step
+            optimizer.step()
+        runs.append((optimizer, params))
+    (fused, got), (_, want) = runs
+    assert fused.param_groups[0]["fused"] is True
+    for a, b, t in zip(got, want, start):
+        assert not torch.equal(a, t)
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-6)
 
 
 def test_schedule_is_the_same_for_any_process_count():
