@@ -14,10 +14,12 @@ memory: entries beyond ``max_mb`` are evicted, least recently used first.
 from __future__ import annotations
 
 import contextlib
+import inspect
 from collections import OrderedDict
 
 import torch
 from torch import nn
+from transformers import DynamicCache
 
 
 @contextlib.contextmanager
@@ -40,6 +42,13 @@ def decoder_slice(decoder: nn.Module, start: int, stop: int | None, final_norm: 
         decoder.norm = norm
 
 
+def cache_kwarg(module: nn.Module, cache) -> dict:
+    """``{name: cache}`` under the name ``module.forward`` takes a KV cache by: ``cache`` in recent
+    transformers (which deprecated ``past_key_values``), ``past_key_values`` before."""
+    params = inspect.signature(module.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
 class LowerStateCache:
     """Hidden states entering decoder layer ``layer`` for lead + text sequences, by text token ids.
 
@@ -48,35 +57,59 @@ class LowerStateCache:
         lead: ``(n_lead, D)`` input embeddings of the lead (sink token, zero placeholders).
         layer: the injection layer k.
         max_mb: memory budget of the stored text states.
+        keep_kv: also keep each text's attention keys and values in the layers below k (generation:
+            decoding a new token attends to them in every layer; about ``2k * kv_dim / D`` times the
+            memory of the states alone).
     """
 
-    def __init__(self, decoder: nn.Module, lead: torch.Tensor, layer: int, max_mb: float) -> None:
+    def __init__(
+        self, decoder: nn.Module, lead: torch.Tensor, layer: int, max_mb: float, keep_kv: bool = False
+    ) -> None:
         self.decoder = decoder
         self.layer = layer
+        self.keep_kv = keep_kv
         self.max_bytes = int(max_mb * 2**20)
         self.bytes = 0
         self.hits = self.misses = 0
-        self.store: OrderedDict[tuple[int, ...], torch.Tensor] = OrderedDict()
+        # text ids -> (states (T, D), keys and values below k (k, 2, kv_heads, T, head_dim) or None)
+        self.store: OrderedDict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = OrderedDict()
         self._lead_embeds = lead[None]
-        self.lead = self._run(lead[None], torch.ones(1, lead.shape[0], dtype=torch.long, device=lead.device))[
-            0
-        ]
+        states, kv = self._run(lead[None], torch.ones(1, lead.shape[0], dtype=torch.long, device=lead.device))
+        self.lead = states[0]
+        self.lead_kv = None if kv is None else kv[:, :, 0]
 
     @torch.no_grad()
-    def _run(self, embeds: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _run(self, embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """States entering layer k, and with ``keep_kv`` the keys/values ``(k, 2, B, kv_heads, T, hd)``."""
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        cache = DynamicCache(config=self.decoder.config) if self.keep_kv else None
         with decoder_slice(self.decoder, 0, self.layer, final_norm=False):
-            return self.decoder(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=False
+            states = self.decoder(
+                inputs_embeds=embeds,
+                attention_mask=mask,
+                position_ids=positions,
+                **cache_kwarg(self.decoder, cache),
+                use_cache=self.keep_kv,
             ).last_hidden_state
+        if cache is None:
+            return states, None
+        layers = cache.layers[: self.layer]
+        return states, torch.stack([torch.stack([c.keys, c.values]) for c in layers])
 
-    @torch.no_grad()
     def texts(self, sequences: list[tuple[int, ...]], embedding: nn.Module) -> list[torch.Tensor]:
         """``(len(seq), D)`` states entering layer k of each text token, the text following the lead."""
+        return [states for states, _ in self.entries(sequences, embedding)]
+
+    @torch.no_grad()
+    def entries(
+        self, sequences: list[tuple[int, ...]], embedding: nn.Module
+    ) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+        """``(states, kv)`` of each text: :meth:`texts`' states and, with ``keep_kv``, the text's keys and
+        values below layer k, ``(k, 2, kv_heads, len(seq), head_dim)``."""
         missing = list(dict.fromkeys(s for s in sequences if s not in self.store))
         self.misses += len(missing)
         self.hits += len(sequences) - len(missing)
-        computed: dict[tuple[int, ...], torch.Tensor] = {}
+        computed: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
         if missing:
             device = self.lead.device
             n_lead, longest = self.lead.shape[0], max(len(s) for s in missing)
@@ -86,18 +119,22 @@ class LowerStateCache:
                 ids[i, : len(seq)] = torch.tensor(seq, device=device)
                 mask[i, : n_lead + len(seq)] = 1
             lead = self._lead_embeds.expand(len(missing), -1, -1)
-            states = self._run(torch.cat([lead, embedding(ids).to(lead.dtype)], dim=1), mask)
+            states, kv = self._run(torch.cat([lead, embedding(ids).to(lead.dtype)], dim=1), mask)
             for i, seq in enumerate(missing):
-                computed[seq] = states[i, n_lead : n_lead + len(seq)].clone()
+                span = slice(n_lead, n_lead + len(seq))
+                computed[seq] = (
+                    states[i, span].clone(),
+                    None if kv is None else kv[:, :, i, :, span].clone(),
+                )
         out = []
         for seq in sequences:
-            state = self.store.get(seq)
-            if state is None:
-                state = computed[seq]
-                self._put(seq, state)
+            entry = self.store.get(seq)
+            if entry is None:
+                entry = computed[seq]
+                self._put(seq, entry)
             else:
                 self.store.move_to_end(seq)
-            out.append(state)
+            out.append(entry)
         return out
 
     def fill(self, sequences, embedding: nn.Module, batch: int = 64) -> int:
@@ -108,12 +145,16 @@ class LowerStateCache:
             self.texts(todo[start : start + batch], embedding)
         return len(todo)
 
-    def _put(self, key: tuple[int, ...], state: torch.Tensor) -> None:
-        size = state.numel() * state.element_size()
+    def _put(self, key: tuple[int, ...], entry: tuple[torch.Tensor, torch.Tensor | None]) -> None:
+        size = _nbytes(entry)
         if size > self.max_bytes:
             return
-        self.store[key] = state
+        self.store[key] = entry
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self.store.popitem(last=False)
-            self.bytes -= old.numel() * old.element_size()
+            self.bytes -= _nbytes(old)
+
+
+def _nbytes(entry: tuple[torch.Tensor, torch.Tensor | None]) -> int:
+    return sum(t.numel() * t.element_size() for t in entry if t is not None)

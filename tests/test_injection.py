@@ -114,6 +114,41 @@ def test_generation_injects_once_and_matches_the_training_forward(tiny_overrides
     torch.testing.assert_close(out.scores[0][0], logits, atol=1e-4, rtol=1e-4)
 
 
+def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_overrides, tiny_vqa):
+    """Generation looks up each prompt's states and keys/values below the injection layer per text and
+    runs only the upper layers on the prompt; tokens and log-probabilities equal transformers'
+    ``generate`` on the whole model, for left-padded prompts of several lengths, over several steps."""
+    model, _, _, feats, items = _model_and_batches(tiny_overrides, tiny_vqa)
+    model.eval()
+    prompts = collate_prompts(items, model.tokenizer.pad_token_id)
+    lengths = prompts["attention_mask"].sum(-1)
+    assert lengths.min() < lengths.max()  # left padding is exercised
+    args = (feats[prompts["image"]], prompts["input_ids"], prompts["attention_mask"], 4)
+    with torch.no_grad():
+        want_tokens, want_logp = model._greedy_full(*args, stop_at_eos=False)
+        got_tokens, got_logp = model.greedy(*args, stop_at_eos=False)
+    cache = model._prompt_states
+    texts = {tuple(ids[-n:]) for ids, n in zip(prompts["input_ids"].tolist(), lengths.tolist())}
+    assert cache is not None and cache.misses == len(texts)  # the injected path ran, once per text
+    assert got_tokens.shape == (len(items), 4)
+    assert torch.equal(got_tokens, want_tokens)
+    torch.testing.assert_close(got_logp, want_logp, atol=1e-5, rtol=1e-5)
+    # Again, all from the cache, now stopping at EOS: the answers and scores of `generate` as before.
+    hits = cache.hits
+    with torch.no_grad():
+        answers, scores = model.generate(*args)
+    assert cache.misses == len(texts) and cache.hits == hits + len(items)
+    want_answers = model.tokenizer.batch_decode(want_tokens, skip_special_tokens=True)
+    eos = model.tokenizer.eos_token_id
+    for answer, want, row in zip(answers, want_answers, want_tokens.tolist()):
+        if eos not in row:
+            assert answer == want.strip()
+    # Other image features change the answers' probabilities (the soft tokens reach the upper layers).
+    with torch.no_grad():
+        _, other = model.greedy(torch.randn_like(args[0]), *args[1:], stop_at_eos=False)
+    assert (other - got_logp).abs().max() > 1e-4
+
+
 def test_lower_state_cache_stays_within_its_budget(tiny_overrides, tiny_vqa):
     model, plain, _, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
     per_token = 64 * 4  # hidden 64, float32
