@@ -205,6 +205,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location("adaptkit_demo_app", script)
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
+    logging.getLogger("adaptkit").setLevel(logging.INFO)
     predictor = load_for_inference(args.dir, device=_device(args))
     demo.launch(predictor, host=args.host, port=args.port, share=args.share)
     return 0

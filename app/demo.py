@@ -14,10 +14,14 @@ api_name="/answer")`` returns ``(answer_text, top_answers)``).
 from __future__ import annotations
 
 import argparse
+import atexit
 import logging
 import os
 import shutil
+import signal
+import sys
 import tempfile
+import threading
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings from a demo of your model
@@ -30,7 +34,7 @@ QUEUE_SIZE = 16
 EMPTY_ANSWER = "(no answer: the model ended its reply at once)"
 NOT_AN_IMAGE = "This file is not an image I can read ({why}). Upload a PNG, JPEG, WebP, GIF or BMP image."
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("adaptkit.demo")
 
 
 class _BadUpload(str):
@@ -88,6 +92,8 @@ def example_rows(predictor, count: int = 4) -> list[list[str]]:
         log.warning("no examples: %s", err)
         return []
     folder = Path(tempfile.mkdtemp(prefix="adaptkit-demo-"))
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # served while the demo runs, then removed
+    log.info("example images copied to %s (removed when the demo exits)", folder)
     rows, seen = [], set()
     for sample in samples:
         if sample.image in seen or not Path(sample.image).is_file():
@@ -144,6 +150,9 @@ def build_demo(predictor, examples: list[list[str]] | None = None) -> gr.Blocks:
 
 def launch(predictor, host: str = "127.0.0.1", port: int = 7860, share: bool = False, block: bool = True):
     """Serve the demo; returns ``(demo, url)`` (with ``block=False`` the server runs in a thread)."""
+    if block and threading.current_thread() is threading.main_thread():
+        # SIGTERM (a service manager, `kill`) exits like Ctrl-C, so exit handlers (temp files) run.
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     demo = build_demo(predictor, example_rows(predictor))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the demo is bound to %s: anyone who reaches this address can use it", host)

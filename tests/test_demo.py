@@ -68,6 +68,12 @@ def demo(tiny_run, tmp_path_factory):
         proc.wait(timeout=20)
     except subprocess.TimeoutExpired:
         proc.kill()
+        pytest.fail(f"the demo did not exit on SIGTERM within 20 s:\n{log_path.read_text()[-3000:]}")
+    # Its example images were copied to a temp folder; a terminated demo removes it.
+    logged = [line for line in log_path.read_text().splitlines() if "example images copied to" in line]
+    assert logged, log_path.read_text()[-3000:]
+    folder = Path(logged[-1].split("copied to ")[1].split(" (removed")[0])
+    assert folder.name.startswith("adaptkit-demo-") and not folder.exists()
 
 
 def _sample(tiny_vqa):
