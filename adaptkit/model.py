@@ -89,7 +89,8 @@ class MultimodalModel(nn.Module):
         self._pending_soft: torch.Tensor | None = None
         self.lower_states: LowerStateCache | None = None
         # Generation with inject_layer: prompts' lower-layer states and keys/values by text (_prompt_cache),
-        # least recently used evicted beyond this budget.
+        # least recently used evicted beyond this budget (build_model: the recipe's lower_state_cache_mb;
+        # 0: generate through the whole model).
         self._prompt_states: LowerStateCache | None = None
         self.prompt_cache_mb = 256.0
         if inject_layer:
@@ -334,7 +335,7 @@ class MultimodalModel(nn.Module):
         transformers' ``generate`` does). With ``adapter.inject_layer`` k > 0 the prompts' layers below
         k come from a per-text cache of their states and keys/values (:meth:`_greedy_injected`).
         """
-        if self.inject_layer and self._prompt_cache() is not None:
+        if self.inject_layer and self.prompt_cache_mb > 0 and self._prompt_cache() is not None:
             return self._greedy_injected(features, input_ids, attention_mask, max_new_tokens, stop_at_eos)
         return self._greedy_full(features, input_ids, attention_mask, max_new_tokens, stop_at_eos)
 
@@ -587,6 +588,7 @@ def build_model(
         )
         lm = get_peft_model(lm, lora)
     model = MultimodalModel(vision, adapter, lm, tokenizer, inject_layer=inject)
+    model.prompt_cache_mb = recipe.lower_state_cache_mb
     if recipe.activation_checkpointing:
         # Recompute each checkpointed LM layer's activations in the backward pass instead of keeping them:
         # activations, not the frozen weights, dominate a small LM's training memory.

@@ -148,6 +148,15 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
         _, other = model.greedy(torch.randn_like(args[0]), *args[1:], stop_at_eos=False)
     assert (other - got_logp).abs().max() > 1e-4
 
+    # lower_state_cache_mb=0: generation runs the whole model and keeps nothing.
+    off, *_ = _model_and_batches(tiny_overrides, tiny_vqa, extra=["lower_state_cache_mb=0"])
+    off.eval()
+    with torch.no_grad():
+        off_tokens, off_logp = off.greedy(*args, stop_at_eos=False)
+    assert off.prompt_cache_mb == 0 and off._prompt_states is None
+    assert torch.equal(off_tokens, want_tokens)
+    torch.testing.assert_close(off_logp, want_logp, atol=1e-5, rtol=1e-5)
+
 
 def test_lower_state_cache_stays_within_its_budget(tiny_overrides, tiny_vqa):
     model, plain, _, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
