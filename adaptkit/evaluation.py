@@ -66,25 +66,32 @@ def predict(
     progress: bool = True,
     desc: str = "evaluating",
 ) -> tuple[list[str], list[float]]:
-    """Greedy answers (and their probabilities) for every sample of ``dataset``, in order."""
+    """Greedy answers (and their probabilities) for every sample of ``dataset``, in order.
+
+    Batches are made of prompts of similar length (the samples sorted by prompt length, the answers put
+    back in dataset order), so left padding costs little.
+    """
     was_training = model.training
     model.eval()
+    order = sorted(range(len(dataset)), key=lambda i: len(dataset[i]["prompt"]))
     loader = DataLoader(
-        dataset,
+        Subset(dataset, order),
         batch_size=batch_size,
         shuffle=False,
         collate_fn=lambda items: collate_prompts(items, model.tokenizer.pad_token_id),
     )
     device = model.base_lm.get_input_embeddings().weight.device
-    answers: list[str] = []
-    scores: list[float] = []
+    answers: list[str] = [""] * len(dataset)
+    scores: list[float] = [0.0] * len(dataset)
+    done = 0
     for batch in tqdm(loader, desc=desc, unit="batch", disable=not progress):
         feats = features.lookup(batch["image"])
         got, probs = model.generate(
             feats, batch["input_ids"].to(device), batch["attention_mask"].to(device), max_new_tokens
         )
-        answers += got
-        scores += probs
+        for i, answer, prob in zip(order[done : done + len(got)], got, probs):
+            answers[i], scores[i] = answer, prob
+        done += len(got)
     model.train(was_training)
     return answers, scores
 

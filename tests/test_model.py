@@ -52,6 +52,27 @@ def test_generation_is_padding_invariant(tiny_overrides, tiny_vqa):
     assert all(0.0 <= s <= 1.0 for s in scores)
 
 
+def test_predict_batches_by_length_and_answers_in_dataset_order(tiny_overrides, tiny_vqa):
+    """`evaluation.predict` sorts prompts by length into batches and puts the answers back in order."""
+    from adaptkit.evaluation import predict
+
+    _, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
+    lengths = [len(dataset[i]["prompt"]) for i in range(len(dataset))]
+    assert lengths != sorted(lengths)  # the order matters
+
+    class Bank:
+        def lookup(self, rows):
+            return feats[rows]
+
+    answers, scores = predict(model, dataset, Bank(), batch_size=3, max_new_tokens=3, progress=False)
+    assert len(answers) == len(dataset)
+    for i in range(len(dataset)):
+        one = collate_prompts([dataset[i]], model.tokenizer.pad_token_id)
+        alone, alone_score = model.generate(feats[one["image"]], one["input_ids"], one["attention_mask"], 3)
+        assert alone == [answers[i]]
+        assert abs(alone_score[0] - scores[i]) < 1e-4
+
+
 def test_save_and_load_trainables_round_trip(tiny_overrides, tiny_vqa, tmp_path):
     recipe, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
     batch = collate_train([dataset[i] for i in range(4)], model.tokenizer.pad_token_id)
