@@ -148,6 +148,15 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
         _, other = model.greedy(torch.randn_like(args[0]), *args[1:], stop_at_eos=False)
     assert (other - got_logp).abs().max() > 1e-4
 
+    # The cache follows the LM: kept while it stays put, recomputed after a change of dtype.
+    with torch.no_grad():
+        model.greedy(*args, stop_at_eos=False)
+        assert model._prompt_states is cache
+        model.double()
+        wide_tokens, wide_logp = model.greedy(args[0].double(), *args[1:], stop_at_eos=False)
+    assert model._prompt_states is not cache and model._prompt_states.lead.dtype == torch.float64
+    assert torch.equal(wide_tokens, want_tokens)
+    torch.testing.assert_close(wide_logp, want_logp, atol=1e-4, rtol=1e-4)
     # lower_state_cache_mb=0: generation runs the whole model and keeps nothing.
     off, *_ = _model_and_batches(tiny_overrides, tiny_vqa, extra=["lower_state_cache_mb=0"])
     off.eval()
