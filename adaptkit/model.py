@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from adaptkit.adapters import build_adapter
 from adaptkit.backbones.language import load_language_model
@@ -336,8 +338,11 @@ class MultimodalModel(nn.Module):
         transformers' ``generate`` does). With ``adapter.inject_layer`` k > 0 the prompts' layers below
         k come from a per-text cache of their states and keys/values (:meth:`_greedy_injected`).
         """
-        if self.inject_layer and self.prompt_cache_mb > 0 and self._prompt_cache() is not None:
-            return self._greedy_injected(features, input_ids, attention_mask, max_new_tokens, stop_at_eos)
+        cache = self._prompt_cache() if self.inject_layer and self.prompt_cache_mb > 0 else None
+        if cache is not None:
+            return self._greedy_injected(
+                cache, features, input_ids, attention_mask, max_new_tokens, stop_at_eos
+            )
         return self._greedy_full(features, input_ids, attention_mask, max_new_tokens, stop_at_eos)
 
     def _greedy_full(self, features, input_ids, attention_mask, max_new_tokens, stop_at_eos):
@@ -359,37 +364,30 @@ class MultimodalModel(nn.Module):
         return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
 
     def _prompt_cache(self) -> LowerStateCache | None:
-        """The generation cache of prompts' lower-layer states and keys/values (made on first use, on the
-        LM's current device and dtype); None where the LM's cache layers are not plain full-attention
-        layers (sliding windows), which then generate through the full forward pass."""
+        """The generation cache of prompts' lower-layer states and keys/values (made on first use, again
+        when the LM's device or dtype changes); None where the LM's cache layers are not plain
+        full-attention layers (sliding windows), which then generate through the full forward pass."""
         embedding = self.base_lm.get_input_embeddings()
         where = (embedding.weight.device, embedding.weight.dtype)
-        if self._prompt_states is not None and self._prompt_states_on == where:
+        if self._prompt_states_on == where:  # decided for this device and dtype (None: not supported)
             return self._prompt_states
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
+        self._prompt_states = None
         layers = DynamicCache(config=self.base_lm.config).layers
-        if not all(type(layer) is DynamicLayer for layer in layers):
-            return None
-        lead = self._lead(embedding, 1, self.adapter.num_queries, embedding.weight.device)[0]
-        decoder = self.base_lm.get_decoder()
-        self._prompt_states = LowerStateCache(
-            decoder, lead, self.inject_layer, self.prompt_cache_mb, keep_kv=True
-        )
+        if all(type(layer) is DynamicLayer for layer in layers):
+            lead = self._lead(embedding, 1, self.adapter.num_queries, embedding.weight.device)[0]
+            self._prompt_states = LowerStateCache(
+                self.base_lm.get_decoder(), lead, self.inject_layer, self.prompt_cache_mb, keep_kv=True
+            )
         self._prompt_states_on = where
         return self._prompt_states
 
-    def _greedy_injected(self, features, input_ids, attention_mask, max_new_tokens, stop_at_eos):
+    def _greedy_injected(self, cache, features, input_ids, attention_mask, max_new_tokens, stop_at_eos):
         """:meth:`greedy` with soft tokens at layer k: each prompt's states entering layer k and its keys
         and values in the layers below k are looked up per distinct text (computed once, kept in
         ``_prompt_states``), the prompt runs through layers k.. only, and every new token then runs
         through all layers, attending to the looked-up keys below k. Same arithmetic as the full pass
         (tests/test_injection.py); on easy-VQA's test split, whose 9,673 questions share 107 prompts,
-        two thirds of the prompt work disappears."""
-        from transformers import DynamicCache
-
-        cache = self._prompt_cache()
+        two thirds of the prompt work disappears. ``cache``: :meth:`_prompt_cache`."""
         embedding, text, soft = self._text_and_soft(features, input_ids, attention_mask)
         rows, width = input_ids.shape
         lengths = attention_mask.sum(-1).tolist()

@@ -24,6 +24,15 @@ def _setup(tiny_overrides, tiny_vqa):
     return recipe, model.eval(), dataset, feats
 
 
+def _generate_alone(model, feats, item, max_new_tokens=3) -> tuple[str, float]:
+    """One sample's greedy answer and its probability, generated in a batch of its own."""
+    one = collate_prompts([item], model.tokenizer.pad_token_id)
+    answers, scores = model.generate(
+        feats[one["image"]], one["input_ids"], one["attention_mask"], max_new_tokens
+    )
+    return answers[0], scores[0]
+
+
 def test_target_only_loss_matches_full_logit_loss(tiny_overrides, tiny_vqa):
     _, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
     batch = collate_train([dataset[i] for i in (0, 1, 2, 5)], model.tokenizer.pad_token_id)
@@ -45,10 +54,9 @@ def test_generation_is_padding_invariant(tiny_overrides, tiny_vqa):
     batch = collate_prompts(items, model.tokenizer.pad_token_id)
     answers, scores = model.generate(feats[batch["image"]], batch["input_ids"], batch["attention_mask"], 3)
     for i, item in enumerate(items):
-        one = collate_prompts([item], model.tokenizer.pad_token_id)
-        alone, alone_score = model.generate(feats[one["image"]], one["input_ids"], one["attention_mask"], 3)
-        assert alone == [answers[i]]
-        assert abs(alone_score[0] - scores[i]) < 1e-4
+        alone, alone_score = _generate_alone(model, feats, item)
+        assert alone == answers[i]
+        assert abs(alone_score - scores[i]) < 1e-4
     assert all(0.0 <= s <= 1.0 for s in scores)
 
 
@@ -67,10 +75,9 @@ def test_predict_batches_by_length_and_answers_in_dataset_order(tiny_overrides, 
     answers, scores = predict(model, dataset, Bank(), batch_size=3, max_new_tokens=3, progress=False)
     assert len(answers) == len(dataset)
     for i in range(len(dataset)):
-        one = collate_prompts([dataset[i]], model.tokenizer.pad_token_id)
-        alone, alone_score = model.generate(feats[one["image"]], one["input_ids"], one["attention_mask"], 3)
-        assert alone == [answers[i]]
-        assert abs(alone_score[0] - scores[i]) < 1e-4
+        alone, alone_score = _generate_alone(model, feats, dataset[i])
+        assert alone == answers[i]
+        assert abs(alone_score - scores[i]) < 1e-4
 
 
 def test_save_and_load_trainables_round_trip(tiny_overrides, tiny_vqa, tmp_path):
