@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from adaptkit.data.collate import answer_vocab, collate_prompts, collate_train
+from adaptkit.data.collate import answer_vocab, collate_prompts, collate_train, format_prompt
 from adaptkit.data.features import UnusableImage, decode_image, encode_images, open_image, to_rgb
 from adaptkit.data.formats import DataError
 from adaptkit.runs import read_json
@@ -96,7 +96,7 @@ class Predictor:
         return self.recipe.data.prompt_template
 
     def _prompts(self, questions: Sequence[str]) -> list[list[int]]:
-        texts = [self.template.format(question=q) for q in questions]
+        texts = [format_prompt(self.template, q) for q in questions]
         return self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     @torch.no_grad()

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from adaptkit.backbones.language import load_language_model
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.config import Recipe
+from adaptkit.data.collate import format_prompt
 from adaptkit.data.features import encode_images, open_image
 from adaptkit.data.formats import load_vqa
 from adaptkit.perf import significant
@@ -53,7 +54,7 @@ def check_language(recipe: Recipe, samples, levels: list[str], device, batch_siz
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        prompts = [recipe.data.prompt_template.format(question=s.question) for s in chunk]
+        prompts = [format_prompt(recipe.data.prompt_template, s.question) for s in chunk]
         texts = [p + " " + s.answer.strip() + tokenizer.eos_token for p, s in zip(prompts, chunk)]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         prompt_lens = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]

@@ -50,6 +50,40 @@ def test_predictor_matches_evaluation_and_ranks_answers(tiny_run, tiny_vqa):
         assert [p for _, p in single.top] == pytest.approx([p for _, p in got[0].top], abs=1e-4)
 
 
+def test_question_whitespace_does_not_change_the_prompt(tiny_run, tiny_vqa):
+    """A question typed with stray spaces, tabs or a newline asks what the training text asked (SmolLM2's
+    byte-level tokenizer would give it other tokens; the tiny word-level one drops whitespace itself, so the
+    texts handed to the tokenizer are checked)."""
+    from adaptkit.data.collate import VQADataset, format_prompt
+    from adaptkit.data.formats import VQASample
+
+    assert format_prompt("Q: {question} A:", "  what  is\tthe shape? \n") == "Q: what is the shape? A:"
+    predictor = load_for_inference(tiny_run, "cpu")
+    images, questions = _samples(tiny_vqa)
+    messy = [" " + q.replace(" ", "  \t", 1) + " \n" for q in questions[:3]]
+    tokenizer, seen = predictor.model.tokenizer, []
+
+    class Spy:  # the tokenizer, recording the texts of each call
+        def __call__(self, texts, *args, **kwargs):
+            seen.append(list(texts))
+            return tokenizer(texts, *args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(tokenizer, name)
+
+    spy = predictor.model.tokenizer = Spy()
+    try:
+        predictor._prompts(messy)
+        samples = [VQASample(image="x.png", question=q, answer="a", origin="test") for q in messy]
+        VQADataset(samples, {"x.png": 0}, spy, predictor.template)
+    finally:
+        predictor.model.tokenizer = tokenizer
+    expected = [format_prompt(predictor.template, q) for q in questions[:3]]
+    assert seen[0] == expected and seen[1] == expected  # the prompts of inference and of training
+    clean, got = predictor.answer_batch(images[:3], questions[:3]), predictor.answer_batch(images[:3], messy)
+    assert [a.text for a in got] == [a.text for a in clean]
+
+
 def test_top_answers_are_the_models_own_ranking(tiny_run, tiny_vqa):
     """The top answer set's probabilities are the model's sequence likelihoods, normalised over the set."""
     predictor = load_for_inference(tiny_run, "cpu")

@@ -1,6 +1,6 @@
 """Tokenized VQA samples and the two batch layouts: training (right-padded) and generation (left-padded).
 
-Text is ``prompt_template.format(question=...)``, then for training ``" " + answer`` and the EOS
+Text is ``format_prompt(prompt_template, question)``, then for training ``" " + answer`` and the EOS
 token. Prompts and answers are tokenized separately so the loss mask falls exactly on answer tokens.
 All tokenization happens once, when the dataset is built.
 """
@@ -14,6 +14,13 @@ import torch
 from torch.utils.data import Dataset
 
 from adaptkit.data.formats import VQASample
+
+
+def format_prompt(template: str, question: str) -> str:
+    """The LM's prompt for a question: ``template`` with ``{question}`` filled in, the question's
+    whitespace normalized (ends stripped, runs of spaces, tabs and newlines made one space), so that
+    "what is the red shape? " asks what training's "what is the red shape?" asked."""
+    return template.format(question=" ".join(question.split()))
 
 
 class VQADataset(Dataset):
@@ -33,7 +40,7 @@ class VQADataset(Dataset):
         # Index of each sample's answer in an answer vocabulary (set_answer_vocab), for objectives.classify.
         self.answer_class: list[int] | None = None
         self.image_rows = [image_rows[s.image] for s in self.samples]
-        prompts = [prompt_template.format(question=s.question) for s in self.samples]
+        prompts = [format_prompt(prompt_template, s.question) for s in self.samples]
         answers = [" " + s.answer.strip() for s in self.samples]
         self.prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
         eos = [tokenizer.eos_token_id]
