@@ -29,7 +29,12 @@ from adaptkit import checkpoint as ckpt
 from adaptkit.config import Recipe, recipe_to_yaml
 from adaptkit.data.collate import collate_packed, collate_train, pack_runs
 from adaptkit.data.feature_cache import FeatureCache, tensor_digest
-from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches, padding_fraction
+from adaptkit.data.sampling import (
+    ImagePackedBatches,
+    LengthGroupedBatches,
+    ProcessSplitBatches,
+    padding_fraction,
+)
 from adaptkit.evaluation import evaluate_vqa
 from adaptkit.inference import ANSWERS_FILE, answer_set
 from adaptkit.model import (
@@ -137,15 +142,19 @@ def _check_output_dir(out: Path) -> None:
         )
 
 
-def _packing_summary(sampler, plain: LengthGroupedBatches, lengths: list[int], n_soft: int) -> str:
-    """LM token slots per question (soft tokens and padding included) with packing and without."""
+def _packing_summary(
+    sampler: ProcessSplitBatches, plain: LengthGroupedBatches, lengths: list[int], n_soft: int
+) -> str:
+    """LM token slots per question (soft tokens and padding included) with packing and without, for the
+    rows each process packs from its slice of the global batches."""
+    packer = sampler.inner
 
     def slots(rows: list[list[int]]) -> int:
         return len(rows) * (n_soft + max(sum(lengths[i] for i in row) for row in rows))
 
     packed = unpacked = questions = 0
     for batch in sampler.batches(0):
-        runs = pack_runs([sampler.image_rows[i] for i in batch], sampler.pack)  # collate_packed's rows
+        runs = pack_runs([packer.image_rows[i] for i in batch], packer.pack)  # collate_packed's rows
         packed += slots([[batch[k] for k in run] for run in runs])
         questions += len(batch)
     for batch in plain.batches(0):
@@ -346,15 +355,21 @@ def train(recipe: Recipe) -> dict:
     lengths = [len(p) + len(t) for p, t in zip(train_ds.prompt_ids, train_ds.target_ids)]
     plain = LengthGroupedBatches(lengths, recipe.batch_size, 1, recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    sampler: LengthGroupedBatches | ImagePackedBatches | None = None
+    procs = accelerator.num_processes
+    # Grouped or packed batches are drawn at the global batch size (batch_size per process x processes)
+    # and cut over the processes, so N processes train on one process's batches of N x batch_size.
+    sampler: ProcessSplitBatches | None = None
     if recipe.pack_questions > 1:
-        sampler = ImagePackedBatches(
-            train_ds.image_rows,
-            recipe.batch_size,
-            recipe.pack_questions,
-            recipe.seed,
-            lengths,
-            recipe.length_grouping,
+        sampler = ProcessSplitBatches(
+            ImagePackedBatches(
+                train_ds.image_rows,
+                recipe.batch_size * procs,
+                recipe.pack_questions,
+                recipe.seed,
+                lengths,
+                recipe.length_grouping,
+            ),
+            procs,
         )
         collate = functools.partial(
             collate_packed, pad_id=model.tokenizer.pad_token_id, pack=recipe.pack_questions
@@ -363,19 +378,22 @@ def train(recipe: Recipe) -> dict:
         log.info(
             "batches: %d per epoch of %d questions, up to %d questions about one image per LM sequence "
             "(length_grouping=%d sorts the rows): %s",
-            len(sampler),
-            recipe.batch_size,
+            len(sampler.inner),
+            recipe.batch_size * procs,
             recipe.pack_questions,
             recipe.length_grouping,
             _packing_summary(sampler, plain, lengths, recipe.adapter.num_queries),
         )
     elif recipe.length_grouping > 1:
-        sampler = LengthGroupedBatches(lengths, recipe.batch_size, recipe.length_grouping, recipe.seed)
+        grouped = LengthGroupedBatches(
+            lengths, recipe.batch_size * procs, recipe.length_grouping, recipe.seed
+        )
+        sampler = ProcessSplitBatches(grouped, procs)
         loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
         log.info(
             "batches: %d per epoch, grouped by length in windows of %d: padding %.1f%% of text token "
             "slots (%.1f%% shuffled plainly)",
-            len(sampler),
+            len(grouped),
             recipe.length_grouping,
             100 * padding_fraction(lengths, sampler.batches(0)),
             100 * padding_fraction(lengths, plain.batches(0)),
@@ -397,7 +415,6 @@ def train(recipe: Recipe) -> dict:
         )
     groups = param_groups(model, recipe)
     optimizer = build_optimizer(groups, recipe.weight_decay)
-    procs = accelerator.num_processes
     scheduler = build_scheduler(optimizer, recipe, procs)
     prepared, optimizer, loader, scheduler = accelerator.prepare(model, optimizer, loader, scheduler)
     trainable = [p for group in groups for p in group["params"]]

@@ -64,7 +64,7 @@ def _train_two_processes(common: list[str], out: Path) -> None:
 
 def test_two_processes_stay_in_sync_and_match_one(tiny_overrides, tmp_path):
     # One question per sequence: one process with batch 4 draws the same global batches as two with 2 each
-    # (packed batches are cut per process, so they cannot match; next test).
+    # (packed ones too: next test).
     common = [*_common(tiny_overrides), *AT_INPUT]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", RECIPE, *common, "batch_size=4", f"output_dir={one}"]) == 0
@@ -101,13 +101,18 @@ def test_two_processes_stay_in_sync_and_match_one(tiny_overrides, tmp_path):
 
 def test_two_processes_with_the_shipped_path(tiny_overrides, tmp_path):
     # Soft tokens injected above layer 0 with cached lower-layer states, packed questions: the replicas
-    # stay identical (checked every step), every global batch holds 4 different questions, and no question
-    # is drawn twice within the epoch (5 steps x 4 of the 24).
-    two = tmp_path / "two"
-    _train_two_processes(_common(tiny_overrides), two)
+    # stay identical (checked every step), every global batch holds 4 different questions, no question is
+    # drawn twice within the epoch (5 steps x 4 of the 24), and the global batches, packed and sorted by
+    # length, are those of one process with batch 4 (each process takes its half of each).
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = _common(tiny_overrides)
+    assert main(["train", RECIPE, *common, "batch_size=4", f"output_dir={one}"]) == 0
+    _train_two_processes(common, two)
     seen = [json.loads(line)["indices"] for line in (two / "samples.jsonl").read_text().splitlines()]
     flat = [i for batch in seen for i in batch]
     assert len(seen) == 5 and all(len(batch) == 4 for batch in seen) and len(set(flat)) == 20
+    one_seen = [json.loads(line)["indices"] for line in (one / "samples.jsonl").read_text().splitlines()]
+    assert seen == one_seen
     assert json.loads((two / "eval.json").read_text())["n"] == 24
     log = (two / "train.log").read_text()
     assert "lower-layer states" in log and log.count("saved run to") == 1

@@ -6,7 +6,12 @@ import random
 
 import pytest
 
-from adaptkit.data.sampling import LengthGroupedBatches, padding_fraction
+from adaptkit.data.sampling import (
+    ImagePackedBatches,
+    LengthGroupedBatches,
+    ProcessSplitBatches,
+    padding_fraction,
+)
 
 
 @pytest.fixture
@@ -45,3 +50,30 @@ def test_grouping_cuts_padding_and_keeps_batches_mixed(lengths):
 
 def test_padding_fraction_by_hand():
     assert padding_fraction([2, 4, 3, 3], [[0, 1], [2, 3]]) == pytest.approx(1 - 12 / 14)
+
+
+@pytest.mark.parametrize("kind", ["grouped", "packed"])
+def test_processes_share_one_process_global_batches(lengths, kind):
+    """Accelerate hands process p every N-th batch from p: N processes with batch 16 train on the global
+    batches of one process with batch 16 x N, for grouped and packed batches alike."""
+    rows = [i // 9 for i in range(len(lengths))]  # 9 questions per image
+
+    def global_batches(size):
+        if kind == "packed":
+            return ImagePackedBatches(rows, size, 4, seed=5, lengths=lengths, group=8)
+        return LengthGroupedBatches(lengths, size, 8, seed=5)
+
+    for procs in (1, 2, 4):
+        one = global_batches(16 * procs)
+        split = ProcessSplitBatches(global_batches(16 * procs), procs)
+        assert split.batch_size == 16 and len(split) == len(one) * procs
+        split.set_epoch(2)
+        drawn = list(split)
+        shards = [drawn[p::procs] for p in range(procs)]  # what each process receives
+        assert all(len(b) == 16 for b in drawn)
+        assert [sum((shard[k] for shard in shards), []) for k in range(len(one))] == one.batches(2)
+    # Cutting per process instead (each drawing its own batches of 16) would not give those batches.
+    cut = global_batches(16).batches(2)
+    assert [cut[2 * k] + cut[2 * k + 1] for k in range(4)] != global_batches(32).batches(2)[:4]
+    with pytest.raises(ValueError, match="split evenly"):
+        ProcessSplitBatches(global_batches(30), 4)

@@ -5,7 +5,8 @@ the samples, cuts the order into windows of ``group`` batches, sorts each window
 it into batches, then shuffles the batches: each batch holds samples of similar length while the
 data order stays random at the scale of a few batches. ``group=1`` is a plain shuffle.
 
-The order depends only on ``(seed, epoch)``, so it can be replayed exactly (resume, several ranks).
+The order depends only on ``(seed, epoch)``, so it can be replayed exactly (resume, several ranks);
+``ProcessSplitBatches`` cuts each global batch over the processes.
 """
 
 from __future__ import annotations
@@ -130,3 +131,36 @@ class ImagePackedBatches(_EpochBatches):
         if sort:
             batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
+
+
+class ProcessSplitBatches(Sampler[list[int]]):
+    """The global batches of ``batches`` (a sampler built with the global batch size: per-process batch
+    size x ``processes``), each cut into ``processes`` consecutive slices yielded one after another.
+
+    Accelerate's batch sharding hands process p every ``processes``-th batch starting at p, so process p
+    trains on slice p of every global batch: N processes with batch B draw exactly the global batches of
+    one process with batch N x B, also when those batches are grouped by length or packed by image (where
+    cutting per process would otherwise sort and pack other windows). With ``processes=1`` the batches
+    are the wrapped sampler's own.
+    """
+
+    def __init__(self, batches: _EpochBatches, processes: int) -> None:
+        if processes <= 0 or batches.batch_size % processes:
+            raise ValueError(
+                f"the global batch size {batches.batch_size} must split evenly over {processes} processes"
+            )
+        self.inner, self.processes = batches, processes
+        self.batch_size = batches.batch_size // processes
+
+    def set_epoch(self, epoch: int) -> None:
+        self.inner.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.inner) * self.processes
+
+    def batches(self, epoch: int) -> list[list[int]]:
+        size, parts = self.batch_size, range(self.processes)
+        return [b[k * size : (k + 1) * size] for b in self.inner.batches(epoch) for k in parts]
+
+    def __iter__(self) -> Iterator[list[int]]:
+        yield from self.batches(self.inner.epoch)
