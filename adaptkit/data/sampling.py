@@ -134,7 +134,7 @@ class ImagePackedBatches(_EpochBatches):
 
 
 class ProcessSplitBatches(Sampler[list[int]]):
-    """The global batches of ``batches`` (a sampler built with the global batch size: per-process batch
+    """The batches of ``global_batches`` (a sampler built with the global batch size: per-process batch
     size x ``processes``), each cut into ``processes`` consecutive slices yielded one after another.
 
     Accelerate's batch sharding hands process p every ``processes``-th batch starting at p, so process p
@@ -144,13 +144,12 @@ class ProcessSplitBatches(Sampler[list[int]]):
     are the wrapped sampler's own.
     """
 
-    def __init__(self, batches: _EpochBatches, processes: int) -> None:
-        if processes <= 0 or batches.batch_size % processes:
-            raise ValueError(
-                f"the global batch size {batches.batch_size} must split evenly over {processes} processes"
-            )
-        self.inner, self.processes = batches, processes
-        self.batch_size = batches.batch_size // processes
+    def __init__(self, global_batches: _EpochBatches, processes: int) -> None:
+        size = global_batches.batch_size
+        if processes <= 0 or size % processes:
+            raise ValueError(f"the global batch size {size} must split evenly over {processes} processes")
+        self.inner, self.processes = global_batches, processes
+        self.batch_size = size // processes
 
     def set_epoch(self, epoch: int) -> None:
         self.inner.set_epoch(epoch)
