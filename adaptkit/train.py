@@ -348,14 +348,18 @@ def train(recipe: Recipe) -> dict:
             len(train_ds),
         )
     lower_states = prepare_for_training(model, recipe)
-    if len(train_ds) < recipe.batch_size:
-        raise ValueError(f"batch_size={recipe.batch_size} exceeds the {len(train_ds)} training samples")
+    procs = accelerator.num_processes
+    if len(train_ds) < recipe.batch_size * procs:
+        per = f" x {procs} processes" if procs > 1 else ""
+        raise ValueError(
+            f"batch_size={recipe.batch_size}{per} exceeds the {len(train_ds)} training samples: "
+            "lower batch_size"
+        )
 
     collate = functools.partial(collate_train, pad_id=model.tokenizer.pad_token_id)
     lengths = [len(p) + len(t) for p, t in zip(train_ds.prompt_ids, train_ds.target_ids)]
     plain = LengthGroupedBatches(lengths, recipe.batch_size, 1, recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    procs = accelerator.num_processes
     # Grouped or packed batches are drawn at the global batch size (batch_size per process x processes)
     # and cut over the processes, so N processes train on one process's batches of N x batch_size.
     sampler: ProcessSplitBatches | None = None

@@ -114,3 +114,10 @@ def test_malformed_training_data_is_reported(tiny_overrides, tiny_vqa, tmp_path,
     assert main(["train", RECIPE, *tiny_overrides, f"data.train={bad}"]) == 2
     err = capsys.readouterr().err
     assert f"{bad}:4" in err and "nope.png" in err
+
+
+def test_batch_larger_than_the_data_is_refused(tiny_overrides, capsys):
+    # The tiny data has 24 questions: a batch of 32 could never be drawn (nor trained on forever).
+    assert main(["train", RECIPE, *tiny_overrides, "batch_size=32"]) == 2
+    err = capsys.readouterr().err
+    assert "batch_size=32 exceeds the 24 training samples: lower batch_size" in err

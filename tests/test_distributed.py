@@ -44,17 +44,21 @@ def _common(tiny_overrides) -> list[str]:
     ]
 
 
-def _train_two_processes(common: list[str], out: Path) -> None:
-    """``adaptkit train`` in two gloo processes (batch 2 each); checks that the replicas stayed identical."""
+def _launch_two(common: list[str], out: Path, batch_size: int = 2) -> subprocess.CompletedProcess:
     launch = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--num_cpu_threads_per_process", "1",
         "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-        "-m", "adaptkit", "train", RECIPE, *common, "batch_size=2", f"output_dir={out}",
+        "-m", "adaptkit", "train", RECIPE, *common, f"batch_size={batch_size}", f"output_dir={out}",
     ]  # fmt: skip
     # On CPU, Accelerate sets up gloo DDP for torchrun-launched processes when ACCELERATE_USE_CPU=1.
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+    return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+
+
+def _train_two_processes(common: list[str], out: Path) -> None:
+    """``adaptkit train`` in two gloo processes (batch 2 each); checks that the replicas stayed identical."""
+    done = _launch_two(common, out)
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     digests = [r for r in rows if "replica_digests" in r]
@@ -116,6 +120,13 @@ def test_two_processes_with_the_shipped_path(tiny_overrides, tmp_path):
     assert json.loads((two / "eval.json").read_text())["n"] == 24
     log = (two / "train.log").read_text()
     assert "lower-layer states" in log and log.count("saved run to") == 1
+
+
+def test_global_batch_larger_than_the_data_is_refused(tiny_overrides, tmp_path):
+    # 16 per process fits the 24 questions, but two processes draw global batches of 32.
+    done = _launch_two(_common(tiny_overrides), tmp_path / "two", batch_size=16)
+    assert done.returncode != 0
+    assert "batch_size=16 x 2 processes exceeds the 24 training samples" in done.stderr
 
 
 def test_example_accelerate_configs_parse():
