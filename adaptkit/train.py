@@ -349,7 +349,10 @@ def train(recipe: Recipe) -> dict:
         )
     lower_states = prepare_for_training(model, recipe)
     procs = accelerator.num_processes
-    if len(train_ds) < recipe.batch_size * procs:
+    # Grouped or packed batches are drawn at the global batch size (batch_size per process x processes)
+    # and cut over the processes, so N processes train on one process's batches of N x batch_size.
+    global_batch = recipe.batch_size * procs
+    if len(train_ds) < global_batch:
         per = f" x {procs} processes" if procs > 1 else ""
         raise ValueError(
             f"batch_size={recipe.batch_size}{per} exceeds the {len(train_ds)} training samples: "
@@ -360,14 +363,12 @@ def train(recipe: Recipe) -> dict:
     lengths = [len(p) + len(t) for p, t in zip(train_ds.prompt_ids, train_ds.target_ids)]
     plain = LengthGroupedBatches(lengths, recipe.batch_size, 1, recipe.seed)
     generator = torch.Generator().manual_seed(recipe.seed)
-    # Grouped or packed batches are drawn at the global batch size (batch_size per process x processes)
-    # and cut over the processes, so N processes train on one process's batches of N x batch_size.
     sampler: ProcessSplitBatches | None = None
     if recipe.pack_questions > 1:
         sampler = ProcessSplitBatches(
             ImagePackedBatches(
                 train_ds.image_rows,
-                recipe.batch_size * procs,
+                global_batch,
                 recipe.pack_questions,
                 recipe.seed,
                 lengths,
@@ -383,15 +384,13 @@ def train(recipe: Recipe) -> dict:
             "batches: %d per epoch of %d questions, up to %d questions about one image per LM sequence "
             "(length_grouping=%d sorts the rows): %s",
             len(sampler.inner),
-            recipe.batch_size * procs,
+            global_batch,
             recipe.pack_questions,
             recipe.length_grouping,
             _packing_summary(sampler, plain, lengths, recipe.adapter.num_queries),
         )
     elif recipe.length_grouping > 1:
-        grouped = LengthGroupedBatches(
-            lengths, recipe.batch_size * procs, recipe.length_grouping, recipe.seed
-        )
+        grouped = LengthGroupedBatches(lengths, global_batch, recipe.length_grouping, recipe.seed)
         sampler = ProcessSplitBatches(grouped, procs)
         loader = DataLoader(train_ds, batch_sampler=sampler, collate_fn=collate)
         log.info(
