@@ -5,7 +5,7 @@ adaptkit eval RUN_DIR --data SPEC [--limit N] [--batch-size B] [--json]
 adaptkit cache RECIPE.yaml [key=value ...]   fill the frozen-feature disk cache ahead of training
 adaptkit check-quant RECIPE.yaml [--levels 8bit,4bit] [--samples N] [--json]
 adaptkit export RUN_DIR --out DIR [--dtype float32|bfloat16|float16]   merge LoRA, self-contained folder
-adaptkit predict DIR --image X --question "..." [--json]   one answer from a run or an export
+adaptkit predict DIR --image X --question "..." [--json]   the task's output (VQA: the answer)
 adaptkit demo DIR [--host 127.0.0.1] [--port 7860]        the Gradio demo
 adaptkit assets            verify the embedded assets and convert SmolLM2 once
 """
@@ -19,11 +19,11 @@ import os
 import sys
 from pathlib import Path
 
+from adaptkit.artifacts import ExportError
 from adaptkit.assets import AssetError
 from adaptkit.checkpoint import CheckpointError
 from adaptkit.config import RecipeError
 from adaptkit.data.formats import DataError
-from adaptkit.export import ExportError
 
 USER_ERRORS = (
     RecipeError,
@@ -59,49 +59,41 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-
-    from adaptkit.evaluation import evaluate_vqa
-    from adaptkit.runs import feature_cache_root, load_run, prepare_split, write_json
+    from adaptkit.artifacts import write_json
+    from adaptkit.data.splits import feature_cache_root, prepare_split
+    from adaptkit.runs import load_run
+    from adaptkit.tasks import get_task
 
     device = _device(args)
     recipe, model = load_run(args.run_dir, device, lm_quant=args.lm_quant)
+    task = get_task(recipe)
     dataset, features, skipped = prepare_split(
+        task,
         model,
         args.data,
-        recipe.data.prompt_template,
         device,
         limit=args.limit,
         cache=recipe.cache_features,
         on_bad_sample=recipe.data.on_bad_sample,
         cache_root=feature_cache_root(recipe.feature_cache_dir),
     )
-    metrics, records = evaluate_vqa(
-        model, dataset, features, args.batch_size or recipe.eval_batch_size, recipe.max_new_tokens
-    )
+    metrics, records = task.evaluate(model, dataset, features, args.batch_size)
     result = {"data": args.data, "limit": args.limit, "skipped": len(skipped), **metrics}
     run = Path(args.run_dir)
     write_json(run / "eval.json", result)
     with (run / "eval_predictions.jsonl").open("w") as handle:
         for rec in records:
             handle.write(json.dumps(rec) + "\n")
-    if args.json:
-        print(json.dumps(result))
-    else:
-        print(
-            f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} samples "
-            f"(yes/no {metrics['accuracy_yes_no']}, other {metrics['accuracy_other']}) "
-            f"in {metrics['seconds']} s"
-        )
+    print(json.dumps(result) if args.json else task.format_metrics(metrics))
     return 0
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-
     from adaptkit.backbones.vision import build_vision_backbone
     from adaptkit.config import load_recipe
     from adaptkit.data.feature_cache import FeatureCache
-    from adaptkit.data.formats import load_vqa
-    from adaptkit.runs import build_features, feature_cache_root
+    from adaptkit.data.splits import build_features, feature_cache_root
+    from adaptkit.tasks import get_task
 
     recipe = load_recipe(args.recipe, args.overrides)
     root = feature_cache_root(recipe.feature_cache_dir)
@@ -115,8 +107,9 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     vision = build_vision_backbone(recipe.vision, device)
     disk_cache = FeatureCache.for_backbone(root, vision, device)
     specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
+    task = get_task(recipe)
     for spec in specs:
-        data = load_vqa(spec, recipe.data.on_bad_sample)
+        data = task.load(spec, recipe.data.on_bad_sample)
         bank = build_features(
             vision,
             data.samples,
@@ -132,7 +125,6 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_quant(args: argparse.Namespace) -> int:
-
     from adaptkit.config import load_recipe
     from adaptkit.quant_check import check_quant, format_rows
 
@@ -184,7 +176,7 @@ def _cmd_predict(args: argparse.Namespace) -> int:
     from adaptkit.inference import load_for_inference
 
     predictor = load_for_inference(args.dir, device=_device(args))
-    result = predictor.answer(args.image, args.question, top_k=args.top)
+    result = predictor.predict(args.image, args.text, top_k=args.top)
     if args.json:
         print(json.dumps(result.to_dict()))
         return 0
@@ -219,10 +211,8 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="adaptkit", description=__doc__.split("\n\n")[0])
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_training_commands(sub) -> None:
+    """train, eval, cache, check-quant."""
     p = sub.add_parser("train", help="fine-tune a recipe and write a run directory")
     p.add_argument("recipe", help="recipe YAML, e.g. recipes/easyvqa_qformer_lora.yaml")
     p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. max_steps=200 language.quant=4bit")
@@ -271,6 +261,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the figures as one JSON list on the last line")
     p.set_defaults(func=_cmd_check_quant)
 
+
+def _add_model_commands(sub) -> None:
+    """export, predict, demo, assets."""
     p = sub.add_parser("export", help="merge LoRA and write a self-contained, self-verified model folder")
     p.add_argument("run_dir", help="a run directory written by `adaptkit train`")
     p.add_argument("--out", required=True, help="the export folder to create (must not exist)")
@@ -288,10 +281,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the verification as JSON on the last line")
     p.set_defaults(func=_cmd_export)
 
-    p = sub.add_parser("predict", help="answer one question about one image with a run or an export")
+    p = sub.add_parser(
+        "predict", help="the task's output for one image (VQA: an answer) from a run or an export"
+    )
     p.add_argument("dir", help="a run directory or an export folder")
     p.add_argument("--image", required=True, help="image file")
-    p.add_argument("--question", required=True, help="the question")
+    p.add_argument(
+        "--question", "--text", dest="text", default=None, help="the text the task reads (VQA: the question)"
+    )
     p.add_argument("--top", type=int, default=3, help="top answers of the answer set to show (0: none)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
@@ -307,6 +304,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("assets", help="verify the embedded assets and convert SmolLM2 to safetensors once")
     p.set_defaults(func=_cmd_assets)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="adaptkit", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_training_commands(sub)
+    _add_model_commands(sub)
     return parser
 
 

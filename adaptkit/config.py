@@ -85,6 +85,7 @@ class ObjectivesConfig:
 class Recipe:
     output_dir: str = "runs/default"
     seed: int = 0
+    task: str = "vqa"
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -127,7 +128,6 @@ _CHOICES = {
     "language.dtype": ("float32", "bfloat16", "float16"),
     "language.compute_dtype": ("float32", "bfloat16", "float16"),
     "language.quant": ("none", "8bit", "4bit"),
-    "adapter.kind": ("qformer",),
     "data.on_bad_sample": ("error", "skip"),
     "mixed_precision": ("no", "bf16", "fp16"),
     "report_to": ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "all"),
@@ -250,9 +250,17 @@ def _get(recipe: Recipe, dotted: str) -> Any:
     return obj
 
 
+def _registered() -> dict[str, tuple[str, ...]]:
+    """Keys whose choices are the names of a registry (tasks, adapters)."""
+    from adaptkit.adapters import ADAPTERS
+    from adaptkit.tasks import TASKS
+
+    return {"task": tuple(TASKS), "adapter.kind": tuple(ADAPTERS)}
+
+
 def validate(recipe: Recipe, source: str = "recipe") -> None:
     """Check values that types alone cannot: choices, positivity, the prompt template."""
-    for key, choices in _CHOICES.items():
+    for key, choices in {**_CHOICES, **_registered()}.items():
         value = _get(recipe, key)
         if value not in choices:
             raise RecipeError(f"{source}: {key}={value!r} is not one of {', '.join(choices)}")

@@ -33,13 +33,15 @@ from pathlib import Path
 
 import torch
 
-from adaptkit.assets import ASSETS, first_mismatch, hash_files
+from adaptkit.artifacts import ADAPTER_FILE, EXPORT_FILE, LORA_DIR, RECIPE_FILE, ExportError, read_json
+from adaptkit.assets import ASSETS, hash_files
 from adaptkit.config import recipe_to_yaml
-from adaptkit.model import ADAPTER_FILE, LORA_DIR
+from adaptkit.data.splits import subset
+from adaptkit.runs import check_run, load_run
+from adaptkit.tasks import get_task
 
 log = logging.getLogger(__name__)
 
-EXPORT_FILE = "adaptkit_export.json"
 FORMAT_VERSION = 1
 # Largest |logit difference| (merged vs unmerged, both computed in float64, over every vocabulary entry at
 # every position of the held samples) accepted per export dtype. float32: the merged weights W + s*BA are
@@ -48,52 +50,6 @@ FORMAT_VERSION = 1
 TOLERANCE = {"float32": 1e-4, "bfloat16": 2.0, "float16": 1.0}
 MIN_AGREEMENT_16BIT = 0.95
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-class ExportError(RuntimeError):
-    """An export failed its verification, or an export folder is damaged (names the file)."""
-
-
-# ---- reading an export --------------------------------------------------------------------------
-
-
-def read_manifest(root: str | Path, verify: bool = True) -> dict:
-    """The manifest of an export folder; with ``verify``, every listed file's sha256 is checked.
-
-    Raises:
-        ExportError: manifest unreadable, a file missing, or a file changed since export.
-    """
-    root = Path(root)
-    path = root / EXPORT_FILE
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ExportError(f"{path}: not a readable adaptkit export manifest ({err})") from None
-    if manifest.get("format") != "adaptkit-export":
-        raise ExportError(f"{path}: not an adaptkit export manifest (no format: adaptkit-export)")
-    files = manifest.get("files", {})
-    bad = first_mismatch(root, files) if verify else None
-    if bad is not None:
-        file, actual = bad
-        if actual is None:
-            raise ExportError(f"{file} is missing from the export; re-export with `adaptkit export`")
-        expected = files[file.relative_to(root).as_posix()]
-        raise ExportError(
-            f"{file} was changed after export (sha256 {actual[:16]}…, manifest {expected[:16]}…); "
-            "re-export, or load with verify=False if you changed it on purpose"
-        )
-    return manifest
-
-
-def resolve_export_recipe(recipe, root: Path):
-    """Turn an export recipe's folder-relative paths into absolute ones."""
-    lang = dataclasses.replace(recipe.language, name=str(root / recipe.language.name))
-    vision = recipe.vision
-    if vision.family == "hf" and (root / vision.name).is_dir():
-        vision = dataclasses.replace(vision, name=str(root / vision.name))
-    elif vision.weights not in ("embedded", "", "none", "random") and (root / vision.weights).is_file():
-        vision = dataclasses.replace(vision, weights=str(root / vision.weights))
-    return dataclasses.replace(recipe, language=lang, vision=vision)
 
 
 # ---- writing one ----------------------------------------------------------------------------------
@@ -166,14 +122,13 @@ def _copy_vision(recipe, out: Path) -> tuple[object, dict]:
     return dataclasses.replace(cfg, weights=rel), info
 
 
-def _held_samples(recipe, n: int):
+def _held_samples(task, recipe, n: int):
     """``n`` samples of the recipe's eval data (its training data when the eval data is gone)."""
-    from adaptkit.data.formats import DataError, load_vqa
-    from adaptkit.runs import subset
+    from adaptkit.data.formats import DataError
 
     for spec in (recipe.data.eval, recipe.data.train):
         try:
-            data = load_vqa(spec, "skip")
+            data = task.load(spec, "skip")
         except (DataError, FileNotFoundError, OSError):
             continue
         if data.samples:
@@ -186,17 +141,17 @@ def _held_samples(recipe, n: int):
 
 @torch.no_grad()
 def _outputs(
-    model, samples, template: str, max_new_tokens: int, answers: bool = True
+    model, task, samples, max_new_tokens: int, answers: bool = True
 ) -> tuple[list[str], torch.Tensor]:
     """Greedy answers and full-vocabulary logits at every position (soft tokens, prompt, gold answer)."""
-    from adaptkit.data.collate import VQADataset, collate_prompts, collate_train
+    from adaptkit.data.collate import collate_prompts, collate_train
     from adaptkit.data.features import encode_images, open_image
 
     paths = list(dict.fromkeys(s.image for s in samples))
     rows = {p: i for i, p in enumerate(paths)}
     feats = encode_images(model.vision, [open_image(p) for p in paths], torch.device("cpu"))
     feats = feats.to(next(model.adapter.parameters()).dtype)
-    data = VQADataset(samples, rows, model.tokenizer, template)
+    data = task.dataset(samples, rows, model.tokenizer)
     items = [data[i] for i in range(len(data))]
     pad = model.tokenizer.pad_token_id
     greedy: list[str] = []
@@ -221,10 +176,10 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     arithmetic by itself moves a 30-layer LM's logits by about 1e-3 (SmolLM2: float32 vs float64 compute
     of the same unmerged model), more than a correct merge does.
     """
-    from adaptkit.model import MultimodalModel
-    from adaptkit.runs import load_run
+    from adaptkit.model.multimodal import MultimodalModel
 
-    spec, held = _held_samples(recipe, samples)
+    task = get_task(recipe)
+    spec, held = _held_samples(task, recipe, samples)
     log.info("verifying the export on %d held samples of %s", len(held), spec)
     started = time.perf_counter()
     _, merged = load_run(out, "cpu")
@@ -236,9 +191,9 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     reference = MultimodalModel(
         merged.vision, merged.adapter, base, tokenizer, inject_layer=merged.inject_layer
     ).eval()
-    template, new = recipe.data.prompt_template, recipe.max_new_tokens
-    ref_answers, ref_native = _outputs(reference, held, template, new)
-    got_answers, got_native = _outputs(merged, held, template, new)
+    new = recipe.max_new_tokens
+    ref_answers, ref_native = _outputs(reference, task, held, new)
+    got_answers, got_native = _outputs(merged, task, held, new)
     agree = sum(a == b for a, b in zip(ref_answers, got_answers)) / len(held)
     report = {
         "data": spec,
@@ -251,15 +206,15 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     }
     if recipe.language.quant != "none":
         _, trained = load_run(run, "cpu")
-        trained_answers, _ = _outputs(trained, held, template, new)
+        trained_answers, _ = _outputs(trained, task, held, new)
         report["answers_identical_to_trained_" + recipe.language.quant] = sum(
             a == b for a, b in zip(trained_answers, got_answers)
         ) / len(held)
         del trained
     reference.double()
     merged.double()  # the vision backbone and adapter are shared; both models now compute in float64
-    _, ref64 = _outputs(reference, held, template, new, answers=False)
-    _, got64 = _outputs(merged, held, template, new, answers=False)
+    _, ref64 = _outputs(reference, task, held, new, answers=False)
+    _, got64 = _outputs(merged, task, held, new, answers=False)
     diff = (ref64 - got64).abs()
     report["max_abs_logit_diff"] = float(diff.max())
     report["mean_abs_logit_diff"] = float(diff.mean())
@@ -271,7 +226,7 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     return report
 
 
-def _model_card(manifest: dict) -> str:
+def _model_card(manifest: dict, task) -> str:
     ver = manifest["verification"]
     metrics = manifest.get("metrics", {})
     evaluation = metrics.get("eval") or {}
@@ -310,10 +265,10 @@ def _model_card(manifest: dict) -> str:
         "```python",
         "from adaptkit import load_for_inference",
         "predictor = load_for_inference('THIS_FOLDER')",
-        "print(predictor.answer('image.png', 'What shape is in the image?'))",
+        f"print(predictor.predict('image.png', {task.demo.text_placeholder!r}))",
         "```",
         "",
-        'or `adaptkit predict THIS_FOLDER --image image.png --question "..."`,',
+        f'or `adaptkit predict THIS_FOLDER --image image.png --text "{task.demo.text_placeholder}"`,',
         "`adaptkit demo THIS_FOLDER`.",
         "The LM alone: `transformers.AutoModelForCausalLM.from_pretrained('THIS_FOLDER/lm')`.",
         "",
@@ -329,6 +284,39 @@ def _base_words(recipe, merge_base: str) -> str:
     return f"the original checkpoint, not the {recipe.language.quant} weights LoRA was trained against"
 
 
+def _manifest(recipe, run: Path, dtype: str, merge_base: str, vision_cfg, vision_info: dict) -> dict:
+    """The export manifest before its file hashes and verification are added."""
+    summary = read_json(run / "summary.json") or {}
+    run_eval = read_json(run / "eval.json") or {}
+    return {
+        "format": "adaptkit-export",
+        "version": FORMAT_VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source_run": str(run.resolve()),
+        "dtype": dtype,
+        "language": {
+            "path": "lm",
+            "base": recipe.language.name,
+            "trained_quant": recipe.language.quant,
+            "merged_in": "float32",
+            "merged_into": _base_words(recipe, merge_base),
+            "lora": dataclasses.asdict(recipe.lora) if recipe.lora.enabled else None,
+        },
+        "vision": {**vision_info, **dataclasses.asdict(vision_cfg)},
+        "adapter": {
+            "file": ADAPTER_FILE,
+            "kind": recipe.adapter.kind,
+            "config": dataclasses.asdict(recipe.adapter),
+        },
+        "prompt_template": recipe.data.prompt_template,
+        "max_new_tokens": recipe.max_new_tokens,
+        "task": recipe.task,
+        **get_task(recipe).export_info(run),
+        "parameters": summary.get("parameters", {}),
+        "metrics": {"eval": run_eval, "steps": summary.get("steps")},
+    }
+
+
 def export_run(
     run_dir: str | Path,
     out_dir: str | Path,
@@ -342,9 +330,6 @@ def export_run(
         FileExistsError: ``out_dir`` exists (an export is never overwritten).
         ExportError: the merged model failed its verification (the partial folder is kept).
     """
-    from adaptkit.inference import run_answers
-    from adaptkit.runs import RECIPE_FILE, check_run, read_json
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
     run, out = Path(run_dir), Path(out_dir)
@@ -376,41 +361,14 @@ def export_run(
     exported = dataclasses.replace(recipe, language=lang_cfg, vision=vision_cfg, lora=lora_cfg)
     (partial / RECIPE_FILE).write_text(recipe_to_yaml(exported))
 
-    summary = read_json(run / "summary.json") or {}
-    run_eval = read_json(run / "eval.json") or {}
-    manifest = {
-        "format": "adaptkit-export",
-        "version": FORMAT_VERSION,
-        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "source_run": str(run.resolve()),
-        "dtype": dtype,
-        "language": {
-            "path": "lm",
-            "base": recipe.language.name,
-            "trained_quant": recipe.language.quant,
-            "merged_in": "float32",
-            "merged_into": _base_words(recipe, merge_base),
-            "lora": dataclasses.asdict(recipe.lora) if recipe.lora.enabled else None,
-        },
-        "vision": {**vision_info, **dataclasses.asdict(vision_cfg)},
-        "adapter": {
-            "file": ADAPTER_FILE,
-            "kind": recipe.adapter.kind,
-            "config": dataclasses.asdict(recipe.adapter),
-        },
-        "prompt_template": recipe.data.prompt_template,
-        "max_new_tokens": recipe.max_new_tokens,
-        "answers": run_answers(run, recipe),
-        "parameters": summary.get("parameters", {}),
-        "metrics": {"eval": run_eval, "steps": summary.get("steps")},
-    }
+    manifest = _manifest(recipe, run, dtype, merge_base, vision_cfg, vision_info)
     # Hash before verifying: the verification loads the folder the way users will.
     manifest["files"] = hash_files(partial, skip=EXPORT_FILE)
     (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
     report = _verify(recipe, run, partial, dtype, verify_samples, merge_base)
     manifest["verification"] = report
     (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
-    (partial / "README.md").write_text(_model_card(manifest))
+    (partial / "README.md").write_text(_model_card(manifest, get_task(recipe)))
     manifest["files"] = hash_files(partial, skip=EXPORT_FILE)
     manifest["seconds"] = round(time.perf_counter() - started, 2)
     (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

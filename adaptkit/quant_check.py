@@ -15,18 +15,20 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 
 from adaptkit.backbones.language import load_language_model
 from adaptkit.backbones.vision import build_vision_backbone
-from adaptkit.config import Recipe
-from adaptkit.data.collate import format_prompt
 from adaptkit.data.features import encode_images, open_image
-from adaptkit.data.formats import load_vqa
+from adaptkit.data.splits import subset
 from adaptkit.perf import significant
-from adaptkit.runs import subset
+from adaptkit.tasks import get_task
+
+if TYPE_CHECKING:
+    from adaptkit.config import Recipe
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +56,9 @@ def check_language(recipe: Recipe, samples, levels: list[str], device, batch_siz
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        prompts = [format_prompt(recipe.data.prompt_template, s.question) for s in chunk]
-        texts = [p + " " + s.answer.strip() + tokenizer.eos_token for p, s in zip(prompts, chunk)]
+        pairs = get_task(recipe).text_pairs(chunk)
+        prompts = [p for p, _ in pairs]
+        texts = [p + t + tokenizer.eos_token for p, t in pairs]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         prompt_lens = [len(x) for x in tokenizer(prompts, add_special_tokens=False)["input_ids"]]
         answer_mask = torch.zeros_like(enc["attention_mask"], dtype=torch.bool)
@@ -146,7 +149,7 @@ def check_quant(
     recipe: Recipe, samples: int = 64, levels: list[str] | None = None, device: torch.device | str = "cpu"
 ) -> list[dict]:
     """Rows of figures for the LM and the vision backbone at each quantization level."""
-    data = load_vqa(recipe.data.train, recipe.data.on_bad_sample)
+    data = get_task(recipe).load(recipe.data.train, recipe.data.on_bad_sample)
     chosen = subset(data.samples, samples, seed=recipe.seed)
     rows = check_language(recipe, chosen, _levels(recipe.language.quant, levels), device)
     rows += check_vision(recipe, chosen, _levels(recipe.vision.quant, levels), device)

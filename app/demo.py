@@ -83,33 +83,28 @@ def _facts_markdown(facts: dict) -> str:
 
 
 def example_rows(predictor, count: int = 4) -> list[list[str]]:
-    """A few questions from the model's eval data, images copied to a temp folder Gradio may serve."""
-    from adaptkit.data.formats import DataError, load_vqa
-
-    try:
-        samples = load_vqa(predictor.recipe.data.eval, "skip").samples
-    except (DataError, FileNotFoundError, OSError) as err:
-        log.warning("no examples: %s", err)
+    """A few examples of the model's eval data (``Task.examples``), images copied to a temp folder
+    Gradio may serve."""
+    examples = predictor.task.examples(count)
+    if not examples:
         return []
     folder = Path(tempfile.mkdtemp(prefix="adaptkit-demo-"))
     atexit.register(shutil.rmtree, folder, ignore_errors=True)  # served while the demo runs, then removed
     log.info("example images copied to %s (removed when the demo exits)", folder)
-    rows, seen = [], set()
-    for sample in samples:
-        if sample.image in seen or not Path(sample.image).is_file():
-            continue
-        seen.add(sample.image)
-        target = folder / f"example{len(rows)}{Path(sample.image).suffix}"
-        shutil.copy2(sample.image, target)
-        rows.append([str(target), sample.question])
-        if len(rows) == count:
-            break
+    rows = []
+    for image, text in examples:
+        target = folder / f"example{len(rows)}{Path(image).suffix}"
+        shutil.copy2(image, target)
+        rows.append([str(target), text])
     return rows
 
 
 def build_demo(predictor, examples: list[list[str]] | None = None) -> gr.Blocks:
-    """The demo's Blocks for a :class:`adaptkit.inference.Predictor`."""
+    """The demo's Blocks for a predictor (``adaptkit.predictor.Predictor``); its task's ``demo`` labels
+    the text box and the outputs."""
     from adaptkit.data.formats import DataError
+
+    spec = predictor.task.demo
 
     def answer(image, question: str):
         if isinstance(image, _BadUpload):
@@ -117,29 +112,26 @@ def build_demo(predictor, examples: list[list[str]] | None = None) -> gr.Blocks:
         if image is None:
             return "Upload an image first.", None
         if not question or not question.strip():
-            return "Type a question about the image.", None
+            return f"Type a {spec.text_label.lower()} about the image.", None
         try:
-            result = predictor.answer(image, question.strip())
+            result = predictor.predict(image, question.strip())
         except (DataError, ValueError) as err:
             return f"Cannot answer: {err}", None
         top = dict(result.top) if result.top else {result.text: result.score}
         return result.text or EMPTY_ANSWER, top
 
     with gr.Blocks(title="adaptkit demo") as demo:
-        gr.Markdown(
-            "# adaptkit demo\nAsk a question about an image. A frozen vision backbone encodes it, the "
-            "trained adapter turns it into soft tokens for the language model, which answers."
-        )
+        gr.Markdown(f"# adaptkit demo\n{spec.intro}")
         with gr.Row():
             with gr.Column():
                 image = tolerant_image(type="pil", label="Image", sources=["upload", "clipboard"], height=300)
-                question = gr.Textbox(label="Question", placeholder="What shape is in the image?", lines=1)
+                question = gr.Textbox(label=spec.text_label, placeholder=spec.text_placeholder, lines=1)
                 ask = gr.Button("Ask", variant="primary")
             with gr.Column():
-                text = gr.Textbox(label="Answer", interactive=False, elem_id="answer")
-                top = gr.Label(label="Top answers", num_top_classes=5)
+                text = gr.Textbox(label=spec.output_label, interactive=False, elem_id="answer")
+                top = gr.Label(label=spec.ranked_label, num_top_classes=5)
         if examples:
-            gr.Examples(examples=examples, inputs=[image, question], label="easy-VQA examples")
+            gr.Examples(examples=examples, inputs=[image, question], label="examples from the eval data")
         with gr.Accordion("About this model", open=True):
             gr.Markdown(_facts_markdown(predictor.facts()))
         ask.click(answer, inputs=[image, question], outputs=[text, top], api_name="answer")

@@ -26,10 +26,11 @@ import torch
 import torch.nn.functional as F
 
 from adaptkit.config import load_recipe
-from adaptkit.data.collate import collate_train
+from adaptkit.data.collate import answer_vocab, collate_train
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.model import add_answer_objective, build_model
-from adaptkit.runs import feature_cache_root, prepare_split
+from adaptkit.data.splits import feature_cache_root, prepare_split
+from adaptkit.model import build_model
+from adaptkit.tasks import get_task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -58,13 +59,16 @@ def main() -> None:
 
     recipe = load_recipe(args.recipe, [*args.overrides, "lora.enabled=false"])
     torch.manual_seed(recipe.seed)
+    only_classify = replace(recipe.objectives, lm=0.0, classify=1.0)  # no LM in the loop
+    recipe = replace(recipe, objectives=only_classify)
+    task = get_task(recipe)
     model = build_model(recipe)
     root = feature_cache_root(recipe.feature_cache_dir)
     cache = FeatureCache.for_backbone(root, model.vision, "cpu") if root else None
     split = functools.partial(
         prepare_split,
+        task,
         model,
-        template=recipe.data.prompt_template,
         device="cpu",
         progress=False,
         cache_root=cache,
@@ -72,11 +76,12 @@ def main() -> None:
     train, train_feats, _ = split(recipe.data.train)
     test, test_feats, _ = split(recipe.data.eval, limit=args.eval_limit)
     model.adapter.set_feature_stats(*train_feats.stats())
-    only_classify = replace(recipe.objectives, lm=0.0, classify=1.0)  # no LM in the loop
-    vocab, _ = add_answer_objective(model, train, only_classify)
+    task.setup_objectives(model, train)
+    head = model.objectives.heads["classify"]
+    vocab = answer_vocab([s.answer for s in train.samples], recipe.objectives.classify_max_answers)
     test.set_answer_vocab(vocab)
     embed = model.base_lm.get_input_embeddings()
-    params = list(model.adapter.parameters()) + list(model.answer_head.parameters())
+    params = list(model.adapter.parameters()) + list(head.parameters())
     optimizer = torch.optim.AdamW(params, lr=recipe.lr_adapter, weight_decay=recipe.weight_decay)
     pad = model.tokenizer.pad_token_id
     yes_no_ids = {vocab.index(a) for a in ("yes", "no") if a in vocab}
@@ -85,7 +90,7 @@ def main() -> None:
         batch = collate_train([ds[i] for i in rows], pad)
         prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
         soft = model.adapter(feats.lookup(batch["image"]), embed(batch["input_ids"]), prompt_mask)
-        return model.answer_head(soft), batch["answer_class"]
+        return head(soft), batch["answer_class"]
 
     @torch.no_grad()
     def evaluate() -> dict:

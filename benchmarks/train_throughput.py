@@ -24,7 +24,6 @@ stdout line is one JSON object.
 from __future__ import annotations
 
 import argparse
-import functools
 import gc
 import json
 import os
@@ -37,13 +36,13 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptkit.config import load_recipe
-from adaptkit.data.collate import VQADataset, collate_packed, collate_train, pack_runs
+from adaptkit.data.collate import pack_runs
 from adaptkit.data.features import FeatureBank, encode_images, open_image
-from adaptkit.data.formats import load_vqa
 from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches
-from adaptkit.model import add_answer_objective, build_model, prepare_for_training
+from adaptkit.data.splits import subset
+from adaptkit.model import build_model, prepare_for_training
 from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
-from adaptkit.runs import subset
+from adaptkit.tasks import get_task
 from adaptkit.train import build_optimizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -67,11 +66,10 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         model.vision, [s.image for s in samples], origins, device, disable_progress=True
     )
     encode_s = time.perf_counter() - start
-    if hasattr(model.adapter, "set_feature_stats"):
-        model.adapter.set_feature_stats(*bank.stats())
-    ds = VQADataset(samples, bank.rows, model.tokenizer, recipe.data.prompt_template)
-    if recipe.objectives.classify > 0:  # the recipe's joint objective, as `adaptkit train` sets it up
-        add_answer_objective(model, ds, recipe.objectives)
+    model.adapter.set_feature_stats(*bank.stats())
+    task = get_task(recipe)
+    ds = task.dataset(samples, bank.rows, model.tokenizer)
+    task.setup_objectives(model, ds)  # the recipe's objectives, as `adaptkit train` sets them up
     lower_s, misses_before = 0.0, 0
     if lower_states is not None:
         # Training computes each distinct text's lower-layer states once, in its first steps (easy-VQA:
@@ -80,18 +78,16 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         texts = [p + t for p, t in zip(ds.prompt_ids, ds.target_ids)]
         lower_states.fill(texts, model.base_lm.get_input_embeddings())
         lower_s, misses_before = time.perf_counter() - start, lower_states.misses
-    pad = model.tokenizer.pad_token_id
     # The same samples, batched the way `adaptkit train` batches them.
-    lengths = [len(a) + len(b) for a, b in zip(ds.prompt_ids, ds.target_ids)]
+    lengths = task.lengths(ds)
     pack = recipe.pack_questions
+    collate = task.collate(model.tokenizer.pad_token_id, pack)
     if pack > 1:
         packed = ImagePackedBatches(
             ds.image_rows, len(batches[0]), pack, recipe.seed, lengths, recipe.length_grouping
         )
         batches = packed.batches(0)
-        collate = functools.partial(collate_packed, pad_id=pad, pack=pack)
     else:
-        collate = functools.partial(collate_train, pad_id=pad)
         if recipe.length_grouping > 1:
             grouped = LengthGroupedBatches(lengths, len(batches[0]), recipe.length_grouping, recipe.seed)
             batches = grouped.batches(0)
@@ -120,7 +116,7 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         return batch
 
     first = time.perf_counter()
-    times, tokens, padded = _timed(step, batches, device, steps, warmup, recipe.adapter.num_queries)
+    times, tokens, padded = _timed(step, batches, device, steps, warmup, model.adapter.num_tokens)
     warmup_s = time.perf_counter() - first - sum(times)
     if not count_flops:
         return {"times": times}
@@ -224,7 +220,7 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
         optimizer.zero_grad(set_to_none=True)
         return {"attention_mask": mask[:, soft.shape[1] :], "labels": labels}
 
-    times, tokens, padded = _timed(step, batches, device, steps, warmup, recipe.adapter.num_queries)
+    times, tokens, padded = _timed(step, batches, device, steps, warmup, adapter.num_tokens)
     return {
         "times": times,
         "tokens_per_sample": tokens / (steps * len(batches[0])),
@@ -291,7 +287,7 @@ def main() -> None:
         return torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16)
 
     torch.manual_seed(recipe.seed)
-    data = load_vqa(recipe.data.train, recipe.data.on_bad_sample).samples
+    data = get_task(recipe).load(recipe.data.train, recipe.data.on_bad_sample).samples
     n_batches = args.warmup + args.steps
     if recipe.pack_questions > 1:  # whole images' questions, as training packs them
         samples = _image_subset(data, n_batches * recipe.batch_size, recipe.seed)

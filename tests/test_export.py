@@ -11,8 +11,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from adaptkit.artifacts import EXPORT_FILE, ExportError, read_manifest
 from adaptkit.cli import main
-from adaptkit.export import EXPORT_FILE, ExportError, export_run, read_manifest
+from adaptkit.export import export_run
 from adaptkit.inference import load_for_inference
 
 

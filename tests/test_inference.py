@@ -11,9 +11,9 @@ from PIL import Image
 
 from adaptkit.cli import main
 from adaptkit.data.formats import DataError
-from adaptkit.evaluation import evaluate_vqa
-from adaptkit.inference import Answer, answer_set, load_for_inference
-from adaptkit.runs import prepare_split
+from adaptkit.data.splits import prepare_split
+from adaptkit.inference import load_for_inference
+from adaptkit.tasks.vqa import Answer, VQAPredictor, answer_set
 
 
 def _samples(vqa):
@@ -25,9 +25,10 @@ def test_predictor_matches_evaluation_and_ranks_answers(tiny_run, tiny_vqa):
     predictor = load_for_inference(tiny_run, "cpu")
     images, questions = _samples(tiny_vqa)
     got = predictor.answer_batch(images, questions, batch_size=5)  # batches that do not divide 24
-    model = predictor.model
-    dataset, feats, _ = prepare_split(model, str(tiny_vqa), predictor.template, "cpu", progress=False)
-    _, records = evaluate_vqa(predictor.model, dataset, feats, batch_size=8, max_new_tokens=3, progress=False)
+    assert isinstance(predictor, VQAPredictor) and predictor.task.name == "vqa"
+    task = predictor.task
+    dataset, feats, _ = prepare_split(task, predictor.model, str(tiny_vqa), "cpu", progress=False)
+    _, records = task.evaluate(predictor.model, dataset, feats, batch_size=8, progress=False)
     assert [a.text for a in got] == [r["prediction"] for r in records]
     assert [a.score for a in got] == pytest.approx([r["score"] for r in records], abs=1e-4)
 
@@ -46,6 +47,7 @@ def test_predictor_matches_evaluation_and_ranks_answers(tiny_run, tiny_vqa):
     for given in (images[0], first, np.asarray(first), buffer.getvalue()):
         single = predictor.answer(given, questions[0])
         assert isinstance(single, Answer) and single.text == got[0].text
+        assert predictor.predict(given, questions[0]).to_dict() == single.to_dict()  # what CLI and demo call
         assert [a for a, _ in single.top] == [a for a, _ in got[0].top]
         assert [p for _, p in single.top] == pytest.approx([p for _, p in got[0].top], abs=1e-4)
 
@@ -124,8 +126,12 @@ def test_predict_cli(tiny_run, tiny_vqa, capsys):
     assert main(["predict", str(tiny_run), "--image", images[0], "--question", questions[0]]) == 0
     printed = capsys.readouterr().out
     assert printed.startswith(expected.text) and "%" in printed
+    assert main(["predict", str(tiny_run), "--image", images[0], "--text", questions[0], "--json"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
     assert main(["predict", str(tiny_run), "--image", "nope.png", "--question", "x"]) == 2
     assert "nope.png does not exist" in capsys.readouterr().err
+    assert main(["predict", str(tiny_run), "--image", images[0]]) == 2  # VQA needs its question
+    assert "question 0 is empty" in capsys.readouterr().err
 
 
 def test_every_input_kind_is_decoded_like_training_images(tiny_run, tiny_vqa, tmp_path):

@@ -13,6 +13,7 @@ from adaptkit.data.formats import load_jsonl
 from adaptkit.export import export_run
 from adaptkit.inference import load_for_inference
 from adaptkit.model import build_model
+from adaptkit.model.generation import greedy_full
 from adaptkit.train import train
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
@@ -96,7 +97,7 @@ def test_generation_injects_once_and_matches_the_training_forward(tiny_overrides
         feats[prompts["image"]], prompts["input_ids"], prompts["attention_mask"], 3
     )
     assert len(answers) == len(items) and all(0.0 <= s <= 1.0 for s in scores)
-    assert model._pending_soft is None
+    assert model.injection.pending is None
     # The first generated token's score equals the next-token probability of the scoring forward pass.
     with torch.no_grad():
         one = collate_prompts(items[:1], model.tokenizer.pad_token_id)
@@ -125,9 +126,9 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
     assert lengths.min() < lengths.max()  # left padding is exercised
     args = (feats[prompts["image"]], prompts["input_ids"], prompts["attention_mask"], 4)
     with torch.no_grad():
-        want_tokens, want_logp = model._greedy_full(*args, stop_at_eos=False)
+        want_tokens, want_logp = greedy_full(model, *args, stop_at_eos=False)
         got_tokens, got_logp = model.greedy(*args, stop_at_eos=False)
-    cache = model._prompt_states
+    cache = model.prompt_cache.cache
     texts = {tuple(ids[-n:]) for ids, n in zip(prompts["input_ids"].tolist(), lengths.tolist())}
     assert cache is not None and cache.misses == len(texts)  # the injected path ran, once per text
     assert got_tokens.shape == (len(items), 4)
@@ -151,10 +152,10 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
     # The cache follows the LM: kept while it stays put, recomputed after a change of dtype.
     with torch.no_grad():
         model.greedy(*args, stop_at_eos=False)
-        assert model._prompt_states is cache
+        assert model.prompt_cache.cache is cache
         model.double()
         wide_tokens, wide_logp = model.greedy(args[0].double(), *args[1:], stop_at_eos=False)
-    assert model._prompt_states is not cache and model._prompt_states.lead.dtype == torch.float64
+    assert model.prompt_cache.cache is not cache and model.prompt_cache.cache.lead.dtype == torch.float64
     assert torch.equal(wide_tokens, want_tokens)
     torch.testing.assert_close(wide_logp, want_logp, atol=1e-4, rtol=1e-4)
     # lower_state_cache_mb=0: generation runs the whole model and keeps nothing.
@@ -162,7 +163,7 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
     off.eval()
     with torch.no_grad():
         off_tokens, off_logp = off.greedy(*args, stop_at_eos=False)
-    assert off.prompt_cache_mb == 0 and off._prompt_states is None
+    assert off.prompt_cache.max_mb == 0 and off.prompt_cache.cache is None
     assert torch.equal(off_tokens, want_tokens)
     torch.testing.assert_close(off_logp, want_logp, atol=1e-5, rtol=1e-5)
 

@@ -61,8 +61,8 @@ def test_generation_is_padding_invariant(tiny_overrides, tiny_vqa):
 
 
 def test_predict_batches_by_length_and_answers_in_dataset_order(tiny_overrides, tiny_vqa):
-    """`evaluation.predict` sorts prompts by length into batches and puts the answers back in order."""
-    from adaptkit.evaluation import predict
+    """`evaluation.generate_texts` sorts prompts by length into batches and puts the answers back in order."""
+    from adaptkit.evaluation import generate_texts
 
     _, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
     lengths = [len(dataset[i]["prompt"]) for i in range(len(dataset))]
@@ -72,7 +72,7 @@ def test_predict_batches_by_length_and_answers_in_dataset_order(tiny_overrides, 
         def lookup(self, rows):
             return feats[rows]
 
-    answers, scores = predict(model, dataset, Bank(), batch_size=3, max_new_tokens=3, progress=False)
+    answers, scores = generate_texts(model, dataset, Bank(), batch_size=3, max_new_tokens=3, progress=False)
     assert len(answers) == len(dataset)
     for i in range(len(dataset)):
         alone, alone_score = _generate_alone(model, feats, dataset[i])

@@ -10,9 +10,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 from adaptkit.config import RecipeError, load_recipe
-from adaptkit.data.collate import VQADataset, answer_vocab, collate_train
-from adaptkit.data.formats import load_jsonl
+from adaptkit.data.collate import answer_vocab, collate_train
 from adaptkit.model import build_model, compile_lm_layers
+from adaptkit.objectives import Objectives
+from adaptkit.tasks import get_task
 from adaptkit.train import param_groups, train
 from tests.conftest import AT_INPUT
 
@@ -20,15 +21,18 @@ RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
 
 def _model_and_batch(overrides, tiny_vqa, weights=(1.0, 0.5)):
-    recipe = load_recipe(RECIPE, overrides)
+    lm, classify = weights
+    weighted = [f"objectives.lm={lm}", f"objectives.classify={classify}"]
+    recipe = load_recipe(RECIPE, [*overrides, "pack_questions=1", *weighted])
     torch.manual_seed(0)
     model = build_model(recipe).train()
-    samples = load_jsonl(tiny_vqa).samples
+    task = get_task(recipe)
+    samples = task.load(str(tiny_vqa)).samples
     rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
-    dataset = VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+    dataset = task.dataset(samples, rows, model.tokenizer)
+    line = task.setup_objectives(model, dataset)
+    assert "answer classification over 7 answers (24 of 24 samples labelled)" in line
     vocab = answer_vocab([s.answer for s in dataset.samples], 1000)
-    assert dataset.set_answer_vocab(vocab) == len(dataset)
-    model.set_answer_head(len(vocab), {"lm": weights[0], "classify": weights[1]})
     batch = collate_train([dataset[i] for i in (0, 1, 2, 3, 5, 6)], model.tokenizer.pad_token_id)
     feats = torch.randn(len(rows), 4, 1280)[batch["image"]]
     return recipe, model, batch, feats, vocab
@@ -50,7 +54,7 @@ def test_loss_is_the_weighted_sum_of_lm_and_classification(tiny_overrides, tiny_
     prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
     embeds, _ = model.embed(feats, batch["input_ids"], batch["attention_mask"], prompt_mask)
     soft = embeds[:, : embeds.shape[1] - batch["input_ids"].shape[1]]
-    head = model.answer_head
+    head = model.objectives.heads["classify"]
     logits = head.proj(F.layer_norm(soft.mean(1), (soft.shape[-1],), head.norm.weight, head.norm.bias))
     cls = F.cross_entropy(logits, batch["answer_class"])
     torch.testing.assert_close(total, lm_only + 0.5 * cls)
@@ -64,12 +68,13 @@ def test_classification_alone_trains_the_adapter_and_head_not_lora(tiny_override
     recipe, model, batch, feats, _ = _model_and_batch(tiny_overrides, tiny_vqa, weights=(0.0, 1.0))
     loss = model(feats, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["answer_class"])
     loss.backward()
-    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.answer_head.parameters())
+    head = model.objectives.heads["classify"]
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
     assert model.adapter.out_proj.weight.grad.abs().sum() > 0
     # LoRA gets a gradient only from the LM loss (here weighted 0): exactly zero.
     assert all(p.grad is None or not p.grad.any() for n, p in model.lm.named_parameters() if "lora_" in n)
     adapter_group = param_groups(model, recipe)[0]["params"]
-    assert {id(p) for p in model.answer_head.parameters()} <= {id(p) for p in adapter_group}
+    assert {id(p) for p in model.objectives.heads["classify"].parameters()} <= {id(p) for p in adapter_group}
 
 
 def test_unknown_answers_are_ignored(tiny_overrides, tiny_vqa):
@@ -137,7 +142,7 @@ def test_training_with_both_objectives_and_compiled_layers(tiny_overrides, tmp_p
     assert [r["step"] for r in rows if "eval_accuracy" in r] == [2, 4]  # eager generation, compiled layers
     assert summary["eval"]["n"] == 8
     saved = load_file(str(run / "adapter.safetensors"))
-    assert saved and not any(k.startswith("answer_head") for k in saved)  # a training objective only
+    assert saved and not any(k.startswith(("objectives", "norm.", "proj.")) for k in saved)  # training only
     log = (run / "train.log").read_text()
     assert "answer classification over 7 answers" in log and "compiled 2 LM decoder layers" in log
 
@@ -157,3 +162,30 @@ def test_compiled_layers_on_a_4bit_lm_match_eager(tiny_overrides):
         losses.append(loss.detach())
         assert model.adapter.out_proj.weight.grad is not None
     torch.testing.assert_close(losses[0], losses[1], rtol=1e-4, atol=1e-5)
+
+
+def test_objectives_sum_their_weighted_parts_and_check_names():
+    torch.manual_seed(0)
+    logits, targets = torch.randn(5, 11), torch.tensor([1, 4, 0, 10, 3])
+    soft, classes = torch.randn(2, 3, 8), torch.tensor([2, -100])
+    lm = F.cross_entropy(logits, targets)
+    outputs = {"logits": logits, "targets": targets, "soft": soft, "answer_class": classes}
+    only_lm = Objectives()
+    assert only_lm.active() == ["lm"]
+    assert only_lm(outputs).item() == lm.item()  # the lone LM loss, unscaled
+    both = Objectives({"lm": 2.0, "classify": 0.25})
+    assert both.active() == ["lm"]  # classify needs its head
+    both.add_head("classify", _MeanHead())
+    cls = F.cross_entropy(soft.mean(1)[:1, :4], classes[:1])  # the unknown class (-100) takes no part
+    torch.testing.assert_close(both(outputs), 2.0 * lm + 0.25 * cls, rtol=0, atol=1e-6)
+    assert set(both.parts) == {"lm", "classify"}
+    torch.testing.assert_close(both.parts["classify"], cls)
+    with pytest.raises(ValueError, match="unknown objectives"):
+        Objectives({"lm": 1.0, "contrastive": 1.0})
+
+
+class _MeanHead(torch.nn.Module):
+    """A parameter-free head: the first 4 features of the mean soft token as class logits."""
+
+    def forward(self, soft):
+        return soft.mean(1)[:, :4]

@@ -8,8 +8,8 @@ import pytest
 
 from adaptkit.config import RecipeError, load_recipe
 from adaptkit.data.formats import load_vqa
+from adaptkit.data.splits import subset
 from adaptkit.quant_check import check_quant
-from adaptkit.runs import subset
 
 
 @pytest.fixture

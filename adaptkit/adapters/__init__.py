@@ -1,20 +1,27 @@
-"""Trainable cross-modal fusion adapters, chosen by ``adapter.kind`` in a recipe."""
+"""Trainable cross-modal fusion adapters, chosen by ``adapter.kind`` in a recipe.
+
+``ADAPTERS`` maps each kind to its class, one family per file of this folder; every class implements
+:class:`adaptkit.adapters.base.FusionAdapter`. Adding one: ``docs/extending.md``.
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from typing import TYPE_CHECKING
 
+from adaptkit.adapters.base import FusionAdapter
 from adaptkit.adapters.qformer import QFormer
-from adaptkit.config import AdapterConfig
 
-ADAPTERS: dict[str, type[nn.Module]] = {"qformer": QFormer}
+if TYPE_CHECKING:
+    from adaptkit.config import AdapterConfig
+
+ADAPTERS: dict[str, type[FusionAdapter]] = {"qformer": QFormer}
 
 
 def build_adapter(
     cfg: AdapterConfig, vision_dim: int, lm_dim: int, output_std: float | None = None
-) -> nn.Module:
-    """Build the fusion adapter a recipe names, mapping ``(B, T, vision_dim)`` to ``(B, Q, lm_dim)``.
-
-    ``output_std`` (the LM's token-embedding std) sets the scale of the adapter's initial output.
-    """
+) -> FusionAdapter:
+    """Build the fusion adapter a recipe names, mapping ``(B, T, vision_dim)`` image features to what the
+    LM receives (soft tokens of width ``lm_dim``). ``output_std`` sets the scale of its initial output."""
+    if cfg.kind not in ADAPTERS:
+        raise ValueError(f"adapter.kind={cfg.kind!r} is not one of {', '.join(ADAPTERS)}")
     return ADAPTERS[cfg.kind](cfg, vision_dim, lm_dim, output_std=output_std)

@@ -8,10 +8,15 @@ visual tokens whatever the number of image tokens.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from adaptkit.config import AdapterConfig
+from adaptkit.adapters.base import FusionAdapter
+
+if TYPE_CHECKING:
+    from adaptkit.config import AdapterConfig
 
 
 class QFormerLayer(nn.Module):
@@ -55,27 +60,18 @@ class QFormerLayer(nn.Module):
         return queries + self.ffn(self.norm_ffn(queries))
 
 
-class QFormer(nn.Module):
+class QFormer(FusionAdapter):
     """Maps image features ``(B, T, D_v)`` to ``(B, num_queries, D_lm)`` soft tokens for the LM.
 
-    Args:
-        cfg: sizes from the recipe's ``adapter`` section.
-        vision_dim: D_v, the width of the vision backbone's token features.
-        lm_dim: D_lm, the language model's hidden size.
-        output_std: initial standard deviation of each output element; the LM's token-embedding std,
-            so the soft tokens start on the scale of the embeddings the LM was trained on.
+    Args: as :class:`~adaptkit.adapters.base.FusionAdapter`; sizes from ``adapter.num_queries``,
+    ``num_layers``, ``hidden_size``, ``num_heads``, ``mlp_ratio``, ``dropout``, ``text_conditioned``.
     """
 
     def __init__(
         self, cfg: AdapterConfig, vision_dim: int, lm_dim: int, output_std: float | None = None
     ) -> None:
-        super().__init__()
+        super().__init__(cfg, vision_dim, lm_dim, output_std)
         hidden = cfg.hidden_size
-        # Per-dimension statistics of the frozen features, set from the training data before training
-        # (set_feature_stats) and saved with the adapter. Standardizing removes the component all images
-        # share, which otherwise dominates the soft tokens and hides what differs between images.
-        self.register_buffer("feature_mean", torch.zeros(vision_dim))
-        self.register_buffer("feature_std", torch.ones(vision_dim))
         self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, hidden) * 0.02)
         self.image_proj = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, hidden))
         self.layers = nn.ModuleList(
@@ -90,13 +86,8 @@ class QFormer(nn.Module):
             # norm_out gives unit-variance inputs, so weight std s yields output std s * sqrt(hidden).
             nn.init.normal_(self.out_proj.weight, std=output_std / hidden**0.5)
             nn.init.zeros_(self.out_proj.bias)
-        self.num_queries = cfg.num_queries
-
-    @torch.no_grad()
-    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
-        """Standardize image features with these per-dimension statistics from now on."""
-        self.feature_mean.copy_(mean)
-        self.feature_std.copy_(std.clamp_min(1e-4))
+        self.num_queries = self.num_tokens = cfg.num_queries
+        self.text_conditioned = cfg.text_conditioned
 
     def forward(
         self,
@@ -111,7 +102,7 @@ class QFormer(nn.Module):
             text_embeds: ``(B, L, D_lm)`` the prompt's token embeddings (used when ``text_conditioned``).
             text_mask: ``(B, L)`` 1 for prompt tokens the queries may read; answers and padding are 0.
         """
-        image = self.image_proj((image_features - self.feature_mean) / self.feature_std)
+        image = self.image_proj(self.standardize(image_features))
         queries = self.queries.expand(image.shape[0], -1, -1)
         text = text_pad = None
         if self.text_proj is not None and text_embeds is not None:

@@ -7,10 +7,14 @@ which runs on CPU as well as CUDA.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
-from adaptkit.config import LanguageConfig, VisionConfig
+if TYPE_CHECKING:
+    from adaptkit.config import LanguageConfig, VisionConfig
+
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

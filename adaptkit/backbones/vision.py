@@ -17,12 +17,15 @@ Each backbone is frozen (``requires_grad=False``) and kept in eval mode, whateve
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image
 from torch import nn
 
-from adaptkit.config import VisionConfig
+if TYPE_CHECKING:
+    from adaptkit.config import VisionConfig
+
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)

@@ -1,0 +1,80 @@
+"""The interface every fusion adapter implements, and what the model asks of it.
+
+A fusion adapter is the trainable part between the frozen vision backbone and the frozen LM. The model
+(``adaptkit.model.multimodal``) wires it by its ``fusion`` attribute:
+
+- ``"tokens"``: ``forward`` returns ``(B, num_tokens, D_lm)`` soft tokens that take places in the LM's
+  sequence, at its input or at decoder layer ``adapter.inject_layer`` (Q-Former, MLP projector, perceiver
+  resampler). Everything downstream (packing, the lower-state cache, cached-prompt generation, export)
+  works for any adapter of this kind.
+
+``"tokens"`` is the one kind today; an adapter that inserts layers into the LM (gated cross-attention)
+declares another and the model wires it where ``MultimodalModel`` checks ``fusion``.
+
+Every adapter standardizes the frozen features with per-dimension statistics of the training data
+(``set_feature_stats``, saved with its weights): the component all images share otherwise dominates
+what the adapter reads.
+
+Adding one: ``docs/extending.md``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from adaptkit.config import AdapterConfig
+
+
+class FusionAdapter(nn.Module):
+    """Base class of the fusion adapters (see the module docstring).
+
+    Args:
+        cfg: the recipe's ``adapter`` section.
+        vision_dim: D_v, the width of the vision backbone's token features.
+        lm_dim: D_lm, the language model's hidden size.
+        output_std: the scale the adapter's initial output should have (the std of the LM's token
+            embeddings, or of the hidden states entering ``inject_layer``): soft tokens then start where
+            the LM expects its inputs.
+    """
+
+    #: how the adapter's output reaches the LM: "tokens" (soft tokens in its sequence).
+    fusion: ClassVar[str] = "tokens"
+
+    def __init__(
+        self, cfg: AdapterConfig, vision_dim: int, lm_dim: int, output_std: float | None = None
+    ) -> None:
+        super().__init__()
+        self.register_buffer("feature_mean", torch.zeros(vision_dim))
+        self.register_buffer("feature_std", torch.ones(vision_dim))
+        #: soft tokens given to the LM per image.
+        self.num_tokens = 0
+        #: whether ``forward`` reads the prompt (then packing several questions per sequence is impossible).
+        self.text_conditioned = False
+
+    @torch.no_grad()
+    def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Standardize image features with these per-dimension statistics from now on."""
+        self.feature_mean.copy_(mean)
+        self.feature_std.copy_(std.clamp_min(1e-4))
+
+    def standardize(self, image_features: torch.Tensor) -> torch.Tensor:
+        return (image_features - self.feature_mean) / self.feature_std
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_embeds: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """What the LM receives from the image.
+
+        Args:
+            image_features: ``(B, T, D_v)`` frozen image features.
+            text_embeds: ``(B, L, D_lm)`` the prompt's token embeddings (read by text-conditioned adapters).
+            text_mask: ``(B, L)`` 1 for prompt tokens the adapter may read; answers and padding are 0.
+        """
+        raise NotImplementedError

@@ -1,0 +1,122 @@
+"""A data spec → samples → frozen image features → a task's dataset: what training and evaluation share.
+
+``prepare_split`` loads a spec with the task's formats, encodes each distinct image once with the frozen
+backbone (``FeatureBank``, optionally through the disk cache), drops and lists unusable samples, and builds
+the task's tokenized dataset over the feature rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from pathlib import Path
+
+from adaptkit.assets import cache_dir
+from adaptkit.data.feature_cache import FeatureCache
+from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
+from adaptkit.data.formats import DataError
+
+log = logging.getLogger("adaptkit")
+
+
+def subset(samples: list, limit: int | None, seed: int = 0) -> list:
+    """A fixed random subset of ``limit`` samples in their original order (all when limit is falsy)."""
+    if not limit or limit >= len(samples):
+        return list(samples)
+    keep = sorted(random.Random(seed).sample(range(len(samples)), limit))
+    return [samples[i] for i in keep]
+
+
+def feature_cache_root(setting: str) -> Path | None:
+    """The disk cache folder a recipe's ``feature_cache_dir`` names (None: keep features in memory only)."""
+    if setting in ("", "none", "off"):
+        return None
+    if setting == "auto":
+        return cache_dir() / "features"
+    return Path(setting).expanduser()
+
+
+def build_features(
+    vision,
+    samples: list,
+    device,
+    cache: bool,
+    skip_bad: bool,
+    desc: str,
+    progress: bool = True,
+    cache_root: Path | FeatureCache | None = None,
+):
+    """Feature source for the images of ``samples``: encoded once (cache) or at every lookup.
+
+    With ``cache_root`` (a cache folder, or a :class:`FeatureCache` already keyed for ``vision``, which
+    saves hashing the backbone again), features persist on disk, keyed by backbone and image content.
+    """
+    paths = [s.image for s in samples]
+    origins: dict[str, str] = {}
+    for s in samples:
+        origins.setdefault(s.image, s.origin)
+    if not cache:
+        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad)
+    disk = cache_root
+    if cache_root is not None and not isinstance(cache_root, FeatureCache):
+        disk = FeatureCache.for_backbone(cache_root, vision, device)
+    return FeatureBank.compute(
+        vision,
+        paths,
+        origins,
+        device,
+        skip_bad=skip_bad,
+        desc=desc,
+        disable_progress=not progress,
+        cache=disk,
+    )
+
+
+def prepare_split(
+    task,
+    model,
+    spec: str,
+    device,
+    limit: int | None = None,
+    cache: bool = True,
+    on_bad_sample: str = "error",
+    progress: bool = True,
+    desc: str = "encoding images",
+    cache_root: Path | FeatureCache | None = None,
+    max_skip_ratio: float = 1.0,
+):
+    """Load a data spec with ``task``'s formats, encode its images and build the task's dataset.
+
+    Bad samples (malformed lines, unusable images) raise with ``on_bad_sample="error"``; with ``skip``
+    they are dropped and listed, and the call fails (naming them) when more than ``max_skip_ratio`` of
+    the samples are bad.
+
+    Returns:
+        ``(dataset, features, skipped)`` where ``skipped`` lists ``origin: reason`` of dropped samples.
+    """
+    data = task.load(spec, on_bad_sample)
+    samples = subset(data.samples, limit)
+    features = build_features(
+        model.vision, samples, device, cache, on_bad_sample == "skip", desc, progress, cache_root
+    )
+    skipped = list(data.skipped) + [features.bad[s.image] for s in samples if s.image in features.bad]
+    total = len(samples) + len(data.skipped)
+    if skipped and len(skipped) > max_skip_ratio * total:
+        shown = "\n  ".join(skipped[:20]) + (
+            f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""
+        )
+        raise DataError(
+            f"{spec}: {len(skipped)} of {total} samples ({len(skipped) / total:.1%}) are unusable, more than "
+            f"data.max_skip_ratio={max_skip_ratio}:\n  {shown}\n"
+            "Fix or remove them, or raise data.max_skip_ratio"
+        )
+    if features.bad:
+        log.warning(
+            "%s: skipped %d samples whose image is unusable (%d images), first: %s",
+            spec,
+            len(skipped) - len(data.skipped),
+            len(features.bad),
+            next(iter(features.bad.values())),
+        )
+    dataset = task.dataset(samples, features.rows, model.tokenizer)
+    return dataset, features, skipped

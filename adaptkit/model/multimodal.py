@@ -1,0 +1,252 @@
+"""MultimodalModel: frozen vision backbone → trainable fusion adapter → frozen LM with LoRA.
+
+The wiring only: the adapter's soft tokens (``adaptkit.adapters``) go in front of the prompt's
+embeddings, or enter at decoder layer ``adapter.inject_layer`` (``injection.py``, with the lower-layer
+states looked up per text: ``lower_states.py``); training computes LM logits only at positions whose next
+token is an answer token and hands them to the recipe's objectives (``adaptkit.objectives``); decoding
+lives in ``generation.py``. Only trainable pieces are saved: the adapter as safetensors, LoRA in peft's
+own format.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from adaptkit.artifacts import ADAPTER_FILE, LORA_DIR
+from adaptkit.backbones.vision import VisionBackbone
+from adaptkit.model import generation
+from adaptkit.model.injection import LayerInjection, states_at_layer
+from adaptkit.model.lower_states import LowerStateCache, decoder_slice
+from adaptkit.model.packing import packed_attention
+from adaptkit.objectives import IGNORE, Objectives
+
+
+class MultimodalModel(nn.Module):
+    """The whole model. ``vision`` and the LM's base weights are frozen; ``adapter``, LoRA and the
+    objectives' heads train.
+
+    Args:
+        vision: the frozen vision backbone.
+        adapter: a fusion adapter (``adaptkit.adapters.base.FusionAdapter``) of ``fusion = "tokens"``.
+        lm: the causal LM, inside peft's wrapper when LoRA is on.
+        tokenizer: the LM's tokenizer.
+        inject_layer: 0 puts the soft tokens at the LM's input; k > 0 at decoder layer k.
+    """
+
+    def __init__(
+        self, vision: VisionBackbone, adapter: nn.Module, lm: nn.Module, tokenizer, inject_layer: int = 0
+    ) -> None:
+        super().__init__()
+        fusion = getattr(adapter, "fusion", None)
+        if fusion != "tokens":
+            raise ValueError(f"{type(adapter).__name__}: fusion={fusion!r}; MultimodalModel wires 'tokens'")
+        self.vision = vision
+        self.adapter = adapter
+        self.lm = lm
+        self.tokenizer = tokenizer
+        self.inject_layer = inject_layer
+        self.injection: LayerInjection | None = None
+        if inject_layer:
+            sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+            self.injection = LayerInjection(self.base_lm.get_decoder().layers, inject_layer, sink)
+        # Training with inject_layer: the text's states below it, by text (use_lower_state_cache).
+        self.lower_states: LowerStateCache | None = None
+        # Generation with inject_layer: prompts' lower states and keys/values by text (build_model sets
+        # the recipe's lower_state_cache_mb; 0: generate through the whole model).
+        self.prompt_cache = generation.PromptCache()
+        # False runs the LM without its LoRA branches (adapter-only phase before lora.start_step).
+        self.lora_active = True
+        self.objectives = Objectives()
+
+    @property
+    def base_lm(self) -> nn.Module:
+        """The transformers causal LM (inside peft's wrapper when LoRA is on)."""
+        return self.lm.get_base_model() if hasattr(self.lm, "get_base_model") else self.lm
+
+    @property
+    def loss_parts(self) -> dict[str, torch.Tensor]:
+        """Each objective's value (detached) in the last training forward pass."""
+        return self.objectives.parts
+
+    # ---- the LM's input ----------------------------------------------------------------------------
+
+    def text_and_soft(self, features, input_ids, read):
+        """The LM's input embedding module, the text's embeddings and the adapter's soft tokens (the
+        adapter reads the prompt tokens ``read`` marks)."""
+        embedding = self.base_lm.get_input_embeddings()
+        text = embedding(input_ids)
+        return embedding, text, self.adapter(features.to(text.device), text, read).to(text.dtype)
+
+    def embed(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        prompt_mask: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The LM's input, ``(embeds, mask)``: soft tokens (or, when injecting, the lead that layer k's
+        hook fills with them) in front of the text embeddings.
+
+        ``prompt_mask`` marks the tokens a text-conditioned adapter may read (never the answer);
+        it defaults to ``attention_mask`` (generation, where the input is all prompt).
+        """
+        embeds, mask, _ = self._embed(features, input_ids, attention_mask, prompt_mask)
+        return embeds, mask
+
+    def _embed(self, features, input_ids, attention_mask, prompt_mask=None):
+        read = attention_mask if prompt_mask is None else prompt_mask
+        embedding, text, soft = self.text_and_soft(features, input_ids, read)
+        lead = soft
+        if self.injection is not None:
+            lead = self.injection.lead(embedding, text.shape[0], soft.shape[1], text.device)
+            self.injection.pending = soft
+        ones = torch.ones(lead.shape[:2], dtype=attention_mask.dtype, device=attention_mask.device)
+        return torch.cat([lead, text], dim=1), torch.cat([ones, attention_mask], dim=1), soft
+
+    def use_lower_state_cache(self, max_mb: float) -> LowerStateCache:
+        """From now on, training and scoring compute the layers below ``inject_layer`` once per distinct
+        text (``LowerStateCache``) and run only the layers from ``inject_layer`` on each step; generation
+        keeps its own cache (``prompt_cache``). Needs ``inject_layer`` > 0."""
+        if self.injection is None:
+            raise ValueError("the lower-state cache needs adapter.inject_layer > 0")
+        embedding = self.base_lm.get_input_embeddings()
+        decoder = self.base_lm.get_decoder()
+        self.lower_states = self.injection.lower_state_cache(
+            decoder, embedding, self.adapter.num_tokens, max_mb
+        )
+        return self.lower_states
+
+    # ---- training and scoring -----------------------------------------------------------------------
+
+    def answer_logits(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits at answer positions only, a mask of where those positions are in ``labels``, and the
+        adapter's soft tokens. ``segment_ids`` and ``positions`` describe a packed batch
+        (``collate_packed``: several questions about one image per row)."""
+        prompt_mask = attention_mask * (labels == IGNORE)
+        if self.lower_states is not None:
+            embedding, text, soft = self.text_and_soft(features, input_ids, prompt_mask)
+            embeds, mask = states_at_layer(
+                self.lower_states, embedding, text, soft, input_ids, attention_mask, segment_ids
+            )
+        else:
+            embeds, mask, soft = self._embed(features, input_ids, attention_mask, prompt_mask)
+        n_soft = embeds.shape[1] - input_ids.shape[1]
+        if segment_ids is None:
+            position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        else:
+            mask, position_ids = packed_attention(segment_ids, positions, n_soft, embeds.dtype)
+        skip_lora = not self.lora_active and hasattr(self.lm, "disable_adapter")
+        decoder = self.base_lm.get_decoder()
+        upper = (
+            decoder_slice(decoder, self.inject_layer, None, final_norm=True)
+            if self.lower_states is not None
+            else contextlib.nullcontext()
+        )
+        with self.lm.disable_adapter() if skip_lora else contextlib.nullcontext(), upper:
+            hidden = decoder(
+                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
+            ).last_hidden_state
+        # hidden[:, t] predicts token t+1; text token j sits at position n_soft + j.
+        text_hidden = hidden[:, n_soft - 1 : -1]
+        selected = labels != IGNORE
+        return self.base_lm.get_output_embeddings()(text_hidden[selected]), selected, soft
+
+    def forward(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+        answer_class: torch.Tensor | None = None,
+        segment_ids: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The training loss of a batch: the recipe's weighted objectives (``self.objectives``) on the
+        logits at answer tokens (computed only where they are needed) and the soft tokens.
+        ``answer_class``: the samples' classes for ``objectives.classify``; ``segment_ids`` /
+        ``positions``: a packed batch (``collate_packed``)."""
+        logits, selected, soft = self.answer_logits(
+            features, input_ids, attention_mask, labels, segment_ids, positions
+        )
+        outputs = {"logits": logits, "targets": labels[selected], "soft": soft, "answer_class": answer_class}
+        return self.objectives(outputs)
+
+    @torch.no_grad()
+    def sequence_logprobs(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        labels: torch.Tensor,
+    ) -> torch.Tensor:
+        """Per-row sum of the answer tokens' log-probabilities (right-padded rows, as for training)."""
+        logits, selected, _ = self.answer_logits(features, input_ids, attention_mask, labels)
+        token_logp = logits.float().log_softmax(-1).gather(-1, labels[selected].unsqueeze(-1)).squeeze(-1)
+        rows = selected.nonzero()[:, 0]
+        return torch.zeros(labels.shape[0], device=token_logp.device).index_add_(0, rows, token_logp)
+
+    # ---- generation ---------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def generate(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 5,
+    ) -> tuple[list[str], list[float]]:
+        """Greedy answers for left-padded prompts, with each answer's probability under the model."""
+        tokens, chosen = self.greedy(features, input_ids, attention_mask, max_new_tokens)
+        return generation.decode(self, tokens, chosen)
+
+    @torch.no_grad()
+    def greedy(
+        self,
+        features: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        max_new_tokens: int = 5,
+        stop_at_eos: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy tokens and their log-probabilities (:func:`adaptkit.model.generation.greedy`)."""
+        return generation.greedy(self, features, input_ids, attention_mask, max_new_tokens, stop_at_eos)
+
+    # ---- trainable state ----------------------------------------------------------------------------
+
+    def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
+
+    def save_trainables(self, directory: str | Path) -> None:
+        """Write the adapter (safetensors) and LoRA (peft format) into ``directory``."""
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
+        save_file(state, str(directory / ADAPTER_FILE))
+        if hasattr(self.lm, "save_pretrained") and hasattr(self.lm, "peft_config"):
+            self.lm.save_pretrained(str(directory / LORA_DIR))
+
+    def load_adapter(self, directory: str | Path) -> None:
+        """Load adapter weights saved by :meth:`save_trainables` (strict: shapes and keys must match)."""
+        from safetensors.torch import load_file
+
+        path = Path(directory) / ADAPTER_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; is {directory} a run directory of `adaptkit train`?")
+        try:
+            self.adapter.load_state_dict(load_file(str(path)), strict=True)
+        except RuntimeError as err:
+            raise ValueError(f"{path} does not fit this recipe's adapter: {err}") from None

@@ -1,0 +1,127 @@
+"""The interface of a task: everything about *what* is learned that the rest of adaptkit asks for.
+
+The training loop, ``adaptkit eval``, ``export``, ``predict``, ``check-quant`` and the demo hold no
+task-specific code; they call these methods on ``get_task(recipe)`` (``adaptkit.tasks``):
+
+================================  ===========================================================
+data formats                      :meth:`Task.load` (a data spec -> samples, skipped lines)
+a sample -> a batch               :meth:`Task.dataset` (tokenized, over feature rows), :meth:`Task.collate`
+objectives                        :meth:`Task.setup_objectives`, :meth:`Task.loss`
+metric                            :meth:`Task.evaluate`, :meth:`Task.format_metrics`
+run files                         :meth:`Task.save_run_files` (e.g. VQA's answer set)
+what the predictor returns        :meth:`Task.predictor` (a :class:`adaptkit.predictor.Predictor`)
+the demo                          :attr:`Task.demo` (labels), :meth:`Task.examples`
+teacher-forced texts              :meth:`Task.text_pairs` (check-quant, export's verification)
+================================  ===========================================================
+
+Adding one: ``docs/extending.md``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from adaptkit.config import Recipe
+    from adaptkit.data.formats import LoadedData
+    from adaptkit.predictor import Predictor
+
+
+@dataclass(frozen=True)
+class DemoSpec:
+    """What the Gradio demo shows for a task: its text box and its output labels."""
+
+    text_label: str
+    text_placeholder: str
+    output_label: str
+    ranked_label: str
+    intro: str
+
+
+class Task(ABC):
+    """A task (see the module docstring). One instance per recipe: ``task = TASKS[name](recipe)``.
+
+    Datasets a task builds are indexable; item ``i`` is a dict with at least ``index`` (``i``) and
+    ``image`` (its feature row), and the dataset has ``samples`` (the loaded samples, in order) and
+    ``image_rows`` (each sample's feature row), which the samplers use to pack and group.
+    """
+
+    name: ClassVar[str]
+    demo: ClassVar[DemoSpec]
+
+    def __init__(self, recipe: Recipe) -> None:
+        self.recipe = recipe
+
+    # ---- data --------------------------------------------------------------------------------------
+
+    @abstractmethod
+    def load(self, spec: str, on_bad_sample: str = "error") -> LoadedData:
+        """Read a data spec (a file, or a named embedded split) into samples; bad lines raise
+        ``DataError`` naming file and line, or are skipped and listed with ``on_bad_sample="skip"``."""
+
+    @abstractmethod
+    def dataset(self, samples: Sequence, image_rows: dict[str, int], tokenizer):
+        """The tokenized dataset of ``samples`` whose images are rows ``image_rows[path]`` of a feature
+        source (samples whose image has no row are dropped)."""
+
+    def lengths(self, dataset) -> list[int]:
+        """Each sample's LM token count (length grouping and packing sort by it)."""
+        return [len(dataset[i]["prompt"]) + len(dataset[i]["target"]) for i in range(len(dataset))]
+
+    # ---- training ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    def collate(self, pad_id: int, pack: int = 1) -> Callable[[list[dict]], dict[str, torch.Tensor]]:
+        """The training collate function (``pack`` > 1: consecutive samples of one image share a row)."""
+
+    @abstractmethod
+    def setup_objectives(self, model, dataset) -> str:
+        """Give ``model`` the recipe's objectives for this task (and their heads, labels in ``dataset``);
+        returns a line for the training log."""
+
+    @abstractmethod
+    def loss(self, model, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The training loss of a batch (``model`` may be wrapped by Accelerate: call it, do not reach in)."""
+
+    # ---- evaluation --------------------------------------------------------------------------------
+
+    @abstractmethod
+    def evaluate(
+        self, model, dataset, features, batch_size: int | None = None, progress: bool = True, accelerator=None
+    ) -> tuple[dict, list[dict]]:
+        """``(metrics, per-sample records)`` on ``dataset``; with a multi-process ``accelerator`` the work
+        is sharded and every process returns the same metrics. ``metrics`` has ``n`` and ``seconds``."""
+
+    @abstractmethod
+    def format_metrics(self, metrics: dict) -> str:
+        """One human-readable line of ``metrics`` (``adaptkit eval`` without ``--json``)."""
+
+    #: the metric the training log and README tables lead with.
+    headline_metric: ClassVar[str] = "accuracy"
+
+    # ---- run directory, inference, demo -----------------------------------------------------------
+
+    def save_run_files(self, run_dir: Path, dataset) -> None:  # noqa: B027 (optional hook)
+        """Write the task's files into a finished run directory (nothing by default)."""
+
+    def export_info(self, run_dir: Path) -> dict:
+        """What an export's manifest records for the task (read back by :meth:`predictor`)."""
+        return {}
+
+    @abstractmethod
+    def predictor(self, model, run_dir: Path, manifest: dict | None, info: dict, device) -> Predictor:
+        """The predictor of a loaded model; ``manifest`` is the export manifest (None for a run)."""
+
+    def examples(self, count: int) -> list[tuple[str, str]]:
+        """Up to ``count`` ``(image path, text)`` pairs from the eval data (the demo's examples)."""
+        return []
+
+    @abstractmethod
+    def text_pairs(self, samples: Sequence) -> list[tuple[str, str]]:
+        """``(prompt, target)`` texts of samples, as the LM is trained on them (teacher-forced checks)."""

@@ -1,0 +1,233 @@
+"""The training loop on HF Accelerate: CPU, one GPU, or many through ``accelerate launch``.
+
+``train(recipe)`` = :func:`adaptkit.train.setup.setup` (everything before the first step), the loop below
+(a step, then logging, evaluation and checkpoints on their schedules, with a tqdm bar), and the summary.
+Freezing is asserted, not assumed: the optimizer holds exactly the trainable parameters
+(``optim.param_groups``) and the frozen weights' digest must be unchanged at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import TYPE_CHECKING
+
+import torch
+from tqdm.auto import tqdm
+
+from adaptkit import checkpoint as ckpt
+from adaptkit.artifacts import write_json
+from adaptkit.data.feature_cache import tensor_digest
+from adaptkit.model.build import frozen_fingerprint
+from adaptkit.perf import peak_memory_mb, reset_peak_memory
+from adaptkit.train.setup import TrainingRun, setup
+
+if TYPE_CHECKING:
+    from adaptkit.config import Recipe
+
+log = logging.getLogger("adaptkit")
+
+
+def _batches(run: TrainingRun):
+    """``(epoch, micro-batch index in the epoch, batch)`` forever; a resumed run first draws and drops the
+    micro-batches its checkpoint had consumed, so it sees exactly the batches an uninterrupted one would.
+    An epoch's order depends on ``(seed, epoch)`` alone."""
+    epoch, skip = run.epoch, run.skip
+    while True:
+        run.generator.manual_seed(run.recipe.seed + epoch)
+        if run.sampler is not None:
+            run.sampler.set_epoch(epoch)
+        if hasattr(run.loader, "set_epoch"):
+            run.loader.set_epoch(epoch)
+        for index, batch in enumerate(run.loader):
+            if index >= skip:
+                yield epoch, index, batch
+        skip = 0
+        epoch += 1
+
+
+def train_step(run: TrainingRun, batch: dict) -> float:
+    """One micro-batch: the task's loss, backward, and (at an accumulation boundary) clip, AdamW step and
+    schedule. Returns the micro-batch's loss."""
+    recipe, accelerator = run.recipe, run.accelerator
+    run.model.lora_active = run.step >= recipe.lora.start_step
+    with accelerator.accumulate(run.prepared):
+        feats = run.train.features.lookup(batch["image"])
+        loss = run.task.loss(run.prepared, feats, batch)
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and recipe.max_grad_norm > 0:
+            accelerator.clip_grad_norm_(run.trainable, recipe.max_grad_norm)
+        run.optimizer.step()
+        run.scheduler.step()
+        run.optimizer.zero_grad(set_to_none=True)
+    return loss.detach().float().item()
+
+
+def evaluate(run: TrainingRun) -> dict:
+    """The task's metrics on the eval split (sharded over processes), recorded at the current step."""
+    with torch.compiler.set_stance("force_eager"):  # compiled LM layers are for the training step
+        metrics, _ = run.task.evaluate(
+            run.unwrapped(),
+            run.eval.dataset,
+            run.eval.features,
+            run.recipe.eval_batch_size,
+            progress=run.main,
+            accelerator=run.accelerator,
+        )
+    run.prepared.train()
+    headline = run.task.headline_metric
+    log.info("step %d: eval %s %.4f on %d samples", run.step, headline, metrics[headline], metrics["n"])
+    wall = round(time.perf_counter() - run.started, 2)
+    run.records.record({"step": run.step, "wall_s": wall, **{f"eval_{k}": v for k, v in metrics.items()}})
+    return metrics
+
+
+def save_checkpoint(run: TrainingRun, epoch: int, batch_in_epoch: int) -> None:
+    """Every process writes its RNG states; the main process the rest; then one atomic rename."""
+    accelerator = run.accelerator
+    folder = ckpt.staging_dir(run.out, run.step)
+    if run.main:
+        ckpt.begin(folder)
+    accelerator.wait_for_everyone()
+    ckpt.write_rng(folder, accelerator.process_index, run.generator)
+    accelerator.wait_for_everyone()
+    if run.main:
+        state = {
+            "step": run.step,
+            "epoch": epoch,
+            "batch_in_epoch": batch_in_epoch,
+            "accumulation_counter": accelerator.step,
+            **run.window.state(),
+            "processes": run.procs,
+        }
+        trainables = dict(run.unwrapped().trainable_parameters())
+        ckpt.write_main(folder, trainables, run.optimizer, run.scheduler, state)
+        log.info("checkpoint %s", ckpt.commit(folder, run.recipe.keep_checkpoints))
+    accelerator.wait_for_everyone()
+
+
+def check_replicas(run: TrainingRun) -> None:
+    """Every process hashes its trainable weights; all digests must agree (DDP keeps replicas equal)."""
+    from accelerate.utils import gather_object
+
+    digests = gather_object([tensor_digest(run.unwrapped().trainable_parameters())])
+    run.records.record({"step": run.step, "replica_digests": digests})
+    if len(set(digests)) != 1:
+        raise RuntimeError(f"step {run.step}: the {run.procs} processes hold different weights ({digests})")
+
+
+def _log_step(run: TrainingRun, epoch: int, train_start: float, bar) -> None:
+    recipe = run.recipe
+    per_step = recipe.batch_size * recipe.grad_accum_steps * run.procs
+    row = run.window.row(run.step, epoch, run.optimizer, per_step, recipe.grad_accum_steps)
+    row["elapsed_s"] = round(time.perf_counter() - train_start, 2)
+    row["wall_s"] = round(time.perf_counter() - run.started, 2)
+    run.records.record(row)
+    bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{row['samples_per_s']:.1f}")
+    log.info(
+        "step %d loss %.4f lr %.2e samples/s %.1f", run.step, row["loss"], row["lr"], row["samples_per_s"]
+    )
+
+
+def run_loop(run: TrainingRun) -> float:
+    """Train until ``max_steps``; returns the seconds spent in the loop."""
+    recipe, accelerator = run.recipe, run.accelerator
+    run.prepared.train()
+    run.window.restart()
+    train_start = time.perf_counter()
+    bar = tqdm(total=recipe.max_steps, initial=run.step, desc="training", unit="step", disable=not run.main)
+    for epoch, index, batch in _batches(run):
+        loss = train_step(run, batch)
+        run.window.add(loss, run.unwrapped().loss_parts)
+        if recipe.log_samples:  # every process joins the gather; the main one writes
+            seen = accelerator.gather(batch["index"].to(accelerator.device)).tolist()
+            run.records.sample_row({"step": run.step + 1, "epoch": epoch, "indices": seen, "loss": loss})
+        if not accelerator.sync_gradients:
+            continue
+        run.step += 1
+        bar.update()
+        if run.step % recipe.log_every == 0 or run.step == recipe.max_steps:
+            _log_step(run, epoch, train_start, bar)
+        if recipe.check_replicas and run.step % recipe.check_replicas == 0:
+            check_replicas(run)
+        if recipe.eval_every and run.step % recipe.eval_every == 0 and run.step < recipe.max_steps:
+            evaluate(run)
+            run.window.restart()  # samples/s counts training time only
+        last = run.step >= recipe.max_steps
+        if last or (recipe.checkpoint_every and run.step % recipe.checkpoint_every == 0):
+            save_checkpoint(run, epoch, index + 1)
+            run.window.restart()
+        if last:
+            break
+    bar.close()
+    return time.perf_counter() - train_start
+
+
+def finish(run: TrainingRun, train_seconds: float, setup_peak_mb: float) -> dict:
+    """Check the frozen weights, evaluate, and (main process) save the trainables, the task's run files,
+    ``eval.json``, ``summary.json`` and ``curves.png``; returns the summary."""
+    recipe, model = run.recipe, run.unwrapped()
+    if frozen_fingerprint(model) != run.frozen_before:
+        raise RuntimeError("frozen backbone weights changed during training; this is a bug, please report it")
+    eval_metrics = evaluate(run)
+    summary = {
+        "steps": run.step,
+        "train_seconds": round(train_seconds, 2),
+        "total_seconds": round(time.perf_counter() - run.started, 2),
+        "train_samples": len(run.train.dataset),
+        "skipped_samples": len(run.train.skipped),
+        "skipped": {"train": run.train.skipped[:100], "eval": run.eval.skipped[:100]},
+        "parameters": run.parameters,
+        "frozen_unchanged": True,
+        "resumed_from": str(run.resume_from) if run.resume_from is not None else None,
+        "peak_memory_mb": {"setup": setup_peak_mb, "training": peak_memory_mb(run.accelerator.device)},
+        "eval": eval_metrics,
+    }
+    if run.main:
+        out = run.out
+        model.save_trainables(out)
+        run.task.save_run_files(out, run.train.dataset)
+        eval_row = {"data": recipe.data.eval, "limit": recipe.eval_limit, "step": run.step, **eval_metrics}
+        write_json(out / "eval.json", eval_row)
+        write_json(out / "summary.json", summary)
+        run.records.close()
+        _finish_log(run, summary)
+    run.accelerator.wait_for_everyone()
+    run.accelerator.end_training()
+    return summary
+
+
+def _finish_log(run: TrainingRun, summary: dict) -> None:
+    try:
+        from adaptkit.plots import plot_run
+
+        log.info("wrote %s", plot_run(run.out))
+    except ImportError as err:  # the plot is a convenience; the run itself is complete
+        log.warning("no curves.png: %s (pip install matplotlib)", err)
+    cache = run.lower_states
+    if cache is not None:
+        log.info(
+            "lower-layer states: %d texts kept (%.1f MB); %d looked up, %d computed",
+            len(cache.store),
+            cache.bytes / 2**20,
+            cache.hits + cache.misses,
+            cache.misses,
+        )
+    peak = summary["peak_memory_mb"]
+    log.info(
+        "saved run to %s (%.0f s; peak memory %.0f MB in set-up, %.0f MB in training)",
+        run.out,
+        summary["total_seconds"],
+        peak["setup"],
+        peak["training"],
+    )
+
+
+def train(recipe: Recipe) -> dict:
+    """Train the recipe's model and write a run directory; returns the summary written to it."""
+    run = setup(recipe)
+    device = run.accelerator.device
+    setup_peak_mb = peak_memory_mb(device)
+    reset_peak_memory(device)
+    seconds = run_loop(run)
+    return finish(run, seconds, setup_peak_mb)

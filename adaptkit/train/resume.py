@@ -1,0 +1,86 @@
+"""Where a run starts: a new output directory (never overwriting a run) or the checkpoint to resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adaptkit import checkpoint as ckpt
+from adaptkit.artifacts import ADAPTER_FILE, LORA_DIR, RECIPE_FILE
+
+if TYPE_CHECKING:
+    from adaptkit.config import Recipe
+
+
+def check_output_dir(out: Path) -> None:
+    """A new run refuses a directory that already holds one."""
+    if (out / ADAPTER_FILE).exists() or (out / LORA_DIR).exists():
+        raise FileExistsError(
+            f"output_dir {out} already holds a run; pass another output_dir=... (nothing was overwritten)"
+        )
+
+
+def resume_point(recipe: Recipe, out: Path) -> Path | None:
+    """The checkpoint ``recipe.resume`` asks for (None: start from scratch)."""
+    if not recipe.resume:
+        return None
+    if recipe.resume == "auto":
+        found = ckpt.latest_checkpoint(out)
+        if found is None and (out / RECIPE_FILE).exists():
+            stale = ckpt.checkpoint_root(out)
+            raise FileExistsError(
+                f"resume=auto: {out} holds a run but no complete checkpoint under {stale}; start a new "
+                "output_dir (nothing was overwritten)"
+            )
+        return found
+    path = Path(recipe.resume)
+    folder = path if (path / ckpt.MANIFEST).is_file() else ckpt.latest_checkpoint(path)
+    if folder is None:
+        raise FileNotFoundError(f"resume={recipe.resume}: no complete checkpoint there")
+    run = folder.parent.parent
+    if run.resolve() != out.resolve():
+        raise ValueError(
+            f"resume={recipe.resume} belongs to run {run}, but output_dir is {out}; pass output_dir={run}"
+        )
+    return folder
+
+
+def flat(recipe: Recipe) -> list[tuple[str, object]]:
+    """``(dotted key, value)`` for every recipe field."""
+    from omegaconf import OmegaConf
+
+    def walk(d, prefix=""):
+        for k, v in d.items():
+            if isinstance(v, dict):
+                yield from walk(v, f"{prefix}{k}.")
+            else:
+                yield f"{prefix}{k}", v
+
+    return list(walk(OmegaConf.to_container(OmegaConf.structured(recipe))))
+
+
+def check_same_recipe(recipe: Recipe, out: Path) -> None:
+    """A resumed run must train the recipe it was started with (only ``resume`` may differ)."""
+    from adaptkit.config import load_recipe
+
+    a, b = dict(flat(load_recipe(out / RECIPE_FILE))), dict(flat(recipe))
+    differ = sorted(k for k in set(a) | set(b) if k != "resume" and a.get(k) != b.get(k))
+    if differ:
+        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:6])
+        raise ValueError(
+            f"resume: the recipe differs from {out / RECIPE_FILE} ({shown}); an exact resume needs the same "
+            "recipe — drop those overrides or start a new output_dir"
+        )
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of a metrics file up to ``step`` (a crashed run may have logged past its checkpoint)."""
+    if not path.exists():
+        return
+    keep = [
+        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
+    ]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    tmp.replace(path)
