@@ -51,6 +51,9 @@ class AdapterConfig:
     dropout: float = 0.0
     text_conditioned: bool = True
     inject_layer: int = 0
+    pool_tokens: int = 0
+    xattn_layers: list[int] = field(default_factory=list)
+    xattn_resampler: bool = False
 
 
 @dataclass
@@ -304,7 +307,7 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             for what, bad in (
                 (
                     "adapter.text_conditioned=false (one copy of the image tokens serves every question)",
-                    recipe.adapter.text_conditioned,
+                    recipe.adapter.text_conditioned and _adapter_class(recipe.adapter.kind).reads_text,
                 ),
                 ("objectives.classify=0", recipe.objectives.classify > 0),
             )
@@ -318,11 +321,29 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             )
     if "{question}" not in recipe.data.prompt_template:
         raise RecipeError(f"{source}: data.prompt_template must contain '{{question}}'")
-    if recipe.adapter.hidden_size % recipe.adapter.num_heads:
+    _validate_adapter(recipe.adapter, source)
+
+
+def _adapter_class(kind: str):
+    from adaptkit.adapters import ADAPTERS
+
+    return ADAPTERS[kind]
+
+
+def _validate_adapter(adapter: AdapterConfig, source: str) -> None:
+    """The adapter section's checks that depend on its kind."""
+    if adapter.hidden_size % adapter.num_heads:
         raise RecipeError(
-            f"{source}: adapter.hidden_size ({recipe.adapter.hidden_size}) must be divisible by "
-            f"adapter.num_heads ({recipe.adapter.num_heads})"
+            f"{source}: adapter.hidden_size ({adapter.hidden_size}) must be divisible by "
+            f"adapter.num_heads ({adapter.num_heads})"
         )
+    if adapter.pool_tokens < 0:
+        raise RecipeError(
+            f"{source}: adapter.pool_tokens must be >= 0 (0: every image token), got {adapter.pool_tokens}"
+        )
+    problem = _adapter_class(adapter.kind).config_problem(adapter)
+    if problem:
+        raise RecipeError(f"{source}: {problem}")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

@@ -168,8 +168,9 @@ def _outputs(
     return greedy, logits[mask.bool()].double()
 
 
-def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: str) -> dict:
-    """Compare the export (loaded back from disk) with the unmerged adapter model on held samples.
+def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: str) -> tuple[dict, str]:
+    """Compare the export (loaded back from disk) with the unmerged adapter model on held samples; returns
+    the report and the adapter's description.
 
     Answers: the export in its own dtype against the unmerged float32 model, as users run them.
     Logits: both models upcast to float64, so the difference measures the merged weights alone: float32
@@ -223,7 +224,7 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     need = 1.0 if dtype == "float32" else MIN_AGREEMENT_16BIT
     report["passed"] = bool(agree >= need and report["max_abs_logit_diff"] <= TOLERANCE[dtype])
     report["seconds"] = round(time.perf_counter() - started, 2)
-    return report
+    return report, merged.adapter.describe()
 
 
 def _model_card(manifest: dict, task) -> str:
@@ -239,8 +240,7 @@ def _model_card(manifest: dict, task) -> str:
         "",
         f"- vision: {manifest['vision']['family']}:{manifest['vision']['name']} "
         f"(weights: {manifest['vision']['weights']}), frozen",
-        f"- adapter: {manifest['adapter']['kind']} "
-        f"({manifest['adapter']['config']['num_queries']} soft tokens), `{ADAPTER_FILE}`",
+        f"- adapter: {manifest['adapter']['kind']} ({manifest['adapter']['summary']}), `{ADAPTER_FILE}`",
         f"- language model: `lm/` = {manifest['language']['base']} + LoRA merged in float32 into "
         f"{manifest['language']['merged_into']}, saved as {manifest['dtype']} (trained with the LM at "
         f"quant={manifest['language']['trained_quant']})",
@@ -365,7 +365,7 @@ def export_run(
     # Hash before verifying: the verification loads the folder the way users will.
     manifest["files"] = hash_files(partial, skip=EXPORT_FILE)
     (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    report = _verify(recipe, run, partial, dtype, verify_samples, merge_base)
+    report, manifest["adapter"]["summary"] = _verify(recipe, run, partial, dtype, verify_samples, merge_base)
     manifest["verification"] = report
     (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
     (partial / "README.md").write_text(_model_card(manifest, get_task(recipe)))

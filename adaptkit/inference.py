@@ -38,7 +38,7 @@ def describe(recipe, model, run: Path, export_info: dict | None = None) -> dict:
         "kind": "export" if export_info else "run",
         "task": recipe.task,
         "vision": f"{recipe.vision.family}:{recipe.vision.name} (frozen)",
-        "adapter": f"{recipe.adapter.kind}, {model.adapter.num_tokens} soft tokens",
+        "adapter": f"{recipe.adapter.kind}: {model.adapter.describe()}",
         "language": (export_info or {}).get("language", {}).get("base", recipe.language.name),
         "lora": lora,
         "trainable_parameters": params.get("trainable"),

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from adaptkit.config import RecipeError, load_recipe, recipe_to_yaml
@@ -73,10 +75,11 @@ def test_unparsable_override_value_names_the_override():
         load_recipe(RECIPE, ["vision.extra_layers=[1, 2"])
 
 
-def test_default_recipe_sets_and_documents_every_key():
-    """Every recipe key appears in the shipped recipe, each with a comment saying what it does."""
+@pytest.mark.parametrize("recipe", sorted(str(p) for p in Path("recipes").glob("*.yaml")))
+def test_every_shipped_recipe_sets_and_documents_every_key(recipe):
+    """Every recipe key appears in each shipped recipe, each with a comment saying what it does; the recipe
+    loads and opens with the command that runs it."""
     from dataclasses import fields, is_dataclass
-    from pathlib import Path
 
     from adaptkit.config import Recipe, _key_lines
 
@@ -88,8 +91,10 @@ def test_default_recipe_sets_and_documents_every_key():
             else:
                 yield prefix + f.name
 
-    text = Path(RECIPE).read_text().splitlines()
-    lines = _key_lines(Path(RECIPE))
+    load_recipe(recipe)
+    text = Path(recipe).read_text().splitlines()
+    assert text[0].startswith("# Run:") and "adaptkit train " + recipe in text[0]
+    lines = _key_lines(Path(recipe))
     assert [k for k in keys(Recipe()) if k not in lines] == []
     sections = {k.split(".")[0] for k in lines if "." in k}
     assert [k for k, n in lines.items() if "#" not in text[n - 1] and k not in sections] == []

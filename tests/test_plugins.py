@@ -21,8 +21,8 @@ RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 class PooledProjector(FusionAdapter):
     """A minimal soft-token adapter: the mean image token, projected to ``num_queries`` LM tokens."""
 
-    def __init__(self, cfg, vision_dim, lm_dim, output_std=None):
-        super().__init__(cfg, vision_dim, lm_dim, output_std)
+    def __init__(self, cfg, vision_dim, lm_dim, output_std=None, vision_tokens=None):
+        super().__init__(cfg, vision_dim, lm_dim, output_std, vision_tokens)
         self.num_tokens = cfg.num_queries
         self.proj = nn.Linear(vision_dim, lm_dim * cfg.num_queries)
         self.lm_dim = lm_dim

@@ -8,8 +8,12 @@ A fusion adapter is the trainable part between the frozen vision backbone and th
   resampler). Everything downstream (packing, the lower-state cache, cached-prompt generation, export)
   works for any adapter of this kind.
 
-``"tokens"`` is the one kind today; an adapter that inserts layers into the LM (gated cross-attention)
-declares another and the model wires it where ``MultimodalModel`` checks ``fusion``.
+- ``"cross_attention"``: ``forward`` returns ``(B, M, D_lm)`` image tokens that gated cross-attention
+  blocks, inserted before the LM decoder layers ``adapter.xattn_layers``, read (Flamingo;
+  ``adaptkit.adapters.xattn`` and ``adaptkit.model.cross_attention``). No soft token enters the sequence.
+
+Whichever the kind, the layers below :meth:`FusionAdapter.entry_layer` never see the image: they carry no
+LoRA, and training computes their states once per distinct text (``adaptkit.model.lower_states``).
 
 Every adapter standardizes the frozen features with per-dimension statistics of the training data
 (``set_feature_stats``, saved with its weights): the component all images share otherwise dominates
@@ -37,15 +41,36 @@ class FusionAdapter(nn.Module):
         vision_dim: D_v, the width of the vision backbone's token features.
         lm_dim: D_lm, the language model's hidden size.
         output_std: the scale the adapter's initial output should have (the std of the LM's token
-            embeddings, or of the hidden states entering ``inject_layer``): soft tokens then start where
+            embeddings, or of the hidden states entering ``entry_layer``): soft tokens then start where
             the LM expects its inputs.
+        vision_tokens: T, the number of image tokens per image (None where unknown).
     """
 
-    #: how the adapter's output reaches the LM: "tokens" (soft tokens in its sequence).
+    #: how the adapter's output reaches the LM: "tokens" (soft tokens in its sequence) or
+    #: "cross_attention" (image tokens read by gated blocks inserted into the LM).
     fusion: ClassVar[str] = "tokens"
 
+    #: whether ``forward`` can read the prompt (``adapter.text_conditioned`` is ignored where it cannot).
+    reads_text: ClassVar[bool] = False
+
+    @classmethod
+    def config_problem(cls, cfg: AdapterConfig) -> str | None:
+        """What is wrong with the recipe's ``adapter`` section for this kind (``load_recipe`` raises it
+        with the recipe's name), or None."""
+        return None
+
+    @classmethod
+    def entry_layer(cls, cfg: AdapterConfig) -> int:
+        """The first LM decoder layer whose input depends on the image (0: the LM's input)."""
+        return cfg.inject_layer
+
     def __init__(
-        self, cfg: AdapterConfig, vision_dim: int, lm_dim: int, output_std: float | None = None
+        self,
+        cfg: AdapterConfig,
+        vision_dim: int,
+        lm_dim: int,
+        output_std: float | None = None,
+        vision_tokens: int | None = None,
     ) -> None:
         super().__init__()
         self.register_buffer("feature_mean", torch.zeros(vision_dim))
@@ -54,6 +79,13 @@ class FusionAdapter(nn.Module):
         self.num_tokens = 0
         #: whether ``forward`` reads the prompt (then packing several questions per sequence is impossible).
         self.text_conditioned = False
+        #: the first LM decoder layer whose input depends on the image.
+        self.entry = self.entry_layer(cfg)
+
+    def describe(self) -> str:
+        """What reaches the LM and where, for listings and model cards."""
+        where = f"LM layer {self.entry}" if self.entry else "the LM's input"
+        return f"{self.num_tokens} soft tokens into {where}"
 
     @torch.no_grad()
     def set_feature_stats(self, mean: torch.Tensor, std: torch.Tensor) -> None:

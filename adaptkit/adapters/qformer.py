@@ -67,10 +67,17 @@ class QFormer(FusionAdapter):
     ``num_layers``, ``hidden_size``, ``num_heads``, ``mlp_ratio``, ``dropout``, ``text_conditioned``.
     """
 
+    reads_text = True
+
     def __init__(
-        self, cfg: AdapterConfig, vision_dim: int, lm_dim: int, output_std: float | None = None
+        self,
+        cfg: AdapterConfig,
+        vision_dim: int,
+        lm_dim: int,
+        output_std: float | None = None,
+        vision_tokens: int | None = None,
     ) -> None:
-        super().__init__(cfg, vision_dim, lm_dim, output_std)
+        super().__init__(cfg, vision_dim, lm_dim, output_std, vision_tokens)
         hidden = cfg.hidden_size
         self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, hidden) * 0.02)
         self.image_proj = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, hidden))

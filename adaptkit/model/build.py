@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from adaptkit.adapters import build_adapter
+from adaptkit.adapters import ADAPTERS, build_adapter
 from adaptkit.backbones.language import load_language_model
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.data.feature_cache import tensor_digest
@@ -47,13 +47,13 @@ def prepare_for_training(model: MultimodalModel, recipe: Recipe) -> LowerStateCa
     state cache when the soft tokens enter at ``adapter.inject_layer`` > 0, and ``torch.compile`` of the
     LM layers when ``compile`` is on. Returns the cache, if any."""
     cache = None
-    if recipe.adapter.inject_layer and recipe.lower_state_cache_mb > 0:
+    if model.inject_layer and recipe.lower_state_cache_mb > 0:
         cache = model.use_lower_state_cache(recipe.lower_state_cache_mb)
         log.info(
-            "soft tokens enter LM layer %d: the %d layers below it see text only; their states are computed "
+            "the image enters LM layer %d: the %d layers below it see text only; their states are computed "
             "once per distinct text and kept in memory (up to %g MB)",
-            recipe.adapter.inject_layer,
-            recipe.adapter.inject_layer,
+            model.inject_layer,
+            model.inject_layer,
             recipe.lower_state_cache_mb,
         )
     if recipe.compile:
@@ -107,11 +107,17 @@ def build_model(
     if dequantize_lm and recipe.language.quant != "none":
         lm = lm.dequantize().float()
     embeddings = lm.get_input_embeddings()
-    inject = recipe.adapter.inject_layer
+    inject = ADAPTERS[recipe.adapter.kind].entry_layer(recipe.adapter)
+    if inject >= lm.config.num_hidden_layers:
+        key = f"adapter.inject_layer={inject}" if recipe.adapter.inject_layer else "adapter.xattn_layers"
+        raise ValueError(
+            f"{key} is outside this LM's decoder layers (0..{lm.config.num_hidden_layers - 1}): choose "
+            "layers inside them"
+        )
     output_std = embeddings.weight.float().std().item() if not inject else _hidden_std(lm, tokenizer, inject)
-    adapter = build_adapter(recipe.adapter, vision.feature_dim, embeddings.embedding_dim, output_std).to(
-        device
-    )
+    adapter = build_adapter(
+        recipe.adapter, vision.feature_dim, embeddings.embedding_dim, output_std, vision.num_tokens
+    ).to(device)
     if lora_dir is not None:
         from peft import PeftModel
 
@@ -125,7 +131,7 @@ def build_model(
             lora_dropout=recipe.lora.dropout,
             target_modules=list(recipe.lora.target_modules),
             task_type="CAUSAL_LM",
-            # With inject_layer k, layers below k never see the image: LoRA there could not help it.
+            # Layers below the entry layer k never see the image: LoRA there could not help it.
             layers_to_transform=list(range(inject, lm.config.num_hidden_layers)) if inject else None,
             layers_pattern="layers" if inject else None,
         )

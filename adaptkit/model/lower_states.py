@@ -110,22 +110,11 @@ class LowerStateCache:
         self.misses += len(missing)
         self.hits += len(sequences) - len(missing)
         computed: dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]] = {}
-        if missing:
-            device = self.lead.device
-            n_lead, longest = self.lead.shape[0], max(len(s) for s in missing)
-            ids = torch.zeros(len(missing), longest, dtype=torch.long, device=device)
-            mask = torch.zeros(len(missing), n_lead + longest, dtype=torch.long, device=device)
-            for i, seq in enumerate(missing):
-                ids[i, : len(seq)] = torch.tensor(seq, device=device)
-                mask[i, : n_lead + len(seq)] = 1
-            lead = self._lead_embeds.expand(len(missing), -1, -1)
-            states, kv = self._run(torch.cat([lead, embedding(ids).to(lead.dtype)], dim=1), mask)
-            for i, seq in enumerate(missing):
-                span = slice(n_lead, n_lead + len(seq))
-                computed[seq] = (
-                    states[i, span].clone(),
-                    None if kv is None else kv[:, :, i, :, span].clone(),
-                )
+        # One text per forward pass: a text's states then do not depend on what it was batched with (the
+        # batch's size and padding change the kernels' blocking, and so the last bits), so a resumed run,
+        # whose cache fills in another order, computes exactly what the uninterrupted one did.
+        for seq in missing:
+            computed.update(self._compute([seq], embedding))
         out = []
         for seq in sequences:
             entry = self.store.get(seq)
@@ -136,6 +125,21 @@ class LowerStateCache:
                 self.store.move_to_end(seq)
             out.append(entry)
         return out
+
+    def _compute(
+        self, group: list[tuple[int, ...]], embedding: nn.Module
+    ) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]]:
+        """States (and keys/values) of texts of one length, run as one batch without padding."""
+        device = self.lead.device
+        ids = torch.tensor(group, dtype=torch.long, device=device)
+        lead = self._lead_embeds.expand(len(group), -1, -1)
+        mask = torch.ones(len(group), lead.shape[1] + ids.shape[1], dtype=torch.long, device=device)
+        states, kv = self._run(torch.cat([lead, embedding(ids).to(lead.dtype)], dim=1), mask)
+        span = slice(lead.shape[1], None)
+        return {
+            seq: (states[i, span].clone(), None if kv is None else kv[:, :, i, :, span].clone())
+            for i, seq in enumerate(group)
+        }
 
     def fill(self, sequences, embedding: nn.Module, batch: int = 64) -> int:
         """Compute the states of the distinct ``sequences`` not yet kept, ``batch`` texts at a time (what

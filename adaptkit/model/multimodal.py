@@ -2,7 +2,8 @@
 
 The wiring only: the adapter's soft tokens (``adaptkit.adapters``) go in front of the prompt's
 embeddings, or enter at decoder layer ``adapter.inject_layer`` (``injection.py``, with the lower-layer
-states looked up per text: ``lower_states.py``); training computes LM logits only at positions whose next
+states looked up per text: ``lower_states.py``); a cross-attention adapter's image tokens are read by its
+blocks inside the LM (``cross_attention.py``); training computes LM logits only at positions whose next
 token is an answer token and hands them to the recipe's objectives (``adaptkit.objectives``); decoding
 lives in ``generation.py``. Only trainable pieces are saved: the adapter as safetensors, LoRA in peft's
 own format.
@@ -19,6 +20,7 @@ from torch import nn
 from adaptkit.artifacts import ADAPTER_FILE, LORA_DIR
 from adaptkit.backbones.vision import VisionBackbone
 from adaptkit.model import generation
+from adaptkit.model.cross_attention import CrossAttentionWiring
 from adaptkit.model.injection import LayerInjection, states_at_layer
 from adaptkit.model.lower_states import LowerStateCache, decoder_slice
 from adaptkit.model.packing import packed_attention
@@ -31,10 +33,12 @@ class MultimodalModel(nn.Module):
 
     Args:
         vision: the frozen vision backbone.
-        adapter: a fusion adapter (``adaptkit.adapters.base.FusionAdapter``) of ``fusion = "tokens"``.
+        adapter: a fusion adapter (``adaptkit.adapters.base.FusionAdapter``).
         lm: the causal LM, inside peft's wrapper when LoRA is on.
         tokenizer: the LM's tokenizer.
-        inject_layer: 0 puts the soft tokens at the LM's input; k > 0 at decoder layer k.
+        inject_layer: the adapter's entry layer (``FusionAdapter.entry_layer``): 0 puts soft tokens at the
+            LM's input; k > 0 puts them at decoder layer k (the layers below see a fixed lead and the text);
+            a cross-attention adapter's first block sits at k.
     """
 
     def __init__(
@@ -42,8 +46,11 @@ class MultimodalModel(nn.Module):
     ) -> None:
         super().__init__()
         fusion = getattr(adapter, "fusion", None)
-        if fusion != "tokens":
-            raise ValueError(f"{type(adapter).__name__}: fusion={fusion!r}; MultimodalModel wires 'tokens'")
+        if fusion not in ("tokens", "cross_attention"):
+            raise ValueError(
+                f"{type(adapter).__name__}: fusion={fusion!r}; MultimodalModel wires 'tokens' and "
+                "'cross_attention' (see adaptkit/adapters/base.py)"
+            )
         self.vision = vision
         self.adapter = adapter
         self.lm = lm
@@ -53,6 +60,10 @@ class MultimodalModel(nn.Module):
         if inject_layer:
             sink = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
             self.injection = LayerInjection(self.base_lm.get_decoder().layers, inject_layer, sink)
+        #: the hooks running a cross-attention adapter's blocks in the LM (None for soft-token adapters).
+        self.cross_attention: CrossAttentionWiring | None = None
+        if fusion == "cross_attention":
+            self.cross_attention = CrossAttentionWiring(self.base_lm.get_decoder().layers, adapter.blocks)
         # Training with inject_layer: the text's states below it, by text (use_lower_state_cache).
         self.lower_states: LowerStateCache | None = None
         # Generation with inject_layer: prompts' lower states and keys/values by text (build_model sets
@@ -76,10 +87,15 @@ class MultimodalModel(nn.Module):
 
     def text_and_soft(self, features, input_ids, read):
         """The LM's input embedding module, the text's embeddings and the adapter's soft tokens (the
-        adapter reads the prompt tokens ``read`` marks)."""
+        adapter reads the prompt tokens ``read`` marks). A cross-attention adapter's output goes to its
+        blocks instead (``(B, 0, D)`` soft tokens)."""
         embedding = self.base_lm.get_input_embeddings()
         text = embedding(input_ids)
-        return embedding, text, self.adapter(features.to(text.device), text, read).to(text.dtype)
+        out = self.adapter(features.to(text.device), text, read)
+        if self.cross_attention is not None:
+            self.cross_attention.set(out)
+            return embedding, text, text.new_zeros(text.shape[0], 0, text.shape[-1])
+        return embedding, text, out.to(text.dtype)
 
     def embed(
         self,
@@ -158,8 +174,12 @@ class MultimodalModel(nn.Module):
             hidden = decoder(
                 inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
             ).last_hidden_state
-        # hidden[:, t] predicts token t+1; text token j sits at position n_soft + j.
-        text_hidden = hidden[:, n_soft - 1 : -1]
+        # hidden[:, t] predicts token t+1; text token j sits at position n_soft + j. Without a lead
+        # (cross-attention from layer 0) nothing predicts text token 0, which is always prompt.
+        if n_soft:
+            text_hidden = hidden[:, n_soft - 1 : -1]
+        else:
+            text_hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
         selected = labels != IGNORE
         return self.base_lm.get_output_embeddings()(text_hidden[selected]), selected, soft
 
