@@ -17,8 +17,13 @@ the same run: this machine's fp32 (or bf16 on CUDA) matmul peak, and adaptkit's 
 step (every sample run alone, so padding counts for nothing) as a fraction of that peak. The last
 stdout line is one JSON object.
 
-    python benchmarks/train_throughput.py                   # the default recipe's sizes, 10 timed steps
+    python benchmarks/train_throughput.py                   # the default recipe's sizes, 20 timed steps
     python benchmarks/train_throughput.py --steps 20 language.quant=4bit
+    python benchmarks/train_throughput.py --adapter xattn   # recipes/easyvqa_xattn_lora.yaml
+
+``--adapter KIND`` takes that adapter's shipped recipe (``recipes/easyvqa_<KIND>_lora.yaml``); the
+reference side then trains the same adapter the plain way: soft tokens in front of the prompt, or, for
+``xattn``, the same gated blocks hooked into the stock peft-wrapped LM with no soft token.
 """
 
 from __future__ import annotations
@@ -163,11 +168,13 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
     """The plain way with stock transformers + peft (see the module docstring)."""
     from peft import LoraConfig, get_peft_model
 
-    # The plain way puts the soft tokens at the LM's input (no adapter.inject_layer).
+    # The plain way puts the soft tokens at the LM's input (no adapter.inject_layer); a cross-attention
+    # adapter's blocks stay where the recipe puts them (hooked into the LM), the layers below run too.
     plain = replace(
         recipe, lora=replace(recipe.lora, enabled=False), adapter=replace(recipe.adapter, inject_layer=0)
     )
     base = build_model(plain, device)
+    cross = base.cross_attention
     vision, adapter, tokenizer = base.vision, base.adapter, base.tokenizer
     lm = get_peft_model(
         base.lm,
@@ -210,6 +217,9 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
         with autocast():
             text = embed(enc["input_ids"])
             soft = adapter(feats, text, enc["attention_mask"] * (labels == -100))  # prompt only
+            if cross is not None:  # the image tokens go to the blocks; no soft token in the sequence
+                cross.set(soft)
+                soft = soft[:, :0]
             embeds = torch.cat([soft.to(text.dtype), text], dim=1)
             ones = torch.ones(soft.shape[:2], dtype=enc["attention_mask"].dtype, device=device)
             mask = torch.cat([ones, enc["attention_mask"]], dim=1)
@@ -265,7 +275,10 @@ def _peak_memory_of(side: str, args: argparse.Namespace) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. language.quant=4bit")
-    parser.add_argument("--recipe", default="recipes/easyvqa_qformer_lora.yaml")
+    parser.add_argument("--recipe", default=None, help="default: recipes/easyvqa_<adapter>_lora.yaml")
+    parser.add_argument(
+        "--adapter", default="qformer", help="qformer | projector | resampler | xattn: that adapter's recipe"
+    )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
@@ -277,7 +290,7 @@ def main() -> None:
         help="(internal) run one side alone and print its process's peak memory",
     )
     args = parser.parse_args()
-
+    args.recipe = args.recipe or f"recipes/easyvqa_{args.adapter}_lora.yaml"
     recipe = load_recipe(args.recipe, args.overrides)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = device.type == "cuda" and recipe.mixed_precision == "bf16"
@@ -325,6 +338,8 @@ def main() -> None:
     useful_rate = ours["useful_flops_per_step"] / step_s
     result = {
         "device": str(device),
+        "recipe": args.recipe,
+        "adapter": recipe.adapter.kind,
         "threads": torch.get_num_threads(),
         "dtype": str(dtype).removeprefix("torch."),
         "batch_size": recipe.batch_size,

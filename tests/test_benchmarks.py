@@ -21,8 +21,9 @@ ROOT = Path(__file__).resolve().parents[1]
         AT_INPUT,
         ["adapter.inject_layer=0", "adapter.text_conditioned=false", "pack_questions=3"],
         ["adapter.inject_layer=1", "adapter.text_conditioned=false", "pack_questions=3"],
+        ["adapter.kind=xattn", "adapter.inject_layer=0", "adapter.xattn_layers=[1]", "pack_questions=3"],
     ],
-    ids=["plain", "packed", "injected"],
+    ids=["plain", "packed", "injected", "xattn"],
 )
 def test_train_throughput_json(tiny_overrides, extra):
     cmd = [
@@ -51,7 +52,8 @@ def test_train_throughput_json(tiny_overrides, extra):
     assert 0 < result["useful_gflops_per_step"] <= result["executed_gflops_per_step"]
     assert result["adaptkit_tokens_per_sample"] <= result["adaptkit_padded_tokens_per_sample"]
     # With injection every text's lower-layer states are computed before timing: the steps run warm.
-    injected = "adapter.inject_layer=0" not in extra  # the tiny overrides inject at layer 1
+    # the tiny overrides inject at layer 1 (the xattn case: its block sits at layer 1)
+    injected = "adapter.inject_layer=0" not in extra or "adapter.kind=xattn" in extra
     assert result["adaptkit_lower_state_misses"] == (0 if injected else None)
 
 

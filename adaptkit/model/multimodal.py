@@ -200,6 +200,8 @@ class MultimodalModel(nn.Module):
         logits, selected, soft = self.answer_logits(
             features, input_ids, attention_mask, labels, segment_ids, positions
         )
+        if self.cross_attention is not None:  # what the adapter made of the image: the blocks' tokens
+            soft = self.cross_attention.media
         outputs = {"logits": logits, "targets": labels[selected], "soft": soft, "answer_class": answer_class}
         return self.objectives(outputs)
 
