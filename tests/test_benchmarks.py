@@ -72,3 +72,44 @@ def test_time_to_quality_plot(tiny_overrides, tiny_vqa, tmp_path):
     full = json.loads((run / "eval.json").read_text())
     assert result["runs"][0]["full_split"] == full["accuracy"]
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_ood_vqa_set_is_reproducible_balanced_and_loads(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ood_vqa
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    from PIL import Image
+
+    from adaptkit.data.formats import load_jsonl
+
+    first = ood_vqa.generate(tmp_path / "a", images=24, seed=3)
+    again = ood_vqa.generate(tmp_path / "b", images=24, seed=3)
+    other = ood_vqa.generate(tmp_path / "c", images=24, seed=4)
+    assert first.read_text() == again.read_text()
+    same = [(tmp_path / "a" / "images" / f"{i:04d}.png").read_bytes() for i in range(24)]
+    assert same == [(tmp_path / "b" / "images" / f"{i:04d}.png").read_bytes() for i in range(24)]
+    assert (
+        same[0] != (tmp_path / "c" / "images" / "0000.png").read_bytes()
+        and other.read_text() != first.read_text()
+    )
+
+    samples = load_jsonl(first).samples  # adaptkit's own reader takes it
+    assert len(samples) == 240 and {s.answer for s in samples} <= set(ood_vqa.COLORS) | set(
+        ood_vqa.SHAPES
+    ) | {
+        "yes",
+        "no",
+    }
+    yes_no = [s.answer for s in samples if s.answer in ("yes", "no")]
+    assert len(yes_no) == 144 and 0.35 < yes_no.count("yes") / len(yes_no) < 0.65
+    # Every image is 96x96, its background far from white, and the colour asked about is the one drawn:
+    # the pixel nearest the colour's CSS value is within the jitter of it.
+    for sample in samples[::10]:
+        img = Image.open(sample.image).convert("RGB")
+        assert img.size == (96, 96) and min(img.getpixel((0, 0))) <= 235
+        color = next(s.answer for s in samples if s.image == sample.image and s.answer in ood_vqa.COLORS)
+        target = ood_vqa.COLORS[color]
+        nearest = min(sum(abs(a - b) for a, b in zip(px, target)) for px in img.getdata())
+        assert nearest <= 30, (sample.image, color, nearest)

@@ -1,0 +1,179 @@
+"""An out-of-distribution VQA set in easy-VQA's answer space, drawn by a renderer of our own.
+
+easy-VQA's test split comes from the renderer of its training split: 64x64 canvases, near-white tinted
+backgrounds (each channel 230-255), axis-aligned shapes in flat CSS colours. This generator keeps the
+answer space (3 shapes, 8 colours, yes/no) and easy-VQA's question wording, and changes how the images
+look, so a model that learned the task rather than the renderer still answers:
+
+- 96x96 canvases (the backbone resizes both to ``vision.image_size``);
+- soft, clearly non-white backgrounds (each channel 175-235), flat or a linear gradient between two;
+- shapes from ~10% to ~45% of the canvas wide, anywhere on it, rectangles of aspect 0.5-2;
+- a third of the rectangles and triangles rotated by a random angle;
+- shape colours jittered by up to +-10 per channel around the CSS colour easy-VQA uses;
+- anti-aliased edges (drawn at 4x, downsampled).
+
+Each image gets 10 questions: what colour, what shape, the shape given its colour, the colour given its
+shape, and six yes/no questions (colour and shape, asked positively and negated, half of them true),
+each phrased with one of easy-VQA's own templates. Fixed seed: the same call writes the same files.
+
+    python benchmarks/ood_vqa.py --out data/ood_vqa --images 300 --seed 0
+    adaptkit eval RUN --data data/ood_vqa/questions.jsonl --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+# The CSS colours easy-VQA draws its shapes in (measured from its training images).
+COLORS = {
+    "red": (255, 0, 0),
+    "green": (0, 255, 0),
+    "blue": (0, 0, 255),
+    "yellow": (255, 255, 0),
+    "teal": (0, 128, 128),
+    "brown": (165, 42, 42),
+    "gray": (128, 128, 128),
+    "black": (0, 0, 0),
+}
+SHAPES = ("circle", "rectangle", "triangle")
+# easy-VQA's question templates (every distinct question of its training split, words replaced).
+COLOR_QUESTIONS = ("what color is the shape?", "what is the color of the shape?")
+COLOR_OF_SHAPE = ("what color is the {shape}?", "what is the color of the {shape}?")
+SHAPE_QUESTIONS = (
+    "what shape is in the image?",
+    "what shape does the image contain?",
+    "what shape is present?",
+)
+SHAPE_OF_COLOR = ("what is the {color} shape?",)
+YES_NO = (
+    "is there a {x}?",
+    "is there a {x} in the image?",
+    "does the image contain a {x}?",
+    "is a {x} present?",
+)
+YES_NO_NEGATED = (
+    "is there not a {x}?",
+    "is there not a {x} in the image?",
+    "does the image not contain a {x}?",
+    "is no {x} present?",
+)
+SIZE, SCALE = 96, 4  # canvas side, supersampling factor
+
+
+def _background(rng: random.Random, avoid: tuple[int, int, int]) -> Image.Image:
+    """A soft flat or gradient background, every colour far from the shape's."""
+
+    def soft() -> tuple[int, int, int]:
+        while True:
+            color = tuple(rng.randint(175, 235) for _ in range(3))
+            if sum(abs(a - b) for a, b in zip(color, avoid)) >= 150:
+                return color
+
+    big = SIZE * SCALE
+    first = soft()
+    if rng.random() < 0.6:
+        return Image.new("RGB", (big, big), first)
+    second, vertical = soft(), rng.random() < 0.5
+    ramp = Image.linear_gradient("L").resize((big, big))
+    if not vertical:
+        ramp = ramp.transpose(Image.Transpose.ROTATE_90)
+    return Image.composite(Image.new("RGB", (big, big), second), Image.new("RGB", (big, big), first), ramp)
+
+
+def _shape_points(rng: random.Random, shape: str) -> list[tuple[float, float]] | tuple[float, ...]:
+    """The shape's outline on the supersampled canvas: a bounding box (circle) or polygon points."""
+    big = SIZE * SCALE
+    radius = rng.uniform(0.05, 0.225) * big  # half the shape's width: ~10%-45% of the canvas wide
+    margin = radius * 1.45  # room for rotation and the rectangle's aspect
+    cx, cy = rng.uniform(margin, big - margin), rng.uniform(margin, big - margin)
+    if shape == "circle":
+        return (cx - radius, cy - radius, cx + radius, cy + radius)
+    if shape == "rectangle":
+        aspect = math.exp(rng.uniform(math.log(0.5), math.log(2.0)))
+        w, h = radius * math.sqrt(aspect), radius / math.sqrt(aspect)
+        corners = [(-w, -h), (w, -h), (w, h), (-w, h)]
+    else:
+        corners = [
+            (radius * math.cos(a), radius * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
+        ]
+    angle = rng.uniform(0, 2 * math.pi) if rng.random() < 1 / 3 else 0.0
+    cos, sin = math.cos(angle), math.sin(angle)
+    return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in corners]
+
+
+def render(rng: random.Random, shape: str, color: str) -> Image.Image:
+    """One image: a ``color`` ``shape`` on a soft background (see the module docstring)."""
+    base = COLORS[color]
+    fill = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in base)
+    img = _background(rng, base)
+    draw = ImageDraw.Draw(img)
+    outline = _shape_points(rng, shape)
+    if shape == "circle":
+        draw.ellipse(outline, fill=fill)
+    else:
+        draw.polygon(outline, fill=fill)
+    return img.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+
+
+def questions(rng: random.Random, shape: str, color: str) -> list[tuple[str, str]]:
+    """Ten (question, answer) pairs about an image of a ``color`` ``shape``."""
+    other_color = rng.choice([c for c in COLORS if c != color])
+    other_shape = rng.choice([s for s in SHAPES if s != shape])
+    out = [
+        (rng.choice(COLOR_QUESTIONS), color),
+        (rng.choice(SHAPE_QUESTIONS), shape),
+        (rng.choice(COLOR_OF_SHAPE).format(shape=shape), color),
+        (rng.choice(SHAPE_OF_COLOR).format(color=color), shape),
+    ]
+    subjects = [
+        (f"{color} shape", True),
+        (f"{other_color} shape", False),
+        (shape, True),
+        (other_shape, False),
+    ]
+    for x, present in subjects + rng.sample(subjects, 2):
+        negated = rng.random() < 0.5
+        template = rng.choice(YES_NO_NEGATED if negated else YES_NO)
+        out.append((template.format(x=x), "yes" if present != negated else "no"))
+    return out
+
+
+def generate(out: Path, images: int = 300, seed: int = 0) -> Path:
+    """Write ``images`` PNGs and ``questions.jsonl`` (adaptkit's VQA JSONL) under ``out``; returns the
+    JSONL's path. Shapes and colours are balanced: image i is shape i % 3 and a colour of a shuffled cycle."""
+    rng = random.Random(seed)
+    (out / "images").mkdir(parents=True, exist_ok=True)
+    lines = []
+    colors = list(COLORS)
+    for i in range(images):
+        if i % len(colors) == 0:
+            rng.shuffle(colors)
+        shape, color = SHAPES[i % len(SHAPES)], colors[i % len(colors)]
+        name = f"images/{i:04d}.png"
+        render(rng, shape, color).save(out / name)
+        for question, answer in questions(rng, shape, color):
+            lines.append({"image": name, "question": question, "answer": answer})
+    path = out / "questions.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=Path("data/ood_vqa"))
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    path = generate(args.out, args.images, args.seed)
+    n = sum(1 for _ in path.open())
+    print(f"wrote {args.images} images and {n} questions: {path}")
+
+
+if __name__ == "__main__":
+    main()
