@@ -295,3 +295,47 @@ def test_projector_and_resampler_soft_token_counts(tiny_overrides):
     assert build_model(_recipe(tiny_overrides, "resampler")).adapter.num_tokens == 4  # num_queries
     model = build_model(_recipe(tiny_overrides, "xattn"))
     assert model.adapter.num_tokens == 0 and model.inject_layer == 1 and model.adapter.num_media == 4
+
+
+def test_compiled_lm_layers_run_the_blocks_the_same(tiny_overrides):
+    """The shipped recipes compile the LM layers; the blocks' hooks then run inside the compiled graphs."""
+    from adaptkit.model import compile_lm_layers
+
+    results = []
+    for compiled in (False, True):
+        torch.manual_seed(0)
+        model = build_model(_recipe(tiny_overrides, "xattn")).train()
+        _give_gates_and_lora_weights(model)
+        if compiled:
+            assert compile_lm_layers(model) == 2
+        feats = _feats(model, 3)
+        ids = torch.tensor([[5, 6, 7, 8, 9], [6, 7, 8, 9, 4], [5, 5, 6, 7, 8]])
+        labels = torch.tensor(
+            [[-100, -100, -100, 8, 9], [-100, -100, -100, -100, 4], [-100, -100, -100, 7, 8]]
+        )
+        out = []
+        for width in (5, 4):  # two sequence lengths: one dynamic-shape graph
+            loss = model(feats, ids[:, :width], torch.ones_like(ids[:, :width]), labels[:, :width])
+            loss.backward()
+            out.append((loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
+            model.zero_grad()
+        results.append(out)
+    for (loss0, grads0), (loss1, grads1) in zip(*results):
+        torch.testing.assert_close(loss0, loss1, rtol=1e-5, atol=1e-6)
+        assert any(n.endswith("attn_gate") for n in grads0)
+        for name in grads0:
+            torch.testing.assert_close(grads0[name], grads1[name], rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("quant", ["4bit", "8bit"])
+def test_xattn_trains_on_a_quantized_lm(quant, tiny_overrides, tiny_vqa, tmp_path):
+    recipe = _recipe(tiny_overrides, "xattn", f"language.quant={quant}", "lora.start_step=0", "eval_every=0")
+    from adaptkit.train import train
+
+    summary = train(recipe)
+    assert summary["steps"] == 4 and 0.0 <= summary["eval"]["accuracy"] <= 1.0
+    gates = load_file(str(tmp_path / "run" / "adapter.safetensors"))
+    assert all(float(v.abs().max()) > 0 for k, v in gates.items() if k.endswith("_gate"))  # the gates opened
+    predictor = load_for_inference(tmp_path / "run", "cpu")
+    image = str(tiny_vqa.parent / "images" / "0.png")
+    assert isinstance(predictor.predict(image, "what is the shape?").text, str)
