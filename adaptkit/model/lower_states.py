@@ -114,7 +114,7 @@ class LowerStateCache:
         # batch's size and padding change the kernels' blocking, and so the last bits), so a resumed run,
         # whose cache fills in another order, computes exactly what the uninterrupted one did.
         for seq in missing:
-            computed.update(self._compute([seq], embedding))
+            computed[seq] = self._compute(seq, embedding)
         out = []
         for seq in sequences:
             entry = self.store.get(seq)
@@ -127,23 +127,21 @@ class LowerStateCache:
         return out
 
     def _compute(
-        self, group: list[tuple[int, ...]], embedding: nn.Module
-    ) -> dict[tuple[int, ...], tuple[torch.Tensor, torch.Tensor | None]]:
-        """States (and keys/values) of texts of one length, run as one batch without padding."""
-        device = self.lead.device
-        ids = torch.tensor(group, dtype=torch.long, device=device)
-        lead = self._lead_embeds.expand(len(group), -1, -1)
-        mask = torch.ones(len(group), lead.shape[1] + ids.shape[1], dtype=torch.long, device=device)
-        states, kv = self._run(torch.cat([lead, embedding(ids).to(lead.dtype)], dim=1), mask)
-        span = slice(lead.shape[1], None)
-        return {
-            seq: (states[i, span].clone(), None if kv is None else kv[:, :, i, :, span].clone())
-            for i, seq in enumerate(group)
-        }
+        self, seq: tuple[int, ...], embedding: nn.Module
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One text's states entering layer k (and, with ``keep_kv``, its keys/values below k), run alone."""
+        ids = torch.tensor([seq], dtype=torch.long, device=self.lead.device)
+        n_lead = self._lead_embeds.shape[1]
+        mask = torch.ones(1, n_lead + len(seq), dtype=torch.long, device=ids.device)
+        states, kv = self._run(
+            torch.cat([self._lead_embeds, embedding(ids).to(self._lead_embeds.dtype)], dim=1), mask
+        )
+        return states[0, n_lead:].clone(), None if kv is None else kv[:, :, 0, :, n_lead:].clone()
 
     def fill(self, sequences, embedding: nn.Module, batch: int = 64) -> int:
-        """Compute the states of the distinct ``sequences`` not yet kept, ``batch`` texts at a time (what
-        the first steps of training do as they meet them); returns how many were computed."""
+        """Compute the states of the distinct ``sequences`` not yet kept, looked up ``batch`` texts at a time
+        (each is computed alone, as the first steps of training do as they meet them); returns how many
+        were computed."""
         todo = [s for s in dict.fromkeys(map(tuple, sequences)) if s not in self.store]
         for start in range(0, len(todo), batch):
             self.texts(todo[start : start + batch], embedding)
