@@ -108,19 +108,23 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     disk_cache = FeatureCache.for_backbone(root, vision, device)
     specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
     task = get_task(recipe)
+    views = recipe.data.augment.views
     for spec in specs:
         data = task.load(spec, recipe.data.on_bad_sample)
+        train_views = views if spec == recipe.data.train else 0  # training's augmented views
         bank = build_features(
             vision,
             data.samples,
             device,
             cache=True,
             skip_bad=recipe.data.on_bad_sample == "skip",
-            desc=f"caching {spec}",
+            desc=f"caching {spec}" + (f" and {train_views} augmented views each" if train_views else ""),
             cache_root=disk_cache,
+            augment=recipe.data.augment if train_views else None,
         )
         shape = tuple(bank.features.shape[1:])
-        print(f"{spec}: {len(bank.rows)} images cached, features {shape}, {len(bank.bad)} undecodable")
+        extra = f" (+ {train_views} augmented views each)" if train_views else ""
+        print(f"{spec}: {len(bank.rows)} images cached{extra}, features {shape}, {len(bank.bad)} undecodable")
     return 0
 
 

@@ -69,12 +69,31 @@ class LoraConfig:
 
 
 @dataclass
+class AugmentConfig:
+    """Fixed augmented views per training image (adaptkit/data/augment.py); views=0 turns it off."""
+
+    views: int = 0
+    scale_min: float = 1.0
+    scale_max: float = 1.0
+    rotate: float = 0.0
+    translate: float = 0.0
+    flip: bool = False
+    brightness: float = 0.0
+    contrast: float = 0.0
+    channel_gain: float = 0.0
+    gradient: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
+
+
+@dataclass
 class DataConfig:
     train: str = "easyvqa:train"
     eval: str = "easyvqa:test"
     prompt_template: str = "Question: {question} Answer:"
     on_bad_sample: str = "skip"
     max_skip_ratio: float = 0.01
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
 
 
 @dataclass
@@ -322,6 +341,29 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
     if "{question}" not in recipe.data.prompt_template:
         raise RecipeError(f"{source}: data.prompt_template must contain '{{question}}'")
     _validate_adapter(recipe.adapter, source)
+    _validate_augment(recipe.data.augment, source)
+
+
+def _validate_augment(aug: AugmentConfig, source: str) -> None:
+    """Ranges of data.augment.* (each 0 turns its transform off)."""
+    problems = []
+    if aug.views < 0:
+        problems.append(f"data.augment.views must be >= 0 (0: no augmentation), got {aug.views}")
+    if not 0 < aug.scale_min <= aug.scale_max:
+        problems.append(
+            f"data.augment.scale_min / scale_max must satisfy 0 < min <= max (1, 1: no scaling), got "
+            f"{aug.scale_min}, {aug.scale_max}"
+        )
+    for key, high in (("rotate", 180.0), ("translate", 0.5), ("brightness", 0.9), ("contrast", 0.9)):
+        value = getattr(aug, key)
+        if not 0 <= value <= high:
+            problems.append(f"data.augment.{key} must lie in [0, {high:g}], got {value}")
+    for key in ("channel_gain", "gradient", "blur", "noise"):
+        value = getattr(aug, key)
+        if not 0 <= value < 1:
+            problems.append(f"data.augment.{key} must lie in [0, 1), got {value}")
+    if problems:
+        raise RecipeError(f"{source}: " + "; ".join(problems))
 
 
 def _adapter_class(kind: str):

@@ -13,14 +13,19 @@ import logging
 import os
 import warnings
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from PIL import Image, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 from adaptkit.backbones.vision import VisionBackbone
+from adaptkit.data.augment import make_view, view_choice, view_key
 from adaptkit.data.feature_cache import SHARD_IMAGES, FeatureCache, file_key
 from adaptkit.data.formats import DataError
+
+if TYPE_CHECKING:
+    from adaptkit.config import AugmentConfig
 
 log = logging.getLogger(__name__)
 
@@ -112,47 +117,81 @@ def encode_images(backbone: VisionBackbone, images: list[Image.Image], device: t
 
 def _encode(
     backbone: VisionBackbone,
-    paths: Sequence[str],
+    items: Sequence[tuple[str, int]],
     origins: dict[str, str],
     device: torch.device,
     batch_size: int,
     skip_bad: bool,
     bad: dict[str, str],
     bar: tqdm,
-) -> tuple[list[str], list[torch.Tensor]]:
-    """Encode ``paths`` in batches; returns the decodable paths and their feature chunks, in order."""
-    good: list[str] = []
+    augment: AugmentConfig | None = None,
+    image_keys: dict[str, str] | None = None,
+) -> tuple[list[tuple[str, int]], list[torch.Tensor]]:
+    """Encode ``(path, view)`` items in batches (view 0: the image itself, v >= 1: augmented view v, see
+    ``augment.py``); returns the decodable items and their feature chunks, in order."""
+    good: list[tuple[str, int]] = []
     chunks: list[torch.Tensor] = []
-    for start in range(0, len(paths), batch_size):
-        batch_paths, images = [], []
-        for path in paths[start : start + batch_size]:
+    for start in range(0, len(items), batch_size):
+        batch_items, images = [], []
+        for path, view in items[start : start + batch_size]:
+            if path in bad:
+                continue
             try:
-                images.append(open_image(path, origins.get(path, "")))
-                batch_paths.append(path)
+                img = open_image(path, origins.get(path, ""))
             except DataError as err:
                 if not skip_bad:
                     raise
                 bad[path] = str(err)
+                continue
+            if view:
+                img = make_view(img, image_keys[path], augment, view)
+            images.append(img)
+            batch_items.append((path, view))
         if images:
             chunks.append(encode_images(backbone, images, device))
-            good += batch_paths
-        bar.update(min(batch_size, len(paths) - start))
+            good += batch_items
+        bar.update(min(batch_size, len(items) - start))
     return good, chunks
+
+
+def _keys(
+    paths: Sequence[str], origins: dict[str, str], skip_bad: bool, bad: dict[str, str]
+) -> dict[str, str]:
+    """Content keys of the readable images (unreadable ones raise, or are recorded in ``bad``)."""
+    keys: dict[str, str] = {}
+    for path in paths:
+        try:
+            keys[path] = file_key(path)
+        except OSError as err:
+            reason = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
+            error = image_error(path, origins.get(path, ""), reason)
+            if not skip_bad:
+                raise error from None
+            bad[path] = str(error)
+    return keys
 
 
 class FeatureBank:
     """Features of a fixed set of images, held in one tensor and looked up by row.
 
+    With augmented views (``augment.views = K``), row ``r`` of view ``v`` sits at ``v * len(rows) + r``:
+    view 0 is the image itself, views 1..K its fixed augmented copies (``augment.py``).
+
     Attributes:
         rows: image path → row of ``features``.
-        features: ``(N, T, D)`` float32.
+        features: ``((K + 1) N, T, D)`` float32.
         bad: image path → reason, for images that could not be decoded (only with ``skip_bad``).
+        views: K, the augmented views per image (0: none).
     """
 
-    def __init__(self, features: torch.Tensor, rows: dict[str, int], bad: dict[str, str]) -> None:
+    def __init__(
+        self, features: torch.Tensor, rows: dict[str, int], bad: dict[str, str], views: int = 0, seed: int = 0
+    ) -> None:
         self.features = features
         self.rows = rows
         self.bad = bad
+        self.views = views
+        self.seed = seed
 
     @classmethod
     def compute(
@@ -166,71 +205,82 @@ class FeatureBank:
         desc: str = "encoding images",
         disable_progress: bool = False,
         cache: FeatureCache | None = None,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
     ) -> FeatureBank:
-        """Encode each distinct image once, with a progress bar; with ``cache``, only the new ones.
+        """Encode each distinct image (and each of its augmented views) once, with a progress bar; with
+        ``cache``, only the ones it lacks.
 
         Args:
             origins: image path → the ``file:line`` of a sample that uses it (for errors).
             skip_bad: record undecodable images in ``bad`` instead of raising.
             cache: a disk cache for this backbone; cached images are read, the others encoded and added.
+            augment: with ``augment.views = K > 0``, also K fixed augmented views of every image.
+            seed: the run's seed, which (with the step) picks the view each image shows.
         """
         unique = list(dict.fromkeys(paths))
+        views = augment.views if augment is not None else 0
         bad: dict[str, str] = {}
+        keys = _keys(unique, origins, skip_bad, bad) if cache is not None or views else {}
         if cache is None:
-            with tqdm(total=len(unique), desc=desc, unit="img", disable=disable_progress) as bar:
-                good, feats = _encode(backbone, unique, origins, device, batch_size, skip_bad, bad, bar)
-            rows = {path: i for i, path in enumerate(good)}
-            features = torch.cat(feats) if feats else None
+            readable = [p for p in unique if p not in bad]
+            items = [(p, v) for v in range(views + 1) for p in readable]
+            with tqdm(total=len(items), desc=desc, unit="img", disable=disable_progress) as bar:
+                good, feats = _encode(
+                    backbone, items, origins, device, batch_size, skip_bad, bad, bar, augment, keys
+                )
+            done = [p for p in readable if p not in bad]
+            features = None
+            if feats:
+                by_item = dict(zip(good, torch.cat(feats)))
+                features = torch.stack([by_item[(p, v)] for v in range(views + 1) for p in done])
         else:
-            keys: dict[str, str] = {}
-            for path in unique:
-                try:
-                    keys[path] = file_key(path)
-                except OSError as err:
-                    reason = (
-                        "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
-                    )
-                    error = image_error(path, origins.get(path, ""), reason)
-                    if not skip_bad:
-                        raise error from None
-                    bad[path] = str(error)
+            item_key = {(p, v): view_key(keys[p], augment, v) for v in range(views + 1) for p in keys}
             with cache.lock():
-                missing = set(cache.missing(list(keys.values())))
-                todo = [path for path in keys if keys[path] in missing]
+                missing = set(cache.missing(list(item_key.values())))
+                todo = [item for item in item_key if item_key[item] in missing]
                 with tqdm(
                     total=len(todo), desc=desc, unit="img", disable=disable_progress or not todo
                 ) as bar:
                     for start in range(0, len(todo), SHARD_IMAGES):
                         chunk = todo[start : start + SHARD_IMAGES]
                         good, feats = _encode(
-                            backbone, chunk, origins, device, batch_size, skip_bad, bad, bar
+                            backbone, chunk, origins, device, batch_size, skip_bad, bad, bar, augment, keys
                         )
                         if good:
-                            cache.put([keys[p] for p in good], torch.cat(feats))
+                            cache.put([item_key[item] for item in good], torch.cat(feats))
                 done = [path for path in keys if path not in bad]
-                features = cache.get([keys[p] for p in done]).to(device) if done else None
-            rows = {path: i for i, path in enumerate(done)}
+                wanted = [item_key[(p, v)] for v in range(views + 1) for p in done]
+                features = cache.get(wanted).to(device) if done else None
             log.info(
-                "feature cache %s: %d images read, %d encoded and added",
+                "feature cache %s: %d images%s read, %d encoded and added",
                 cache.dir,
-                len(keys) - len(todo),
-                len(todo) - sum(p in bad for p in todo),
+                len(item_key) - len(todo),
+                f" and views (x{views + 1})" if views else "",
+                len(todo) - sum(p in bad for p, _ in todo),
             )
         if features is None:
             raise DataError("no image could be decoded")
-        return cls(features, rows, bad)
+        rows = {path: i for i, path in enumerate(done)}
+        return cls(features, rows, bad, views, seed)
 
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        return self.features[rows.to(self.features.device)]
+    def lookup(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Features of image ``rows``; with ``step`` (training) each row shows the view
+        :func:`view_choice` picks for that step, otherwise the image itself."""
+        index = rows.to(torch.int64).cpu()
+        if step is not None and self.views:
+            index = index + view_choice(self.seed, step, self.views, index) * len(self.rows)
+        return self.features[index.to(self.features.device)]
 
     def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and std over every token of every image."""
-        flat = self.features.reshape(-1, self.features.shape[-1])
+        """Per-dimension mean and std over every token of every image (the images themselves, not views)."""
+        flat = self.features[: len(self.rows)].reshape(-1, self.features.shape[-1])
         return flat.mean(0), flat.std(0)
 
 
 class OnTheFlyFeatures:
-    """Encodes the images of each batch at every step (no caching)."""
+    """Encodes the images of each batch at every step (no caching); with augmented views, the same views
+    a :class:`FeatureBank` would hold, made again at each lookup."""
 
     def __init__(
         self,
@@ -239,10 +289,15 @@ class OnTheFlyFeatures:
         device: torch.device,
         origins: dict[str, str] | None = None,
         skip_bad: bool = False,
+        augment: AugmentConfig | None = None,
+        seed: int = 0,
     ) -> None:
         """Every image is decoded once up front, so a bad one is known (skipped or raised) before training."""
         self.backbone = backbone
         self.device = device
+        self.augment = augment
+        self.views = augment.views if augment is not None else 0
+        self.seed = seed
         self.bad: dict[str, str] = {}
         self.paths = []
         for path in dict.fromkeys(paths):
@@ -256,9 +311,16 @@ class OnTheFlyFeatures:
         if not self.paths:
             raise DataError("no image could be decoded")
         self.rows = {path: i for i, path in enumerate(self.paths)}
+        self.keys = {path: file_key(path) for path in self.paths} if self.views else {}
 
-    def lookup(self, rows: torch.Tensor) -> torch.Tensor:
-        images = [open_image(self.paths[int(r)]) for r in rows]
+    def lookup(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Encodes image ``rows`` (with ``step``: the views :func:`view_choice` picks, like FeatureBank)."""
+        rows = rows.to(torch.int64).cpu()
+        views = view_choice(self.seed, step, self.views, rows) if step is not None else torch.zeros_like(rows)
+        images = []
+        for r, v in zip(rows.tolist(), views.tolist()):
+            path = self.paths[r]
+            images.append(make_view(open_image(path), self.keys.get(path, ""), self.augment, v))
         return encode_images(self.backbone, images, self.device)
 
     def stats(self, max_images: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

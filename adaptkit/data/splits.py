@@ -45,8 +45,11 @@ def build_features(
     desc: str,
     progress: bool = True,
     cache_root: Path | FeatureCache | None = None,
+    augment=None,
+    seed: int = 0,
 ):
-    """Feature source for the images of ``samples``: encoded once (cache) or at every lookup.
+    """Feature source for the images of ``samples``: encoded once (cache) or at every lookup; with
+    ``augment`` (a :class:`~adaptkit.config.AugmentConfig` with views > 0), also its augmented views.
 
     With ``cache_root`` (a cache folder, or a :class:`FeatureCache` already keyed for ``vision``, which
     saves hashing the backbone again), features persist on disk, keyed by backbone and image content.
@@ -56,7 +59,7 @@ def build_features(
     for s in samples:
         origins.setdefault(s.image, s.origin)
     if not cache:
-        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad)
+        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad, augment, seed)
     disk = cache_root
     if cache_root is not None and not isinstance(cache_root, FeatureCache):
         disk = FeatureCache.for_backbone(cache_root, vision, device)
@@ -69,6 +72,8 @@ def build_features(
         desc=desc,
         disable_progress=not progress,
         cache=disk,
+        augment=augment,
+        seed=seed,
     )
 
 
@@ -84,6 +89,8 @@ def prepare_split(
     desc: str = "encoding images",
     cache_root: Path | FeatureCache | None = None,
     max_skip_ratio: float = 1.0,
+    augment=None,
+    seed: int = 0,
 ):
     """Load a data spec with ``task``'s formats, encode its images and build the task's dataset.
 
@@ -92,12 +99,22 @@ def prepare_split(
     the samples are bad.
 
     Returns:
-        ``(dataset, features, skipped)`` where ``skipped`` lists ``origin: reason`` of dropped samples.
+        ``(dataset, features, skipped)`` (``augment``, ``seed``: the training split's augmented views,
+        see :func:`build_features`) where ``skipped`` lists ``origin: reason`` of dropped samples.
     """
     data = task.load(spec, on_bad_sample)
     samples = subset(data.samples, limit)
     features = build_features(
-        model.vision, samples, device, cache, on_bad_sample == "skip", desc, progress, cache_root
+        model.vision,
+        samples,
+        device,
+        cache,
+        on_bad_sample == "skip",
+        desc,
+        progress,
+        cache_root,
+        augment,
+        seed,
     )
     skipped = list(data.skipped) + [features.bad[s.image] for s in samples if s.image in features.bad]
     total = len(samples) + len(data.skipped)

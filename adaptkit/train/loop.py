@@ -52,7 +52,7 @@ def train_step(run: TrainingRun, batch: dict) -> float:
     recipe, accelerator = run.recipe, run.accelerator
     run.model.lora_active = run.step >= recipe.lora.start_step
     with accelerator.accumulate(run.prepared):
-        feats = run.train.features.lookup(batch["image"])
+        feats = run.train.features.lookup(batch["image"], step=run.step)  # the step picks augmented views
         loss = run.task.loss(run.prepared, feats, batch)
         accelerator.backward(loss)
         if accelerator.sync_gradients and recipe.max_grad_norm > 0:

@@ -190,7 +190,15 @@ def prepare_data(recipe: Recipe, task, model, device, main: bool) -> tuple[Split
         cache_root=disk_cache,
         max_skip_ratio=data.max_skip_ratio,
     )
-    train = Split(*split(data.train, desc="encoding train images"))
+    views = data.augment.views
+    train = Split(
+        *split(
+            data.train,
+            desc="encoding train images" + (f" and {views} augmented views each" if views else ""),
+            augment=data.augment if views else None,
+            seed=recipe.seed,
+        )
+    )
     evals = Split(*split(data.eval, limit=recipe.eval_limit, desc="encoding eval images"))
     log.info(
         "data: %d train samples (%d skipped), %d eval samples (%d skipped); image features %s",

@@ -1,0 +1,145 @@
+"""Image augmentation that keeps the frozen-feature cache: a fixed number of augmented views per image.
+
+A frozen backbone maps an image to the same features every time, which is what lets adaptkit encode each
+image once. Augmenting at every step would end that. Instead each training image gets ``views`` fixed
+augmented copies besides itself: view 0 is the image as it is, view ``v >= 1`` is the image after
+:func:`augment_image` with random parameters drawn from a generator seeded by the image's content key,
+the view index and the augmentation settings. A view is therefore a pure function of (image bytes,
+settings, v): it is encoded once, cached on disk under its own key, and every run, process and resume
+sees the same pixels. Each step picks one view per image from (seed, step, image row)
+(:func:`view_choice`), so the choice is the same with any number of processes and after a resume.
+
+The transforms are geometric (scale, rotation, translation, flips, filled with the image's own border
+colour), photometric without changing hue much (brightness, contrast, a small per-channel gain, a
+linear illumination gradient) and of texture (Gaussian blur, pixel noise): label-preserving for tasks
+whose answers name colours and shapes. Every one is a recipe key (``data.augment.*``); 0 turns one off.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from dataclasses import asdict
+from typing import TYPE_CHECKING
+
+import torch
+from PIL import Image
+from torchvision.transforms.v2 import functional as TF
+
+if TYPE_CHECKING:
+    from adaptkit.config import AugmentConfig
+
+AUGMENT_VERSION = "1"  # bump when augment_image changes what it draws: cached views get new keys
+
+
+def settings(cfg: AugmentConfig) -> dict:
+    """The settings that decide a view's pixels (``views`` only says how many there are)."""
+    out = asdict(cfg)
+    out.pop("views")
+    out["version"] = AUGMENT_VERSION
+    return out
+
+
+def view_key(image_key: str, cfg: AugmentConfig, view: int) -> str:
+    """The feature-cache key of view ``view`` of the image whose content key is ``image_key``."""
+    if view == 0:
+        return image_key
+    text = json.dumps({"image": image_key, "view": view, **settings(cfg)}, sort_keys=True)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def _generator(image_key: str, cfg: AugmentConfig, view: int) -> torch.Generator:
+    seed = int(view_key(image_key, cfg, view)[:15], 16)
+    return torch.Generator().manual_seed(seed)
+
+
+def _uniform(gen: torch.Generator, low: float, high: float) -> float:
+    return low + (high - low) * float(torch.rand((), generator=gen))
+
+
+def border_colour(img: Image.Image) -> tuple[int, ...]:
+    """The per-channel median of the image's outermost pixels: the fill for what a transform uncovers."""
+    pixels = TF.pil_to_tensor(img)
+    edge = torch.cat([pixels[:, 0, :], pixels[:, -1, :], pixels[:, :, 0], pixels[:, :, -1]], dim=1)
+    return tuple(int(v) for v in edge.median(dim=1).values)
+
+
+def augment_image(img: Image.Image, cfg: AugmentConfig, gen: torch.Generator) -> Image.Image:
+    """One random, label-preserving variant of an RGB image (parameters drawn from ``gen`` in a fixed
+    order, so a seeded generator gives the same pixels)."""
+    width, height = img.size
+    angle = _uniform(gen, -cfg.rotate, cfg.rotate)
+    scale = math.exp(_uniform(gen, math.log(cfg.scale_min), math.log(cfg.scale_max)))
+    shift = (
+        round(_uniform(gen, -cfg.translate, cfg.translate) * width),
+        round(_uniform(gen, -cfg.translate, cfg.translate) * height),
+    )
+    flip_h = float(torch.rand((), generator=gen)) < (0.5 if cfg.flip else 0.0)
+    flip_v = float(torch.rand((), generator=gen)) < (0.5 if cfg.flip else 0.0)
+    brightness = _uniform(gen, 1 - cfg.brightness, 1 + cfg.brightness)
+    contrast = _uniform(gen, 1 - cfg.contrast, 1 + cfg.contrast)
+    gains = torch.tensor([_uniform(gen, 1 - cfg.channel_gain, 1.0) for _ in range(3)])
+    gradient_angle = _uniform(gen, 0.0, 2 * math.pi)
+    gradient = _uniform(gen, 0.0, cfg.gradient)
+    sigma = _uniform(gen, 0.0, cfg.blur) * min(width, height)
+    noise_seed = int(torch.randint(0, 2**62, (), generator=gen))
+    noise = _uniform(gen, 0.0, cfg.noise)
+
+    fill = list(border_colour(img))
+    out = img
+    if flip_h:
+        out = TF.horizontal_flip(out)
+    if flip_v:
+        out = TF.vertical_flip(out)
+    if angle or scale != 1.0 or shift != (0, 0):
+        out = TF.affine(
+            out,
+            angle=angle,
+            translate=list(shift),
+            scale=scale,
+            shear=[0.0, 0.0],
+            interpolation=TF.InterpolationMode.BILINEAR,
+            fill=fill,
+        )
+    pixels = TF.pil_to_tensor(out).float() / 255
+    if sigma > 0.05:
+        radius = max(1, math.ceil(2.5 * sigma))
+        pixels = TF.gaussian_blur(pixels, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
+    if cfg.brightness:
+        pixels = pixels * brightness
+    if cfg.contrast:
+        mean = pixels.mean()
+        pixels = (pixels - mean) * contrast + mean
+    if cfg.channel_gain:
+        pixels = pixels * gains[:, None, None]
+    if cfg.gradient:
+        ys = torch.linspace(-0.5, 0.5, height)[:, None]
+        xs = torch.linspace(-0.5, 0.5, width)[None, :]
+        ramp = math.cos(gradient_angle) * xs + math.sin(gradient_angle) * ys
+        pixels = pixels * (1 + gradient * 2 * ramp)[None]
+    if noise:
+        draw = torch.Generator().manual_seed(noise_seed)
+        pixels = pixels + noise * torch.randn(pixels.shape, generator=draw)
+    pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+    return TF.to_pil_image(pixels)
+
+
+def make_view(img: Image.Image, image_key: str, cfg: AugmentConfig, view: int) -> Image.Image:
+    """View ``view`` of an image (0: the image itself)."""
+    if view == 0:
+        return img
+    return augment_image(img, cfg, _generator(image_key, cfg, view))
+
+
+def view_choice(seed: int, step: int, views: int, rows: torch.Tensor) -> torch.Tensor:
+    """Which view (0..views) each image row shows at ``step``: a function of (seed, step, row) alone."""
+    if views == 0:
+        return torch.zeros_like(rows)
+    rows = rows.to(torch.int64).cpu()
+    # A counter-based hash (splitmix64's finaliser) of (seed, step, row): no generator state to carry.
+    x = (rows + (step + 1) * 0x9E3779B1 + seed * 0x85EBCA77) & 0xFFFFFFFFFFFF
+    x = (x ^ (x >> 17)) * 0xED5AD4BB & 0xFFFFFFFFFFFF
+    x = (x ^ (x >> 11)) * 0xAC4C1B51 & 0xFFFFFFFFFFFF
+    x = x ^ (x >> 15)
+    return x % (views + 1)
