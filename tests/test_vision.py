@@ -17,7 +17,7 @@ def _images(n=2, size=48):
 def _check(backbone, expected_dim):
     feats = backbone(backbone.preprocess(_images()))
     assert feats.ndim == 3 and feats.shape[0] == 2 and feats.shape[2] == expected_dim == backbone.feature_dim
-    assert feats.shape[1] >= 1
+    assert feats.shape[1] >= 1 and feats.shape[1] == backbone.num_tokens  # adapters are sized by num_tokens
     assert all(not p.requires_grad for p in backbone.parameters())
     backbone.train()
     assert not backbone.training

@@ -36,14 +36,21 @@ class VisionBackbone(nn.Module):
 
     Attributes:
         feature_dim: D, the width of each token feature.
+        num_tokens: T, the tokens per image (what adapters that keep every token are sized by).
         identity: a string that names the weights and preprocessing (used to key feature caches).
     """
 
     feature_dim: int
+    num_tokens: int
     identity: str
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         raise NotImplementedError
+
+    @torch.no_grad()
+    def count_tokens(self) -> int:
+        """T, from one probe image through ``preprocess`` and ``forward``."""
+        return int(self.forward(self.preprocess([Image.new("RGB", (64, 64), (128, 128, 128))])).shape[1])
 
     def train(self, mode: bool = True) -> VisionBackbone:
         # Frozen backbones stay in eval mode (batch-norm statistics and dropout never change).
@@ -166,6 +173,7 @@ class HFVisionBackbone(VisionBackbone):
         quant_tag = "" if cfg.quant == "none" else f":{cfg.quant}-{cfg.compute_dtype}"
         self.identity = f"hf:{cfg.name}:layer{cfg.feature_layer}{quant_tag}"
         self.freeze()
+        self.num_tokens = self.count_tokens()
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         rgb = [img.convert("RGB") for img in images]
@@ -206,6 +214,7 @@ class OpenCLIPBackbone(VisionBackbone):
         self.feature_dim = visual.transformer.width
         self.identity = f"open_clip:{cfg.name}:{cfg.weights}"
         self.freeze()
+        self.num_tokens = self.count_tokens()
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.stack([self.transform(img.convert("RGB")) for img in images])
