@@ -113,3 +113,30 @@ def test_ood_vqa_set_is_reproducible_balanced_and_loads(tmp_path):
         target = ood_vqa.COLORS[color]
         nearest = min(sum(abs(a - b) for a, b in zip(px, target)) for px in img.getdata())
         assert nearest <= 30, (sample.image, color, nearest)
+
+
+@pytest.mark.skipif(
+    __import__("torch").cuda.is_available(), reason="checks the CPU behaviour (on a GPU it runs for real)"
+)
+def test_gpu_check_runs_its_cpu_parts_and_skips_the_rest(tiny_overrides, tmp_path):
+    report_file = tmp_path / "report.json"
+    overrides = [o for o in tiny_overrides if not o.startswith("output_dir=")]
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "gpu_check.py"), "--out", str(report_file), *overrides]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(report_file.read_text())
+    assert report == json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["env"]["cuda_available"] is False and report["device"] == "cpu"
+    for mode in ("none", "8bit", "4bit"):
+        assert report["placement"][mode]["ok"], mode
+    assert report["placement"]["4bit"]["bnb_layers"]["Linear4bit"] > 0
+    train = report["train"]
+    assert train["ok"]
+    for mode in ("fp32", "8bit", "4bit"):
+        run = train[mode]
+        assert run["ok"] and run["steps"] == 4 and run["last_loss"] > 0, mode
+        assert run["peak_memory_mb"]["training"] > 0
+    assert "slow" in train["bf16_autocast"]["skipped"]
+    assert "CUDA" in report["throughput"]["skipped"]
+    assert "skipped" in report["large"]

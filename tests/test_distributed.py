@@ -3,6 +3,7 @@ after every step and the result matches one process with the same global batch."
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import socket
@@ -10,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -138,3 +140,31 @@ def test_example_accelerate_configs_parse():
         assert config.distributed_type.value == kind and config.mixed_precision == "bf16"
     fsdp = load_config_from_file(str(ROOT / "configs" / "accelerate" / "fsdp.yaml"))
     assert fsdp.fsdp_config["fsdp_use_orig_params"] is True  # peft's frozen/trainable split needs it
+    zero2 = load_config_from_file(str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"))
+    assert zero2.distributed_type.value == "DEEPSPEED" and zero2.deepspeed_config["zero_stage"] == 2
+    assert zero2.deepspeed_config["gradient_clipping"] == 1.0  # the recipes' max_grad_norm
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("deepspeed") is None or not torch.cuda.is_available(),
+    reason="DeepSpeed ZeRO-2 needs `pip install deepspeed` and CUDA (not in adaptkit's requirements)",
+)
+def test_deepspeed_zero2_launch(tiny_overrides, tmp_path):
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--config_file",
+        str(ROOT / "configs" / "accelerate" / "deepspeed_zero2.yaml"),
+        "--num_processes",
+        "1",
+        "-m",
+        "adaptkit",
+        "train",
+        str(ROOT / "recipes" / "easyvqa_qformer_lora.yaml"),
+        *tiny_overrides,
+        "mixed_precision=bf16",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["steps"] == 4

@@ -116,6 +116,16 @@ def start_accelerator(recipe: Recipe) -> Accelerator:
             f"launched as {launched} processes but Accelerate set up {accelerator.num_processes}: each would "
             "train alone and write the same run. On CPU machines set ACCELERATE_USE_CPU=1 for the launch"
         )
+    if accelerator.distributed_type.value == "DEEPSPEED":
+        # adaptkit's batches come from a batch sampler; DeepSpeed's "auto" micro-batch cannot be read from it.
+        ds_config = accelerator.state.deepspeed_plugin.deepspeed_config
+        if ds_config.get("train_micro_batch_size_per_gpu", "auto") == "auto":
+            ds_config["train_micro_batch_size_per_gpu"] = recipe.batch_size
+        warnings.warn(
+            "DeepSpeed has not been run by adaptkit's tests (DDP has): check a resumed run before relying "
+            "on it",
+            stacklevel=3,
+        )
     if accelerator.distributed_type.value == "FSDP":
         warnings.warn(
             "FSDP has not been run by adaptkit's tests (DDP has): checkpoints save each process's view of "
