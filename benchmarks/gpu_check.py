@@ -21,6 +21,7 @@ steps) and the others are recorded as skipped with the reason.
 
     bash scripts/gpu_check.sh                      # writes reports/gpu_check.json
     python benchmarks/gpu_check.py --out r.json --steps 20 --skip large
+    python benchmarks/gpu_check.py --force large --skip train --steps 2 data.train=data/ood_vqa/q.jsonl
 """
 
 from __future__ import annotations
@@ -221,10 +222,16 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=None, help="per run (CUDA 64, CPU 8)")
     parser.add_argument("--skip", action="append", default=[], choices=SECTIONS, help="repeatable")
     parser.add_argument("--timeout", type=float, default=240, help="seconds per subprocess")
-    parser.add_argument("overrides", nargs="*", help="recipe key=value for every run (e.g. other models)")
+    parser.add_argument(
+        "--force", action="append", default=[], choices=SECTIONS, help="run a CUDA section without CUDA"
+    )
+    parser.add_argument(
+        "overrides",
+        nargs="*",
+        help="recipe key=value for every run, after each run's own (e.g. data.train=my.jsonl; a model name "
+        "here replaces the large section's models too)",
+    )
     args = parser.parse_args()
-    if args.overrides and "large" not in args.skip:
-        args.skip.append("large")  # its models are its own
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import torch
 
@@ -244,7 +251,7 @@ def main() -> None:
     def section(name: str, fn, needs_cuda: bool = False) -> None:
         if name in args.skip:
             report[name] = {"skipped": "--skip"}
-        elif needs_cuda and not cuda:
+        elif needs_cuda and not cuda and name not in args.force:
             report[name] = {
                 "skipped": "needs a CUDA device; none is visible (torch.cuda.is_available() is False)"
             }

@@ -12,23 +12,30 @@ look, so a model that learned the task rather than the renderer still answers:
 - shape colours jittered by up to +-10 per channel around the CSS colour easy-VQA uses;
 - anti-aliased edges (drawn at 4x, downsampled).
 
+``--style textured`` draws a second, independent set on top of that renderer, for a check that no setting
+was tuned on: grainy backgrounds (Gaussian noise, std 4-12 per pixel), a darker outline of 1-3 px on half the
+shapes, a blur on a third of the images, canvases of 80, 128 or 160 px, and JPEG compression (quality
+35-75; saved as .jpg).
+
 Each image gets 10 questions: what colour, what shape, the shape given its colour, the colour given its
 shape, and six yes/no questions (colour and shape, asked positively and negated, half of them true),
 each phrased with one of easy-VQA's own templates. Fixed seed: the same call writes the same files.
 
     python benchmarks/ood_vqa.py --out data/ood_vqa --images 300 --seed 0
+    python benchmarks/ood_vqa.py --out data/ood_vqa_textured --style textured --seed 2
     adaptkit eval RUN --data data/ood_vqa/questions.jsonl --json
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import json
 import math
 import random
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image, ImageDraw, ImageFilter
 
 # The CSS colours easy-VQA draws its shapes in (measured from its training images).
 COLORS = {
@@ -121,6 +128,32 @@ def render(rng: random.Random, shape: str, color: str) -> Image.Image:
     return img.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
 
 
+def render_textured(rng: random.Random, shape: str, color: str) -> tuple[Image.Image, bytes]:
+    """One image of the ``textured`` style (module docstring); returns it and its JPEG bytes."""
+    import numpy as np
+
+    base = COLORS[color]
+    fill = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in base)
+    img = _background(rng, base)
+    draw = ImageDraw.Draw(img)
+    outline = _shape_points(rng, shape)
+    edge = tuple(int(c * 0.6) for c in fill) if rng.random() < 0.5 else None
+    width = rng.randint(1, 3) * SCALE if edge else 0
+    if shape == "circle":
+        draw.ellipse(outline, fill=fill, outline=edge, width=width)
+    else:
+        draw.polygon(outline, fill=fill, outline=edge, width=width)
+    side = rng.choice((80, 128, 160))
+    small = img.resize((side, side), Image.Resampling.LANCZOS)
+    grain = np.random.default_rng(rng.getrandbits(32)).normal(0.0, rng.uniform(4, 12), (side, side, 3))
+    small = Image.fromarray(np.clip(np.asarray(small, dtype=np.float64) + grain, 0, 255).astype(np.uint8))
+    if rng.random() < 1 / 3:
+        small = small.filter(ImageFilter.GaussianBlur(rng.uniform(0.6, 1.2)))
+    buffer = io.BytesIO()
+    small.save(buffer, format="JPEG", quality=rng.randint(35, 75))
+    return Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), buffer.getvalue()
+
+
 def questions(rng: random.Random, shape: str, color: str) -> list[tuple[str, str]]:
     """Ten (question, answer) pairs about an image of a ``color`` ``shape``."""
     other_color = rng.choice([c for c in COLORS if c != color])
@@ -144,9 +177,12 @@ def questions(rng: random.Random, shape: str, color: str) -> list[tuple[str, str
     return out
 
 
-def generate(out: Path, images: int = 300, seed: int = 0) -> Path:
-    """Write ``images`` PNGs and ``questions.jsonl`` (adaptkit's VQA JSONL) under ``out``; returns the
-    JSONL's path. Shapes and colours are balanced: image i is shape i % 3 and a colour of a shuffled cycle."""
+def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default") -> Path:
+    """Write ``images`` images (PNG; JPEG for ``style="textured"``) and ``questions.jsonl`` (adaptkit's VQA
+    JSONL) under ``out``; returns the JSONL's path. Shapes and colours are balanced: image i is shape
+    i % 3 and a colour of a shuffled cycle."""
+    if style not in ("default", "textured"):
+        raise ValueError(f"style must be default or textured, got {style!r}")
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines = []
@@ -155,8 +191,12 @@ def generate(out: Path, images: int = 300, seed: int = 0) -> Path:
         if i % len(colors) == 0:
             rng.shuffle(colors)
         shape, color = SHAPES[i % len(SHAPES)], colors[i % len(colors)]
-        name = f"images/{i:04d}.png"
-        render(rng, shape, color).save(out / name)
+        if style == "textured":
+            name = f"images/{i:04d}.jpg"
+            (out / name).write_bytes(render_textured(rng, shape, color)[1])
+        else:
+            name = f"images/{i:04d}.png"
+            render(rng, shape, color).save(out / name)
         for question, answer in questions(rng, shape, color):
             lines.append({"image": name, "question": question, "answer": answer})
     path = out / "questions.jsonl"
@@ -169,8 +209,9 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/ood_vqa"))
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--style", choices=("default", "textured"), default="default")
     args = parser.parse_args()
-    path = generate(args.out, args.images, args.seed)
+    path = generate(args.out, args.images, args.seed, args.style)
     n = sum(1 for _ in path.open())
     print(f"wrote {args.images} images and {n} questions: {path}")
 

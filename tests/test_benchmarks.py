@@ -115,6 +115,42 @@ def test_ood_vqa_set_is_reproducible_balanced_and_loads(tmp_path):
         assert nearest <= 30, (sample.image, color, nearest)
 
 
+def test_textured_ood_style_is_reproducible_jpeg_and_keeps_the_colour(tmp_path):
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        import ood_vqa
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    import numpy as np
+    from PIL import Image
+
+    from adaptkit.data.formats import load_jsonl
+
+    first = ood_vqa.generate(tmp_path / "a", images=24, seed=3, style="textured")
+    again = ood_vqa.generate(tmp_path / "b", images=24, seed=3, style="textured")
+    assert first.read_text() == again.read_text()
+    names = [f"images/{i:04d}.jpg" for i in range(24)]
+    assert [(tmp_path / "a" / n).read_bytes() for n in names] == [
+        (tmp_path / "b" / n).read_bytes() for n in names
+    ]
+    samples = load_jsonl(first).samples
+    assert len(samples) == 240
+    sizes = set()
+    for sample in samples[::10]:
+        img = Image.open(sample.image)
+        assert img.format == "JPEG"
+        sizes.add(img.size[0])
+        color = next(s.answer for s in samples if s.image == sample.image and s.answer in ood_vqa.COLORS)
+        pixels = np.asarray(img.convert("RGB"), dtype=np.int64).reshape(-1, 3)
+        # Grain, outlines and JPEG move pixels (the smallest shapes keep only a few); the 3 pixels nearest
+        # the colour stay near it.
+        distance = np.sort(np.abs(pixels - np.array(ood_vqa.COLORS[color])).sum(1))[:3].mean()
+        assert distance <= 100, (sample.image, color, distance)
+    assert len(sizes) > 1 and sizes <= {80, 128, 160}
+    with pytest.raises(ValueError, match="style"):
+        ood_vqa.generate(tmp_path / "c", images=3, style="other")
+
+
 @pytest.mark.skipif(
     __import__("torch").cuda.is_available(), reason="checks the CPU behaviour (on a GPU it runs for real)"
 )
