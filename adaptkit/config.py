@@ -84,6 +84,7 @@ class AugmentConfig:
     gradient: float = 0.0
     blur: float = 0.0
     noise: float = 0.0
+    background: float = 0.0
 
 
 @dataclass
@@ -362,6 +363,8 @@ def _validate_augment(aug: AugmentConfig, source: str) -> None:
         value = getattr(aug, key)
         if not 0 <= value < 1:
             problems.append(f"data.augment.{key} must lie in [0, 1), got {value}")
+    if not 0 <= aug.background <= 1:
+        problems.append(f"data.augment.background is a probability in [0, 1], got {aug.background}")
     if problems:
         raise RecipeError(f"{source}: " + "; ".join(problems))
 

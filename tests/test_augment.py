@@ -31,6 +31,7 @@ CFG = AugmentConfig(
     gradient=0.15,
     blur=0.01,
     noise=0.01,
+    background=0.5,
 )
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
@@ -89,6 +90,22 @@ def test_transforms_keep_the_label_and_fill_with_the_background():
         assert (background > 150).all()  # a light background stays light
 
 
+def test_new_background_keeps_the_shape():
+    img = Image.new("RGB", (64, 64), (235, 240, 245))
+    ImageDraw.Draw(img).ellipse((16, 16, 48, 48), fill=(0, 0, 255))
+    cfg = AugmentConfig(views=1, background=1.0, rotate=30)
+    corners = set()
+    for seed in range(6):
+        out = _pixels(augment_image(img, cfg, torch.Generator().manual_seed(seed))).int()
+        corners.add(tuple(out[0, 0].tolist()))
+        assert out[0, 0].tolist() != [235, 240, 245]  # the background (and the rotated-in fill) is recoloured
+        assert ((out[2:-2, 2:-2] - torch.tensor([235, 240, 245])).abs().sum(-1) < 12).sum() < 40
+        centre = out[28:36, 28:36].reshape(-1, 3)
+        assert (centre[:, 2] > 240).all() and (centre[:, :2] < 15).all()  # the blue circle is untouched
+        assert (out[:4, :4] > 150).all()  # a soft, light background
+    assert len(corners) == 6
+
+
 def test_view_choice_depends_on_seed_step_and_row_only():
     rows = torch.arange(1000)
     step3 = view_choice(0, 3, 4, rows)
@@ -144,6 +161,7 @@ def test_bad_settings_name_the_key():
         ("data.augment.scale_min=1.5", "data.augment.scale_min"),
         ("data.augment.rotate=200", "data.augment.rotate"),
         ("data.augment.noise=1.0", "data.augment.noise"),
+        ("data.augment.background=1.5", "data.augment.background"),
     ]:
         with pytest.raises(RecipeError, match=key.replace(".", r"\.")):
             load_recipe(RECIPE, [override])

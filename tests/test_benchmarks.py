@@ -176,3 +176,29 @@ def test_gpu_check_runs_its_cpu_parts_and_skips_the_rest(tiny_overrides, tmp_pat
     assert "slow" in train["bf16_autocast"]["skipped"]
     assert "CUDA" in report["throughput"]["skipped"]
     assert "skipped" in report["large"]
+
+
+def test_augment_probe_json(tiny_mobilenet_pth, tiny_vqa):
+    cmd = [
+        sys.executable,
+        str(ROOT / "benchmarks" / "augment_probe.py"),
+        "--train-images",
+        "12",
+        "--test-images",
+        "12",
+        "--ood",
+        str(tiny_vqa),
+        f"vision.weights={tiny_mobilenet_pth}",
+        "vision.image_size=64",
+        "vision.extra_layers=[]",
+        "data.augment.views=2",
+        "data.augment.background=0.5",
+    ]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["train_images"] == 12 and result["train_views_encoded"] == 36  # each image + 2 views
+    for task in ("colour", "shape"):
+        assert set(result[task]) == {"easyvqa_test", str(tiny_vqa)}
+        assert all(0 <= r["accuracy"] <= 1 for r in result[task].values())

@@ -10,9 +10,11 @@ sees the same pixels. Each step picks one view per image from (seed, step, image
 (:func:`view_choice`), so the choice is the same with any number of processes and after a resume.
 
 The transforms are geometric (scale, rotation, translation, flips, filled with the image's own border
-colour), photometric without changing hue much (brightness, contrast, a small per-channel gain, a
-linear illumination gradient) and of texture (Gaussian blur, pixel noise): label-preserving for tasks
-whose answers name colours and shapes. Every one is a recipe key (``data.augment.*``); 0 turns one off.
+colour), a new background (pixels near the border colour replaced by a soft two-colour gradient, for
+images on plain backgrounds), photometric without changing hue much (brightness, contrast, a small
+per-channel gain, a linear illumination gradient) and of texture (Gaussian blur, pixel noise):
+label-preserving for tasks whose answers name colours and shapes. Every one is a recipe key
+(``data.augment.*``); 0 turns one off.
 """
 
 from __future__ import annotations
@@ -85,6 +87,9 @@ def augment_image(img: Image.Image, cfg: AugmentConfig, gen: torch.Generator) ->
     sigma = _uniform(gen, 0.0, cfg.blur) * min(width, height)
     noise_seed = int(torch.randint(0, 2**62, (), generator=gen))
     noise = _uniform(gen, 0.0, cfg.noise)
+    recolour = float(torch.rand((), generator=gen)) < cfg.background
+    backdrop = torch.rand(2, 3, generator=gen) * 0.3 + 0.68  # two soft colours (each channel 173-250)
+    backdrop_angle = _uniform(gen, 0.0, 2 * math.pi)
 
     fill = list(border_colour(img))
     out = img
@@ -102,6 +107,8 @@ def augment_image(img: Image.Image, cfg: AugmentConfig, gen: torch.Generator) ->
             interpolation=TF.InterpolationMode.BILINEAR,
             fill=fill,
         )
+    if recolour:  # after the geometry: what it uncovered has the border colour and is recoloured too
+        out = _replace_background(out, fill, backdrop, backdrop_angle)
     pixels = TF.pil_to_tensor(out).float() / 255
     if sigma > 0.05:
         radius = max(1, math.ceil(2.5 * sigma))
@@ -123,6 +130,24 @@ def augment_image(img: Image.Image, cfg: AugmentConfig, gen: torch.Generator) ->
         pixels = pixels + noise * torch.randn(pixels.shape, generator=draw)
     pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
     return TF.to_pil_image(pixels)
+
+
+def _replace_background(
+    img: Image.Image, border: list[int], colours: torch.Tensor, angle: float
+) -> Image.Image:
+    """Pixels near the border colour (the plain background) replaced by a gradient between two soft colours,
+    blended by distance so anti-aliased edges stay smooth."""
+    pixels = TF.pil_to_tensor(img).float() / 255
+    _, height, width = pixels.shape
+    distance = (pixels - torch.tensor(border, dtype=torch.float32)[:, None, None] / 255).abs().sum(0)
+    weight = (1 - distance / 0.25).clamp(0, 1)  # 1 on the background, 0 from a summed difference of 0.25
+    ys = torch.linspace(0, 1, height)[:, None]
+    xs = torch.linspace(0, 1, width)[None, :]
+    t = (math.cos(angle) * xs + math.sin(angle) * ys) / (abs(math.cos(angle)) + abs(math.sin(angle)) + 1e-6)
+    t = (t - t.min()) / (t.max() - t.min() + 1e-6)
+    backdrop = colours[0][:, None, None] * (1 - t) + colours[1][:, None, None] * t
+    mixed = pixels * (1 - weight) + backdrop * weight
+    return TF.to_pil_image((mixed.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
 def make_view(img: Image.Image, image_key: str, cfg: AugmentConfig, view: int) -> Image.Image:
