@@ -129,6 +129,7 @@ def overrides_for(lm_dir: Path, vision_pth: Path, vqa: Path, root: Path) -> list
         f"vision.weights={vision_pth}",
         "vision.image_size=64",
         "vision.extra_layers=[]",
+        "data.augment.views=0",  # augmented views have their own tests (tests/test_augment.py)
         f"language.name={lm_dir}",
         "adapter.num_queries=4",
         "adapter.num_layers=1",
