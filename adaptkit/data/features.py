@@ -143,9 +143,7 @@ def _encode(
                     raise
                 bad[path] = str(err)
                 continue
-            if view:
-                img = make_view(img, image_keys[path], augment, view)
-            images.append(img)
+            images.append(make_view(img, (image_keys or {}).get(path, ""), augment, view))
             batch_items.append((path, view))
         if images:
             chunks.append(encode_images(backbone, images, device))
@@ -226,14 +224,13 @@ class FeatureBank:
             readable = [p for p in unique if p not in bad]
             items = [(p, v) for v in range(views + 1) for p in readable]
             with tqdm(total=len(items), desc=desc, unit="img", disable=disable_progress) as bar:
-                good, feats = _encode(
+                _, feats = _encode(
                     backbone, items, origins, device, batch_size, skip_bad, bad, bar, augment, keys
                 )
             done = [p for p in readable if p not in bad]
-            features = None
-            if feats:
-                by_item = dict(zip(good, torch.cat(feats)))
-                features = torch.stack([by_item[(p, v)] for v in range(views + 1) for p in done])
+            # Items run view-major, so an undecodable image is found in view 0 and skipped in every later
+            # view: the chunks are already in the bank's order (view * len(done) + row).
+            features = torch.cat(feats) if feats else None
         else:
             item_key = {(p, v): view_key(keys[p], augment, v) for v in range(views + 1) for p in keys}
             with cache.lock():
