@@ -217,3 +217,13 @@ def test_training_with_views_resumes_bit_exactly(tiny_overrides, tmp_path, monke
     losses = [r["loss"] for r in samples(plain)]
     assert [r["indices"] for r in samples(plain)] == [r["indices"] for r in samples(ref)]
     assert losses != [r["loss"] for r in samples(ref)]
+
+
+def test_cache_command_fills_the_training_views(tiny_overrides, tmp_path, capsys):
+    overrides = _augmented(tiny_overrides, tmp_path / "run")
+    assert main(["cache", RECIPE, *overrides]) == 0
+    assert "images cached (+ 3 augmented views each)" in capsys.readouterr().out
+    assert main(["train", RECIPE, *overrides, "max_steps=2"]) == 0
+    # Every image and view the run needs was already in the disk cache.
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "24 images and views (x4) read, 0 encoded and added" in log
