@@ -4,6 +4,7 @@ A run directory::
 
     recipe.yaml            the resolved recipe (every knob, after overrides)
     adapter.safetensors    the fusion adapter's weights
+    heads.safetensors      the image-text heads (embedding projections, matching), when the recipe has them
     lora/                  the LoRA adapter in peft's format (adapter_config.json + safetensors)
     train.log              the training log
     metrics.jsonl          one JSON object per logged step (step, loss, lr, samples_per_s, ...)
@@ -32,6 +33,7 @@ if TYPE_CHECKING:
 
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_FILE = "adapter.safetensors"
+HEADS_FILE = "heads.safetensors"
 LORA_DIR = "lora"
 EXPORT_FILE = "adaptkit_export.json"
 

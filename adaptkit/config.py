@@ -15,9 +15,9 @@ import yaml
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from adaptkit.recipe_checks import RecipeError, validate
 
-class RecipeError(ValueError):
-    """A recipe or an override is invalid; the message says where and what to do."""
+__all__ = ["Recipe", "RecipeError", "load_recipe", "recipe_to_yaml"]
 
 
 @dataclass
@@ -38,6 +38,14 @@ class LanguageConfig:
     dtype: str = "float32"
     quant: str = "none"
     compute_dtype: str = "float32"
+
+
+@dataclass
+class TextEncoderConfig:
+    """The frozen text encoder of the image-text objectives (adaptkit/backbones/text.py)."""
+
+    name: str = "none"
+    max_length: int = 64
 
 
 @dataclass
@@ -92,6 +100,7 @@ class DataConfig:
     train: str = "easyvqa:train"
     eval: str = "easyvqa:test"
     prompt_template: str = "Question: {question} Answer:"
+    class_template: str = "a {label}"
     on_bad_sample: str = "skip"
     max_skip_ratio: float = 0.01
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -102,6 +111,12 @@ class ObjectivesConfig:
     lm: float = 1.0
     classify: float = 0.0
     classify_max_answers: int = 1000
+    itc: float = 0.0
+    itm: float = 0.0
+    triplet: float = 0.0
+    triplet_margin: float = 0.2
+    embed_dim: int = 256
+    temperature: float = 0.07
 
 
 @dataclass
@@ -111,6 +126,7 @@ class Recipe:
     task: str = "vqa"
     vision: VisionConfig = field(default_factory=VisionConfig)
     language: LanguageConfig = field(default_factory=LanguageConfig)
+    text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -142,29 +158,6 @@ class Recipe:
     log_samples: bool = False
     check_replicas: int = 0
     report_to: str = "none"
-
-
-_CHOICES = {
-    "vision.family": ("torchvision", "hf", "open_clip"),
-    "vision.quant": ("none", "8bit", "4bit"),
-    "vision.compute_dtype": ("float32", "bfloat16", "float16"),
-    "language.dtype": ("float32", "bfloat16", "float16"),
-    "language.compute_dtype": ("float32", "bfloat16", "float16"),
-    "language.quant": ("none", "8bit", "4bit"),
-    "data.on_bad_sample": ("error", "skip"),
-    "mixed_precision": ("no", "bf16", "fp16"),
-    "report_to": ("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "all"),
-}
-_POSITIVE = (
-    "max_steps",
-    "batch_size",
-    "grad_accum_steps",
-    "length_grouping",
-    "pack_questions",
-    "log_every",
-    "eval_batch_size",
-    "max_new_tokens",
-)
 
 
 def _key_lines(path: Path) -> dict[str, int]:
@@ -264,131 +257,6 @@ def _nested(dotted: str, value: Any) -> dict:
     for part in reversed(dotted.split(".")):
         out = {part: out}
     return out
-
-
-def _get(recipe: Recipe, dotted: str) -> Any:
-    obj: Any = recipe
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def _registered() -> dict[str, tuple[str, ...]]:
-    """Keys whose choices are the names of a registry (tasks, adapters)."""
-    from adaptkit.adapters import ADAPTERS
-    from adaptkit.tasks import TASKS
-
-    return {"task": tuple(TASKS), "adapter.kind": tuple(ADAPTERS)}
-
-
-def validate(recipe: Recipe, source: str = "recipe") -> None:
-    """Check values that types alone cannot: choices, positivity, the prompt template."""
-    for key, choices in {**_CHOICES, **_registered()}.items():
-        value = _get(recipe, key)
-        if value not in choices:
-            raise RecipeError(f"{source}: {key}={value!r} is not one of {', '.join(choices)}")
-    for key in _POSITIVE:
-        if _get(recipe, key) <= 0:
-            raise RecipeError(f"{source}: {key} must be > 0, got {_get(recipe, key)}")
-    if recipe.vision.quant != "none" and recipe.vision.family != "hf":
-        raise RecipeError(
-            f"{source}: vision.quant={recipe.vision.quant} needs vision.family=hf (bitsandbytes quantizes "
-            f"Linear layers: {recipe.vision.family} trunks here are convolutions or fused attention); "
-            "set vision.quant=none"
-        )
-    if recipe.checkpoint_every < 0 or recipe.keep_checkpoints < 1:
-        raise RecipeError(
-            f"{source}: checkpoint_every must be >= 0 (0: only at the end) and keep_checkpoints >= 1, got "
-            f"{recipe.checkpoint_every} and {recipe.keep_checkpoints}"
-        )
-    if not 0.0 <= recipe.data.max_skip_ratio <= 1.0:
-        raise RecipeError(
-            f"{source}: data.max_skip_ratio must lie in [0, 1], got {recipe.data.max_skip_ratio}"
-        )
-    if recipe.adapter.inject_layer < 0 or recipe.lower_state_cache_mb < 0:
-        raise RecipeError(
-            f"{source}: adapter.inject_layer must be >= 0 (0: soft tokens at the LM's input) and "
-            f"lower_state_cache_mb >= 0 (0: no cache); got {recipe.adapter.inject_layer} and "
-            f"{recipe.lower_state_cache_mb}"
-        )
-    if recipe.activation_checkpointing < 0:
-        raise RecipeError(
-            f"{source}: activation_checkpointing must be 0 (off) or N >= 1 (every Nth LM layer)"
-        )
-    obj = recipe.objectives
-    if obj.lm < 0 or obj.classify < 0 or obj.lm + obj.classify == 0 or obj.classify_max_answers < 1:
-        raise RecipeError(
-            f"{source}: objectives.lm and objectives.classify are loss weights >= 0, not both 0, and "
-            f"objectives.classify_max_answers >= 1; got {obj.lm}, {obj.classify}, {obj.classify_max_answers}"
-        )
-    if recipe.pack_questions > 1:
-        clashes = [
-            what
-            for what, bad in (
-                (
-                    "adapter.text_conditioned=false (one copy of the image tokens serves every question)",
-                    recipe.adapter.text_conditioned and _adapter_class(recipe.adapter.kind).reads_text,
-                ),
-                ("objectives.classify=0", recipe.objectives.classify > 0),
-            )
-            if bad
-        ]
-        if clashes:
-            raise RecipeError(
-                f"{source}: pack_questions={recipe.pack_questions} needs "
-                + "; ".join(clashes)
-                + " (or set pack_questions=1)"
-            )
-    if "{question}" not in recipe.data.prompt_template:
-        raise RecipeError(f"{source}: data.prompt_template must contain '{{question}}'")
-    _validate_adapter(recipe.adapter, source)
-    _validate_augment(recipe.data.augment, source)
-
-
-def _validate_augment(aug: AugmentConfig, source: str) -> None:
-    """Ranges of data.augment.* (each 0 turns its transform off)."""
-    problems = []
-    if aug.views < 0:
-        problems.append(f"data.augment.views must be >= 0 (0: no augmentation), got {aug.views}")
-    if not 0 < aug.scale_min <= aug.scale_max:
-        problems.append(
-            f"data.augment.scale_min / scale_max must satisfy 0 < min <= max (1, 1: no scaling), got "
-            f"{aug.scale_min}, {aug.scale_max}"
-        )
-    for key, high in (("rotate", 180.0), ("translate", 0.5), ("brightness", 0.9), ("contrast", 0.9)):
-        value = getattr(aug, key)
-        if not 0 <= value <= high:
-            problems.append(f"data.augment.{key} must lie in [0, {high:g}], got {value}")
-    for key in ("channel_gain", "gradient", "blur", "noise"):
-        value = getattr(aug, key)
-        if not 0 <= value < 1:
-            problems.append(f"data.augment.{key} must lie in [0, 1), got {value}")
-    if not 0 <= aug.background <= 1:
-        problems.append(f"data.augment.background is a probability in [0, 1], got {aug.background}")
-    if problems:
-        raise RecipeError(f"{source}: " + "; ".join(problems))
-
-
-def _adapter_class(kind: str):
-    from adaptkit.adapters import ADAPTERS
-
-    return ADAPTERS[kind]
-
-
-def _validate_adapter(adapter: AdapterConfig, source: str) -> None:
-    """The adapter section's checks that depend on its kind."""
-    if adapter.hidden_size % adapter.num_heads:
-        raise RecipeError(
-            f"{source}: adapter.hidden_size ({adapter.hidden_size}) must be divisible by "
-            f"adapter.num_heads ({adapter.num_heads})"
-        )
-    if adapter.pool_tokens < 0:
-        raise RecipeError(
-            f"{source}: adapter.pool_tokens must be >= 0 (0: every image token), got {adapter.pool_tokens}"
-        )
-    problem = _adapter_class(adapter.kind).config_problem(adapter)
-    if problem:
-        raise RecipeError(f"{source}: {problem}")
 
 
 def recipe_to_yaml(recipe: Recipe) -> str:

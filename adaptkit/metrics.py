@@ -49,3 +49,48 @@ class VQAExactMatch(evaluate.Metric):
             "accuracy_yes_no": sum(yes_no) / len(yes_no) if yes_no else None,
             "accuracy_other": sum(other) / len(other) if other else None,
         }
+
+
+class RetrievalRecall(evaluate.Metric):
+    """Recall@K and rank statistics of a retrieval direction, from each query's rank of its first correct
+    candidate (0: the best-scored candidate is correct)."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Recall@1/5/10, mean and median rank (1-based) of the first correct candidate.",
+            citation="",
+            inputs_description="ranks: per query, the 0-based rank of its best-ranked correct candidate.",
+            features=datasets.Features({"ranks": datasets.Value("int64")}),
+        )
+
+    def _compute(self, ranks: Sequence[int]) -> dict:
+        n = max(1, len(ranks))
+        ordered = sorted(ranks)
+        middle = len(ordered) // 2
+        median = ordered[middle] if len(ordered) % 2 else (ordered[middle - 1] + ordered[middle]) / 2
+        return {
+            "r1": sum(r < 1 for r in ranks) / n,
+            "r5": sum(r < 5 for r in ranks) / n,
+            "r10": sum(r < 10 for r in ranks) / n,
+            "mean_rank": sum(r + 1 for r in ranks) / n,
+            "median_rank": (median + 1) if ranks else None,
+            "n": len(ranks),
+        }
+
+
+class ClassAccuracy(evaluate.Metric):
+    """Accuracy of predicted class indices against reference class indices."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Fraction of predicted classes equal to the reference class.",
+            citation="",
+            inputs_description="predictions, references: class indices.",
+            features=datasets.Features(
+                {"predictions": datasets.Value("int64"), "references": datasets.Value("int64")}
+            ),
+        )
+
+    def _compute(self, predictions: Sequence[int], references: Sequence[int]) -> dict:
+        hits = [p == r for p, r in zip(predictions, references)]
+        return {"accuracy": sum(hits) / max(1, len(hits)), "n": len(hits)}

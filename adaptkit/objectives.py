@@ -5,9 +5,10 @@ positions, their target tokens, the adapter's soft tokens, the batch's extra lab
 heads it owns; :class:`Objectives` sums the enabled ones with the recipe's weights and keeps each part for
 logging. A task decides which objectives it trains and sets up their heads (``Task.setup_objectives``).
 
-Today: ``lm`` (cross-entropy on the answer tokens) and ``classify`` (answer classification from the mean
-soft token). Adding one: a function here, an entry in ``OBJECTIVES``, a weight in ``ObjectivesConfig``
-(``docs/extending.md``).
+``lm`` (cross-entropy on the answer tokens), ``classify`` (answer classification from the mean soft token)
+and the image-text objectives of ``adaptkit.contrastive``: ``itc`` (InfoNCE), ``itm`` (matching with hard
+negatives) and ``triplet`` (max-violation margin). Adding one: a function, an entry in ``OBJECTIVES`` (and
+the heads it needs in ``REQUIRES``), a weight in ``ObjectivesConfig`` (``docs/extending.md``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from adaptkit import contrastive
 
 IGNORE = -100  # label of a token, or a sample's class, that no loss is computed for
 
@@ -60,6 +63,18 @@ def classify_loss(outputs: dict, heads: nn.ModuleDict) -> torch.Tensor | None:
 OBJECTIVES: dict[str, Callable[[dict, nn.ModuleDict], torch.Tensor | None]] = {
     "lm": lm_loss,
     "classify": classify_loss,
+    "itc": contrastive.itc_loss,
+    "itm": contrastive.itm_loss,
+    "triplet": contrastive.triplet_loss,
+}
+
+#: the heads (``Objectives.heads`` keys) an objective needs; it takes part only when they exist.
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "lm": (),
+    "classify": ("classify",),
+    "itc": ("embed",),
+    "itm": ("embed", "itm"),
+    "triplet": ("embed",),
 }
 
 
@@ -69,15 +84,17 @@ class Objectives(nn.Module):
 
     Args:
         weights: objective name -> weight; names must be keys of ``OBJECTIVES``.
+        options: settings handed to every objective with the outputs (e.g. ``triplet_margin``).
     """
 
-    def __init__(self, weights: dict[str, float] | None = None) -> None:
+    def __init__(self, weights: dict[str, float] | None = None, options: dict | None = None) -> None:
         super().__init__()
         weights = {"lm": 1.0} if weights is None else dict(weights)
         unknown = sorted(set(weights) - set(OBJECTIVES))
         if unknown:
             raise ValueError(f"unknown objectives {unknown}; known: {', '.join(OBJECTIVES)}")
         self.weights = weights
+        self.options = dict(options or {})
         self.heads = nn.ModuleDict()
         self.parts: dict[str, torch.Tensor] = {}
 
@@ -86,7 +103,7 @@ class Objectives(nn.Module):
 
     def active(self) -> list[str]:
         """The objectives that take part: weight > 0, and a head where the objective needs one."""
-        return [n for n, w in self.weights.items() if w > 0 and (n == "lm" or n in self.heads)]
+        return [n for n, w in self.weights.items() if w > 0 and all(h in self.heads for h in REQUIRES[n])]
 
     def forward(self, outputs: dict) -> torch.Tensor:
         """The weighted loss; each objective's value (detached) is kept in ``parts`` for logging.
@@ -94,6 +111,7 @@ class Objectives(nn.Module):
         A lone ``lm`` objective of weight 1 returns its loss unscaled (as it always was).
         """
         names = self.active()
+        outputs = {**self.options, **outputs}
         values = {n: OBJECTIVES[n](outputs, self.heads) for n in names}
         values = {n: v for n, v in values.items() if v is not None}
         self.parts = {n: v.detach() for n, v in values.items()}

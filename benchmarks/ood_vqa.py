@@ -17,6 +17,10 @@ was tuned on: grainy backgrounds (Gaussian noise, std 4-12 per pixel), a darker 
 shapes, a blur on a third of the images, canvases of 80, 128 or 160 px, and JPEG compression (quality
 35-75; saved as .jpg).
 
+Beside ``questions.jsonl`` it writes ``captions.jsonl`` (adaptkit's caption JSONL): each image with the
+five phrasings and the ``"{colour} {shape}"`` label that ``easyvqa-captions`` gives easy-VQA's images, for
+the retrieval task (``adaptkit eval RUN --data data/ood_vqa/captions.jsonl``).
+
 Each image gets 10 questions: what colour, what shape, the shape given its colour, the colour given its
 shape, and six yes/no questions (colour and shape, asked positively and negated, half of them true),
 each phrased with one of easy-VQA's own templates. Fixed seed: the same call writes the same files.
@@ -36,6 +40,8 @@ import random
 from pathlib import Path
 
 from PIL import Image, ImageDraw, ImageFilter
+
+from adaptkit.data.captions import PHRASINGS
 
 # The CSS colours easy-VQA draws its shapes in (measured from its training images).
 COLORS = {
@@ -185,7 +191,7 @@ def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default"
         raise ValueError(f"style must be default or textured, got {style!r}")
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    lines = []
+    lines, captions = [], []
     colors = list(COLORS)
     for i in range(images):
         if i % len(colors) == 0:
@@ -199,8 +205,11 @@ def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default"
             render(rng, shape, color).save(out / name)
         for question, answer in questions(rng, shape, color):
             lines.append({"image": name, "question": question, "answer": answer})
+        phrased = [p.format(c=color, s=shape) for p in PHRASINGS]
+        captions.append({"image": name, "captions": phrased, "label": f"{color} {shape}"})
     path = out / "questions.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    (out / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in captions))
     return path
 
 

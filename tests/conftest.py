@@ -184,3 +184,70 @@ def tiny_run_4bit(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path_factory) -
     root = tmp_path_factory.mktemp("tiny_run_4bit")
     overrides = overrides_for(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, root) + ["language.quant=4bit"]
     return _train_tiny(root, overrides)
+
+
+@pytest.fixture(scope="session")
+def tiny_text_encoder_dir(tmp_path_factory) -> Path:
+    """A 2-layer random BERT encoder with a word-level tokenizer, saved as a Hugging Face folder."""
+    from transformers import BertConfig, BertModel
+
+    out = tmp_path_factory.mktemp("tiny_text_encoder")
+    tokenizer = _tiny_tokenizer()
+    config = BertConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=64,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    BertModel(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_captions(tiny_vqa) -> Path:
+    """A caption JSONL file over the tiny VQA images (6 images, 2 captions each, labelled)."""
+    lines = [
+        {
+            "image": f"images/{i}.png",
+            "captions": [f"a {color} {shape}", f"is there a {color} {shape}"],
+            "label": f"{color} {shape}",
+        }
+        for i, (color, shape) in enumerate((c, s) for c in COLORS for s in SHAPES)
+    ]
+    path = tiny_vqa.parent / "captions.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    return path
+
+
+RETRIEVAL_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "easyvqa_retrieval.yaml"
+
+
+def retrieval_overrides(lm_dir: Path, vision_pth: Path, encoder_dir: Path, captions: Path, root: Path):
+    """Overrides pointing the retrieval recipe at the tiny fixtures, writing under ``root``."""
+    return [
+        f"output_dir={root / 'run'}",
+        f"vision.weights={vision_pth}",
+        "vision.image_size=64",
+        "vision.extra_layers=[]",
+        f"language.name={lm_dir}",
+        f"text_encoder.name={encoder_dir}",
+        "adapter.num_queries=4",
+        "adapter.num_layers=1",
+        "adapter.hidden_size=32",
+        "adapter.num_heads=4",
+        "objectives.embed_dim=16",
+        f"data.train={captions}",
+        f"data.eval={captions}",
+        f"feature_cache_dir={root / 'features'}",
+        "max_steps=4",
+        "batch_size=4",
+        "warmup_steps=1",
+        "log_every=2",
+        "eval_every=0",
+        "checkpoint_every=2",
+    ]

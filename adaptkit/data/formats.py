@@ -77,6 +77,60 @@ def _check_row(row: object) -> str | None:
     return None
 
 
+def resolve_image(file: Path, name: str) -> tuple[Path, str | None]:
+    """An image path from a data file (relative to the file, or absolute) and the problem, if it is
+    not there."""
+    image = Path(name)
+    image = image if image.is_absolute() else file.parent / image
+    if not image.is_file():
+        return image, f"image '{name}' not found (looked for {image})"
+    return image.resolve(), None
+
+
+def read_jsonl(path: str | Path, parse, on_bad_sample: str = "error") -> LoadedData:
+    """Read a JSONL data file whose lines ``parse(row, file, origin)`` turns into a sample or a problem.
+
+    ``parse`` returns ``(sample, None)`` or ``(None, "what is wrong")``. Blank lines are ignored; a line
+    that is not JSON, or that ``parse`` rejects, raises :class:`DataError` naming ``file:line`` (or, with
+    ``on_bad_sample="skip"``, is skipped and listed).
+    """
+    file = Path(path)
+    if not file.is_file():
+        raise DataError(f"data file {file} does not exist")
+    samples: list = []
+    skipped: list[str] = []
+    with file.open(encoding="utf-8") as handle:
+        for lineno, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            origin = f"{file}:{lineno}"
+            try:
+                sample, problem = parse(json.loads(line), file, origin)
+            except json.JSONDecodeError as err:
+                sample, problem = None, f"not valid JSON ({err.msg} at column {err.colno})"
+            if problem is not None:
+                if on_bad_sample != "skip":
+                    raise DataError(
+                        f"{origin}: {problem}. Fix the line, or set data.on_bad_sample=skip to skip bad lines"
+                    )
+                skipped.append(f"{origin}: {problem}")
+                continue
+            samples.append(sample)
+    if not samples:
+        raise DataError(f"{file}: no usable samples ({len(skipped)} skipped)")
+    return LoadedData(samples, skipped)
+
+
+def _parse_vqa(row: object, file: Path, origin: str) -> tuple[VQASample | None, str | None]:
+    problem = _check_row(row)
+    if problem is not None:
+        return None, problem
+    image, problem = resolve_image(file, row["image"])
+    if problem is not None:
+        return None, problem
+    return VQASample(str(image), row["question"], row["answer"], origin), None
+
+
 def load_jsonl(path: str | Path, on_bad_sample: str = "error") -> LoadedData:
     """Load a VQA JSONL file; image paths are resolved relative to the file.
 
@@ -87,37 +141,7 @@ def load_jsonl(path: str | Path, on_bad_sample: str = "error") -> LoadedData:
     Raises:
         DataError: the file is missing, or a line is bad and ``on_bad_sample="error"``.
     """
-    file = Path(path)
-    if not file.is_file():
-        raise DataError(f"data file {file} does not exist")
-    samples: list[VQASample] = []
-    skipped: list[str] = []
-    with file.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            origin = f"{file}:{lineno}"
-            try:
-                row = json.loads(line)
-                problem = _check_row(row)
-            except json.JSONDecodeError as err:
-                problem = f"not valid JSON ({err.msg} at column {err.colno})"
-            if problem is None:
-                image = Path(row["image"])
-                image = image if image.is_absolute() else file.parent / image
-                if not image.is_file():
-                    problem = f"image '{row['image']}' not found (looked for {image})"
-            if problem is not None:
-                if on_bad_sample != "skip":
-                    raise DataError(
-                        f"{origin}: {problem}. Fix the line, or set data.on_bad_sample=skip to skip bad lines"
-                    )
-                skipped.append(f"{origin}: {problem}")
-                continue
-            samples.append(VQASample(str(image.resolve()), row["question"], row["answer"], origin))
-    if not samples:
-        raise DataError(f"{file}: no usable samples ({len(skipped)} skipped)")
-    return LoadedData(samples, skipped)
+    return read_jsonl(path, _parse_vqa, on_bad_sample)
 
 
 def load_vqa(spec: str, on_bad_sample: str = "error") -> LoadedData:

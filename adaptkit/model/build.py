@@ -89,6 +89,35 @@ def _hidden_std(lm: nn.Module, tokenizer, layer: int) -> float:
     return hidden[:, 1:].float().std().item()
 
 
+def attach_text_side(model: MultimodalModel, recipe: Recipe, device) -> None:
+    """The frozen text encoder and the image-text heads (``adaptkit.contrastive``) when the recipe names a
+    text encoder: the embedding head always, the matching head when ``objectives.itm`` > 0. They are part
+    of the model a recipe describes, so a run's ``heads.safetensors`` loads back into them."""
+    if recipe.text_encoder.name in ("", "none"):
+        return
+    from adaptkit.backbones.text import TextEncoder
+    from adaptkit.contrastive import EmbeddingHead, MatchingHead
+    from adaptkit.objectives import Objectives
+
+    obj = recipe.objectives
+    model.text_encoder = TextEncoder(recipe.text_encoder, device)
+    lm_dim = model.base_lm.get_input_embeddings().embedding_dim
+    weights = {"lm": obj.lm, "classify": obj.classify, "itc": obj.itc, "itm": obj.itm, "triplet": obj.triplet}
+    model.objectives = Objectives(weights, {"triplet_margin": obj.triplet_margin})
+    text_dim = model.text_encoder.dim
+    model.objectives.add_head(
+        "embed", EmbeddingHead(lm_dim, text_dim, obj.embed_dim, obj.temperature).to(device)
+    )
+    if obj.itm > 0:
+        model.objectives.add_head("itm", MatchingHead(lm_dim, text_dim).to(device))
+    log.info(
+        "text encoder %s (frozen, D=%d); image-text heads: %s",
+        recipe.text_encoder.name,
+        text_dim,
+        ", ".join(model.objectives.heads),
+    )
+
+
 def build_model(
     recipe: Recipe,
     device: torch.device | str = "cpu",
@@ -138,6 +167,7 @@ def build_model(
         lm = get_peft_model(lm, lora)
     model = MultimodalModel(vision, adapter, lm, tokenizer, inject_layer=inject)
     model.prompt_cache.max_mb = recipe.lower_state_cache_mb
+    attach_text_side(model, recipe, device)
     if recipe.activation_checkpointing:
         # Recompute each checkpointed LM layer's activations in the backward pass instead of keeping them:
         # activations, not the frozen weights, dominate a small LM's training memory.

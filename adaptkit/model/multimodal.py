@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptkit.artifacts import ADAPTER_FILE, LORA_DIR
+from adaptkit.artifacts import ADAPTER_FILE, HEADS_FILE, LORA_DIR
 from adaptkit.backbones.vision import VisionBackbone
 from adaptkit.model import generation
 from adaptkit.model.cross_attention import CrossAttentionWiring
@@ -25,6 +25,9 @@ from adaptkit.model.injection import LayerInjection, states_at_layer
 from adaptkit.model.lower_states import LowerStateCache, decoder_slice
 from adaptkit.model.packing import packed_attention
 from adaptkit.objectives import IGNORE, Objectives
+
+#: heads of ``Objectives`` saved with a run (used at inference): image-text embedding and matching.
+SAVED_HEADS = ("embed", "itm")
 
 
 class MultimodalModel(nn.Module):
@@ -72,6 +75,8 @@ class MultimodalModel(nn.Module):
         # False runs the LM without its LoRA branches (adapter-only phase before lora.start_step).
         self.lora_active = True
         self.objectives = Objectives()
+        #: the frozen text encoder of the image-text objectives (``adaptkit.backbones.text``), or None.
+        self.text_encoder: nn.Module | None = None
 
     @property
     def base_lm(self) -> nn.Module:
@@ -186,24 +191,47 @@ class MultimodalModel(nn.Module):
     def forward(
         self,
         features: torch.Tensor,
-        input_ids: torch.Tensor,
-        attention_mask: torch.Tensor,
-        labels: torch.Tensor,
+        input_ids: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
         answer_class: torch.Tensor | None = None,
         segment_ids: torch.Tensor | None = None,
         positions: torch.Tensor | None = None,
+        text_states: torch.Tensor | None = None,
+        text_mask: torch.Tensor | None = None,
+        groups: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """The training loss of a batch: the recipe's weighted objectives (``self.objectives``) on the
-        logits at answer tokens (computed only where they are needed) and the soft tokens.
+        """The training loss of a batch: the recipe's weighted objectives (``self.objectives``) on what
+        they need: the logits at answer tokens (computed only where they are needed, and only when the
+        batch has ``labels``) and the adapter's image tokens.
+
         ``answer_class``: the samples' classes for ``objectives.classify``; ``segment_ids`` /
-        ``positions``: a packed batch (``collate_packed``)."""
+        ``positions``: a packed batch (``collate_packed``); ``text_states`` / ``text_mask`` / ``groups``:
+        the frozen text encoder's states of each sample's text and what it describes, for the image-text
+        objectives (``adaptkit.contrastive``). Without ``labels`` the LM does not run at all.
+        """
+        outputs = {
+            "answer_class": answer_class,
+            "text_states": text_states,
+            "text_mask": text_mask,
+            "groups": groups,
+        }
+        if labels is None:
+            outputs["soft"] = self.image_tokens(features)
+            return self.objectives(outputs)
         logits, selected, soft = self.answer_logits(
             features, input_ids, attention_mask, labels, segment_ids, positions
         )
         if self.cross_attention is not None:  # what the adapter made of the image: the blocks' tokens
             soft = self.cross_attention.media
-        outputs = {"logits": logits, "targets": labels[selected], "soft": soft, "answer_class": answer_class}
+        outputs.update(logits=logits, targets=labels[selected], soft=soft)
         return self.objectives(outputs)
+
+    def image_tokens(self, features: torch.Tensor) -> torch.Tensor:
+        """What the adapter makes of images with no text to read: ``(B, tokens, D_lm)`` (the soft tokens,
+        or a cross-attention adapter's image tokens); the image side of the image-text objectives."""
+        device = self.base_lm.get_input_embeddings().weight.device
+        return self.adapter(features.to(device))
 
     @torch.no_grad()
     def sequence_logprobs(
@@ -250,14 +278,27 @@ class MultimodalModel(nn.Module):
     def trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
         return [(n, p) for n, p in self.named_parameters() if p.requires_grad]
 
+    def saved_heads(self) -> dict[str, torch.Tensor]:
+        """The state of the objectives' heads that inference uses (``SAVED_HEADS``: the image-text
+        embedding and matching heads; VQA's answer head only trains the adapter and is not kept)."""
+        return {
+            f"{name}.{key}": value.detach().cpu().contiguous()
+            for name, head in self.objectives.heads.items()
+            if name in SAVED_HEADS
+            for key, value in head.state_dict().items()
+        }
+
     def save_trainables(self, directory: str | Path) -> None:
-        """Write the adapter (safetensors) and LoRA (peft format) into ``directory``."""
+        """Write the adapter and the saved heads (safetensors) and LoRA (peft format) into ``directory``."""
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().cpu().contiguous() for k, v in self.adapter.state_dict().items()}
         save_file(state, str(directory / ADAPTER_FILE))
+        heads = self.saved_heads()
+        if heads:
+            save_file(heads, str(directory / HEADS_FILE))
         if hasattr(self.lm, "save_pretrained") and hasattr(self.lm, "peft_config"):
             self.lm.save_pretrained(str(directory / LORA_DIR))
 
@@ -272,3 +313,16 @@ class MultimodalModel(nn.Module):
             self.adapter.load_state_dict(load_file(str(path)), strict=True)
         except RuntimeError as err:
             raise ValueError(f"{path} does not fit this recipe's adapter: {err}") from None
+        expected = self.saved_heads()
+        if not expected:
+            return
+        path = Path(directory) / HEADS_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the recipe's image-text heads were not saved")
+        state = load_file(str(path))
+        if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
+            raise ValueError(f"{path} does not fit this recipe's heads (keys or shapes differ)")
+        for name, head in self.objectives.heads.items():
+            if name in SAVED_HEADS:
+                prefix = name + "."
+                head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})

@@ -10,12 +10,13 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adaptkit.tasks.base import Task
+from adaptkit.tasks.retrieval import RetrievalTask
 from adaptkit.tasks.vqa import VQATask
 
 if TYPE_CHECKING:
     from adaptkit.config import Recipe
 
-TASKS: dict[str, type[Task]] = {"vqa": VQATask}
+TASKS: dict[str, type[Task]] = {"vqa": VQATask, "retrieval": RetrievalTask}
 
 
 def get_task(recipe: Recipe) -> Task:

@@ -54,9 +54,16 @@ class Task(ABC):
 
     name: ClassVar[str]
     demo: ClassVar[DemoSpec]
+    #: the field ``data.prompt_template`` must contain (``{question}`` for VQA; None: a fixed prompt).
+    prompt_field: ClassVar[str | None] = None
 
     def __init__(self, recipe: Recipe) -> None:
         self.recipe = recipe
+
+    @classmethod
+    def config_problem(cls, recipe: Recipe) -> str | None:
+        """What is wrong with a recipe for this task (``load_recipe`` raises it, naming the recipe)."""
+        return None
 
     # ---- data --------------------------------------------------------------------------------------
 

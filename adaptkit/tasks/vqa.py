@@ -44,6 +44,7 @@ class VQATask(GenerativeTask):
     """Generative VQA (see the module docstring)."""
 
     name = "vqa"
+    prompt_field = "question"
     demo = DemoSpec(
         text_label="Question",
         text_placeholder="What shape is in the image?",
