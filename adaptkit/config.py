@@ -155,6 +155,7 @@ class Recipe:
     checkpoint_every: int = 100
     keep_checkpoints: int = 2
     resume: str = ""
+    init_from: str = ""
     log_samples: bool = False
     check_replicas: int = 0
     report_to: str = "none"

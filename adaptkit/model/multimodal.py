@@ -302,8 +302,9 @@ class MultimodalModel(nn.Module):
         if hasattr(self.lm, "save_pretrained") and hasattr(self.lm, "peft_config"):
             self.lm.save_pretrained(str(directory / LORA_DIR))
 
-    def load_adapter(self, directory: str | Path) -> None:
-        """Load adapter weights saved by :meth:`save_trainables` (strict: shapes and keys must match)."""
+    def load_adapter(self, directory: str | Path, heads: bool = True) -> None:
+        """Load adapter weights (and, with ``heads``, the saved heads) written by :meth:`save_trainables`
+        (strict: shapes and keys must match)."""
         from safetensors.torch import load_file
 
         path = Path(directory) / ADAPTER_FILE
@@ -314,7 +315,7 @@ class MultimodalModel(nn.Module):
         except RuntimeError as err:
             raise ValueError(f"{path} does not fit this recipe's adapter: {err}") from None
         expected = self.saved_heads()
-        if not expected:
+        if not expected or not heads:
             return
         path = Path(directory) / HEADS_FILE
         if not path.is_file():

@@ -10,13 +10,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from adaptkit.tasks.base import Task
+from adaptkit.tasks.captioning import CaptionTask
 from adaptkit.tasks.retrieval import RetrievalTask
 from adaptkit.tasks.vqa import VQATask
 
 if TYPE_CHECKING:
     from adaptkit.config import Recipe
 
-TASKS: dict[str, type[Task]] = {"vqa": VQATask, "retrieval": RetrievalTask}
+TASKS: dict[str, type[Task]] = {"vqa": VQATask, "retrieval": RetrievalTask, "caption": CaptionTask}
 
 
 def get_task(recipe: Recipe) -> Task:

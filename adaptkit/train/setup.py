@@ -294,6 +294,27 @@ def build_loader(run: TrainingRun) -> None:
     log.info("batches: %s", what)
 
 
+def init_from_run(model, run_dir: str) -> None:
+    """Start from another run's adapter (its feature statistics included) and the image-text heads both
+    have, e.g. BLIP-2 stage 2 from a stage-1 run; LoRA and everything else start fresh."""
+    from safetensors.torch import load_file
+
+    from adaptkit.artifacts import HEADS_FILE
+
+    folder = Path(run_dir)
+    model.load_adapter(folder, heads=False)
+    heads = folder / HEADS_FILE
+    loaded = []
+    if heads.is_file():
+        state = load_file(str(heads))
+        for name, head in model.objectives.heads.items():
+            part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            if part:
+                head.load_state_dict(part)
+                loaded.append(name)
+    log.info("init_from %s: adapter%s loaded", folder, "".join(f", head {n}" for n in loaded))
+
+
 def restore(run: TrainingRun, state: dict) -> None:
     """Continue from ``run.resume_from``: weights, AdamW, schedule, RNG, data position, logging window."""
     folder = run.resume_from
@@ -320,7 +341,10 @@ def setup(recipe: Recipe) -> TrainingRun:
     train, evals = prepare_data(recipe, task, model, device, accelerator.is_main_process)
     run = TrainingRun(recipe, Path(recipe.output_dir), accelerator, task, model, train, evals, started)
     run.frozen_before, run.parameters, run.resume_from = frozen_before, parameters, resume_from
-    model.adapter.set_feature_stats(*train.features.stats())
+    if recipe.init_from:
+        init_from_run(model, recipe.init_from)
+    else:
+        model.adapter.set_feature_stats(*train.features.stats())
     objectives = task.setup_objectives(model, train.dataset)
     if len(model.objectives.active()) > 1:
         log.info("%s", objectives)
