@@ -97,4 +97,7 @@ def resolve_export_recipe(recipe: Recipe, root: Path) -> Recipe:
         vision = dataclasses.replace(vision, name=str(root / vision.name))
     elif vision.weights not in ("embedded", "", "none", "random") and (root / vision.weights).is_file():
         vision = dataclasses.replace(vision, weights=str(root / vision.weights))
-    return dataclasses.replace(recipe, language=lang, vision=vision)
+    text = recipe.text_encoder
+    if text.name not in ("", "none") and (root / text.name).is_dir():
+        text = dataclasses.replace(text, name=str(root / text.name))
+    return dataclasses.replace(recipe, language=lang, vision=vision, text_encoder=text)

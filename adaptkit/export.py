@@ -33,10 +33,19 @@ from pathlib import Path
 
 import torch
 
-from adaptkit.artifacts import ADAPTER_FILE, EXPORT_FILE, LORA_DIR, RECIPE_FILE, ExportError, read_json
-from adaptkit.assets import ASSETS, hash_files
+from adaptkit.artifacts import (
+    ADAPTER_FILE,
+    EXPORT_FILE,
+    HEADS_FILE,
+    LORA_DIR,
+    RECIPE_FILE,
+    ExportError,
+    read_json,
+)
+from adaptkit.assets import hash_files
 from adaptkit.config import recipe_to_yaml
 from adaptkit.data.splits import subset
+from adaptkit.export_files import copy_text_encoder, copy_vision
 from adaptkit.runs import check_run, load_run
 from adaptkit.tasks import get_task
 
@@ -84,42 +93,6 @@ def _merged_lm(recipe, run: Path, dtype: str, merge_base: str):
     if getattr(lm.config, "quantization_config", None) is not None:
         del lm.config.quantization_config
     return lm, tokenizer
-
-
-def _copy_vision(recipe, out: Path) -> tuple[object, dict]:
-    """Put the vision weights into ``out/vision`` (or name the embedded asset); returns (config, info)."""
-    cfg = recipe.vision
-    info: dict = {"family": cfg.family, "name": cfg.name, "weights": cfg.weights}
-    if cfg.family == "torchvision" and cfg.weights == "embedded":
-        asset = ASSETS["mobilenet_v2"]
-        ((rel, sha),) = asset.files.items()
-        info["embedded_asset"] = {"package": f"{asset.dist}=={asset.version}", "file": rel, "sha256": sha}
-        return cfg, info
-    target = out / "vision"
-    target.mkdir()
-    if cfg.family == "hf":
-        from transformers import AutoImageProcessor, AutoModel
-
-        AutoModel.from_pretrained(cfg.name).save_pretrained(target)
-        AutoImageProcessor.from_pretrained(cfg.name).save_pretrained(target)
-        return dataclasses.replace(cfg, name="vision"), info
-    if cfg.weights in ("", "none", "random"):
-        return cfg, info
-    source = Path(cfg.weights)
-    if not source.is_file():  # an open_clip pretrained tag: the manifest names it
-        return cfg, info
-    if cfg.family == "torchvision" and source.suffix != ".safetensors":
-        from safetensors.torch import save_file
-
-        from adaptkit.backbones.vision import _load_state_dict
-
-        state = {k: v.contiguous() for k, v in _load_state_dict(str(source)).items()}
-        save_file(state, str(target / "weights.safetensors"))
-        rel = "vision/weights.safetensors"
-    else:
-        rel = f"vision/{source.name}"
-        shutil.copy2(source, out / rel)
-    return dataclasses.replace(cfg, weights=rel), info
 
 
 def _held_samples(task, recipe, n: int):
@@ -184,6 +157,10 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     log.info("verifying the export on %d held samples of %s", len(held), spec)
     started = time.perf_counter()
     _, merged = load_run(out, "cpu")
+    if task.compares_exports:  # the task's own outputs (e.g. retrieval's similarities), not generation
+        report = {"data": spec, "dtype": dtype, **task.compare_export(load_run(run, "cpu")[1], merged, held)}
+        report["seconds"] = round(time.perf_counter() - started, 2)
+        return report, merged.adapter.describe()
     base, tokenizer = full_precision_base(recipe, merge_base)
     if recipe.lora.enabled:
         from peft import PeftModel
@@ -195,7 +172,7 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     new = recipe.max_new_tokens
     ref_answers, ref_native = _outputs(reference, task, held, new)
     got_answers, got_native = _outputs(merged, task, held, new)
-    agree = sum(a == b for a, b in zip(ref_answers, got_answers)) / len(held)
+    agree = sum(a == b for a, b in zip(ref_answers, got_answers)) / max(1, len(ref_answers))
     report = {
         "data": spec,
         "samples": len(held),
@@ -210,7 +187,7 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
         trained_answers, _ = _outputs(trained, task, held, new)
         report["answers_identical_to_trained_" + recipe.language.quant] = sum(
             a == b for a, b in zip(trained_answers, got_answers)
-        ) / len(held)
+        ) / max(1, len(got_answers))
         del trained
     reference.double()
     merged.double()  # the vision backbone and adapter are shared; both models now compute in float64
@@ -249,8 +226,8 @@ def _model_card(manifest: dict, task) -> str:
     ]
     if evaluation:
         lines.append(
-            f"- accuracy of the run: {evaluation.get('accuracy')} on {evaluation.get('n')} samples of "
-            f"{evaluation.get('data', 'its eval data')}"
+            f"- {task.headline_metric} of the run: {evaluation.get(task.headline_metric)} on "
+            f"{evaluation.get('n')} samples of {evaluation.get('data', 'its eval data')}"
         )
     lines += [
         "",
@@ -354,14 +331,21 @@ def export_run(
     lm.save_pretrained(partial / "lm", safe_serialization=True)
     tokenizer.save_pretrained(partial / "lm")
     del lm
-    vision_cfg, vision_info = _copy_vision(recipe, partial)
+    vision_cfg, vision_info = copy_vision(recipe, partial)
+    text_cfg, text_info = copy_text_encoder(recipe, partial)
     shutil.copy2(run / ADAPTER_FILE, partial / ADAPTER_FILE)
+    if (run / HEADS_FILE).is_file():
+        shutil.copy2(run / HEADS_FILE, partial / HEADS_FILE)
     lang_cfg = dataclasses.replace(recipe.language, name="lm", quant="none", dtype=dtype)
     lora_cfg = dataclasses.replace(recipe.lora, enabled=False)
-    exported = dataclasses.replace(recipe, language=lang_cfg, vision=vision_cfg, lora=lora_cfg)
+    exported = dataclasses.replace(
+        recipe, language=lang_cfg, vision=vision_cfg, lora=lora_cfg, text_encoder=text_cfg, init_from=""
+    )
     (partial / RECIPE_FILE).write_text(recipe_to_yaml(exported))
 
     manifest = _manifest(recipe, run, dtype, merge_base, vision_cfg, vision_info)
+    if text_info:
+        manifest["text_encoder"] = text_info
     # Hash before verifying: the verification loads the folder the way users will.
     manifest["files"] = hash_files(partial, skip=EXPORT_FILE)
     (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")

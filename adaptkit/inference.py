@@ -32,6 +32,7 @@ def describe(recipe, model, run: Path, export_info: dict | None = None) -> dict:
         lora = f"r={recipe.lora.r} on {', '.join(recipe.lora.target_modules)}"
     else:
         lora = "off"
+    headline, text_encoder = get_task(recipe).headline_metric, recipe.text_encoder.name
     evaluation = metrics.get("eval") or read_json(run / "eval.json") or summary.get("eval") or {}
     return {
         "source": str(run),
@@ -44,6 +45,9 @@ def describe(recipe, model, run: Path, export_info: dict | None = None) -> dict:
         "trainable_parameters": params.get("trainable"),
         "total_parameters": params.get("total") or count_parameters(model),
         "eval_accuracy": evaluation.get("accuracy"),
+        "eval_metric": headline,
+        "eval_value": evaluation.get(headline),
+        "text_encoder": None if text_encoder == "none" else f"{text_encoder} (frozen)",
         "eval_samples": evaluation.get("n"),
         "eval_data": evaluation.get("data"),
         "prompt_template": recipe.data.prompt_template,

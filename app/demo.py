@@ -62,10 +62,11 @@ def _facts_markdown(facts: dict) -> str:
     def fmt(n):
         return f"{n:,}" if isinstance(n, int) else "unknown"
 
-    acc = facts.get("eval_accuracy")
+    metric, value = facts.get("eval_metric", "accuracy"), facts.get("eval_value", facts.get("eval_accuracy"))
+    shown = f"{value:.2%}" if metric == "accuracy" and isinstance(value, float) else f"{value:.4f}"
     acc_text = (
-        f"{acc:.2%} on {facts.get('eval_samples')} questions of {facts.get('eval_data') or 'its eval data'}"
-        if isinstance(acc, float)
+        f"{shown} on {facts.get('eval_samples')} samples of {facts.get('eval_data') or 'its eval data'}"
+        if isinstance(value, float)
         else "not evaluated"
     )
     trainable, total = facts.get("trainable_parameters"), facts.get("total_parameters")
@@ -75,8 +76,9 @@ def _facts_markdown(facts: dict) -> str:
         ("vision backbone", facts.get("vision")),
         ("fusion adapter", facts.get("adapter")),
         ("language model", f"{facts.get('language')} (frozen), LoRA: {facts.get('lora')}"),
+        *([("text encoder", facts["text_encoder"])] if facts.get("text_encoder") else []),
         ("trainable / total parameters", f"{fmt(trainable)} / {fmt(total)}{share}"),
-        ("eval accuracy", acc_text),
+        (f"eval {metric}", acc_text),
         ("prompt", f"`{facts.get('prompt_template')}`"),
     ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)

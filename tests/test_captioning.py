@@ -61,6 +61,12 @@ def test_caption_train_eval_predict(overrides, tiny_captions, tmp_path, capsys):
     assert caption.text == records[0]["caption"]  # the same greedy caption as evaluation's
     assert 0 < caption.score <= 1
 
+    from adaptkit.export import export_run  # LoRA merged; the export verifies its captions and logits
+
+    manifest = export_run(run, tmp_path / "export", verify_samples=4)
+    assert manifest["verification"]["passed"] and manifest["verification"]["answers_identical"] == 1.0
+    assert load_for_inference(tmp_path / "export", "cpu").predict(image).text == caption.text
+
 
 def test_blip2_stage_one_then_stage_two(overrides, tmp_path, caplog):
     stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"

@@ -173,3 +173,23 @@ def test_vqa_recipes_need_no_text_encoder_but_can_add_the_objectives():
     assert recipe.text_encoder.name == "none" and recipe.objectives.itc == 0
     with pytest.raises(RecipeError, match="need a text encoder"):
         load_recipe("recipes/easyvqa_qformer_lora.yaml", ["objectives.itc=0.5"])
+
+
+def test_export_carries_heads_and_text_encoder_and_verifies_itself(overrides, tiny_captions, tmp_path):
+    from adaptkit.export import export_run
+
+    assert main(["train", RECIPE, *overrides]) == 0
+    run, out = tmp_path / "run", tmp_path / "export"
+    manifest = export_run(run, out, verify_samples=4)
+    assert (out / "heads.safetensors").is_file() and (out / "text_encoder" / "config.json").is_file()
+    assert "heads.safetensors" in manifest["files"] and manifest["text_encoder"]["name"].endswith("encoder0")
+    ver = manifest["verification"]
+    assert ver["passed"] and ver["answers_identical"] == 1.0 and ver["max_abs_logit_diff"] <= 1e-4
+    image = str(tiny_captions.parent / "images" / "3.png")
+    texts = ["a red circle", "a green rectangle", "a blue circle"]
+    assert load_for_inference(out, "cpu").rank_texts(image, texts) == load_for_inference(
+        run, "cpu"
+    ).rank_texts(image, texts)
+    (out / "heads.safetensors").write_bytes(b"changed")
+    with pytest.raises(Exception, match="heads.safetensors was changed after export"):
+        load_for_inference(out, "cpu")

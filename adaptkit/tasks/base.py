@@ -117,6 +117,15 @@ class Task(ABC):
     def save_run_files(self, run_dir: Path, dataset) -> None:  # noqa: B027 (optional hook)
         """Write the task's files into a finished run directory (nothing by default)."""
 
+    #: whether ``adaptkit export`` verifies an export with :meth:`compare_export` instead of comparing the
+    #: merged LM's greedy answers and logits with the unmerged one's.
+    compares_exports: ClassVar[bool] = False
+
+    def compare_export(self, trained, exported, samples) -> dict:
+        """The export's verification report (``passed``, ``samples``, ``answers_identical``,
+        ``max_abs_logit_diff``, ``tolerance``) from the task's outputs of both models on held samples."""
+        raise NotImplementedError(f"task {self.name} verifies exports through the LM")
+
     def export_info(self, run_dir: Path) -> dict:
         """What an export's manifest records for the task (read back by :meth:`predictor`)."""
         return {}

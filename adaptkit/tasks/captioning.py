@@ -23,10 +23,10 @@ from torch.utils.data import Subset
 from adaptkit.data.captions import load_captions
 from adaptkit.data.collate import collate_prompts
 from adaptkit.data.formats import DataError
+from adaptkit.data.pairs import PairDataset, collate_pairs
 from adaptkit.predictor import ImageInput, Predictor
 from adaptkit.tasks.base import DemoSpec
 from adaptkit.tasks.generative import GenerativeTask
-from adaptkit.tasks.retrieval import PairDataset, collate_pairs
 
 log = logging.getLogger(__name__)
 

@@ -31,8 +31,8 @@ from adaptkit.artifacts import read_json, write_json
 from adaptkit.backbones.text import TextBank
 from adaptkit.contrastive import similarity
 from adaptkit.data.captions import load_captions
-from adaptkit.data.collate import collate_train
 from adaptkit.data.formats import DataError
+from adaptkit.data.pairs import PairDataset, collate_pairs
 from adaptkit.predictor import ImageInput, Predictor
 from adaptkit.tasks.base import DemoSpec, Task
 
@@ -41,77 +41,6 @@ log = logging.getLogger(__name__)
 TEXTS_FILE = "texts.json"
 MAX_CANDIDATES = 1000  # training captions kept as predict's default candidates
 EVAL_CHUNK = 256
-
-
-class PairDataset(torch.utils.data.Dataset):
-    """Every (image, caption) pair of caption samples whose image has a feature row.
-
-    Attributes:
-        samples: the pairs' samples (one entry per pair; a sample with k captions appears k times).
-        image_rows: each pair's feature row.
-        texts: the distinct captions; ``text_ids[k]`` is pair k's.
-        groups: each pair's group id (``group_names[g]``: the label, or the image path).
-    """
-
-    def __init__(
-        self, samples, image_rows: dict[str, int], tokenizer=None, prompt: str | None = None
-    ) -> None:
-        self.samples, self.image_rows, self.text_ids, self.groups = [], [], [], []
-        self.texts: list[str] = []
-        self.group_names: list[str] = []
-        text_index: dict[str, int] = {}
-        group_index: dict[str, int] = {}
-        captions = []
-        for sample in samples:
-            if sample.image not in image_rows:
-                continue
-            group = sample.label if sample.label is not None else sample.image
-            gid = group_index.setdefault(group, len(group_index))
-            for caption in sample.captions:
-                text = " ".join(caption.split())
-                self.text_ids.append(text_index.setdefault(text, len(text_index)))
-                self.samples.append(sample)
-                self.image_rows.append(image_rows[sample.image])
-                self.groups.append(gid)
-                captions.append(text)
-        self.texts = list(text_index)
-        self.group_names = list(group_index)
-        self.bank: TextBank | None = None
-        self.prompt_ids = self.target_ids = None
-        if tokenizer is not None and prompt is not None and captions:  # image-grounded generation (lm > 0)
-            self.prompt_ids = tokenizer([prompt], add_special_tokens=False)["input_ids"][0]
-            eos = [tokenizer.eos_token_id]
-            targets = tokenizer([" " + c for c in captions], add_special_tokens=False)["input_ids"]
-            self.target_ids = [ids + eos for ids in targets]
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, i: int) -> dict:
-        item = {"index": i, "image": self.image_rows[i], "text": self.text_ids[i], "group": self.groups[i]}
-        if self.target_ids is not None:
-            item["prompt"], item["target"] = self.prompt_ids, self.target_ids[i]
-        return item
-
-    def text_bank(self, encoder, progress: bool = True) -> TextBank:
-        """The frozen encoder's states of :attr:`texts` (computed on first use)."""
-        if self.bank is None:
-            self.bank = TextBank(encoder, self.texts, progress)
-        return self.bank
-
-
-def collate_pairs(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
-    """Image rows, text rows and groups of pairs; with LM targets, also ``collate_train``'s LM batch."""
-    if "target" in items[0]:
-        batch = collate_train(items, pad_id)
-    else:
-        batch = {
-            "image": torch.tensor([it["image"] for it in items]),
-            "index": torch.tensor([it["index"] for it in items]),
-        }
-    batch["text"] = torch.tensor([it["text"] for it in items])
-    batch["group"] = torch.tensor([it["group"] for it in items])
-    return batch
 
 
 @torch.no_grad()
@@ -312,6 +241,37 @@ class RetrievalTask(Task):
 
     def export_info(self, run_dir: Path) -> dict:
         return {"candidates": self.run_candidates(run_dir)}
+
+    compares_exports = True
+
+    @torch.no_grad()
+    def compare_export(self, trained, exported, samples) -> dict:
+        """Temperature-scaled similarities of the held images against their captions, computed by the
+        trained run and by the export loaded from its folder: identical best texts, logits within 1e-4."""
+        from adaptkit.data.features import encode_images, open_image
+
+        paths = list(dict.fromkeys(s.image for s in samples))
+        texts = list(dict.fromkeys(" ".join(c.split()) for s in samples for c in s.captions))
+
+        def logits(model) -> torch.Tensor:
+            feats = encode_images(model.vision, [open_image(p) for p in paths], torch.device("cpu"))
+            head = model.objectives.heads["embed"]
+            images = head.image_embeds(model.image_tokens(feats))
+            states, mask = model.text_encoder(texts)
+            return (similarity(images, head.text_embeds(states, mask)) * head.scale()).double()
+
+        a, b = logits(trained), logits(exported)
+        diff = float((a - b).abs().max())
+        same = float((a.argmax(1) == b.argmax(1)).float().mean())
+        return {
+            "samples": len(paths),
+            "texts": len(texts),
+            "reference": "the trained run; compared: scaled image-text similarities (the retrieval logits)",
+            "answers_identical": same,
+            "max_abs_logit_diff": diff,
+            "tolerance": 1e-4,
+            "passed": same == 1.0 and diff <= 1e-4,
+        }
 
     def predictor(self, model, run_dir: Path, manifest: dict | None, info: dict, device):
         texts = manifest["candidates"] if manifest else self.run_candidates(run_dir)
