@@ -143,3 +143,66 @@ class CaptionScores(evaluate.Metric):
             "rouge_l": float(rouge),
             "n": len(predictions),
         }
+
+
+# The official VQA evaluation's answer normalization (VQA v2 toolkit, vqaEval.py): punctuation, number words
+# to digits, articles dropped, common contractions restored.
+_VQA_PUNCT = list(';/[]"{}()=+\\_-><@`,?!')
+_VQA_PERIOD = re.compile(r"(?!<=\d)(\.)(?!\d)")
+_VQA_COMMA = re.compile(r"(\d)(,)(\d)")
+_VQA_NUMBERS = {
+    w: str(i)
+    for i, w in enumerate(
+        ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten"]
+    )
+}
+_VQA_NUMBERS["none"] = "0"
+_VQA_ARTICLES = {"a", "an", "the"}
+_VQA_CONTRACTIONS = {
+    "aint": "ain't", "arent": "aren't", "cant": "can't", "couldnt": "couldn't", "didnt": "didn't",
+    "doesnt": "doesn't", "dont": "don't", "hadnt": "hadn't", "hasnt": "hasn't", "havent": "haven't",
+    "hes": "he's", "im": "i'm", "isnt": "isn't", "itd": "it'd", "itll": "it'll", "lets": "let's",
+    "shouldnt": "shouldn't", "thats": "that's", "theres": "there's", "theyre": "they're", "wasnt": "wasn't",
+    "werent": "weren't", "whats": "what's", "wheres": "where's", "whos": "who's", "wont": "won't",
+    "wouldnt": "wouldn't", "youre": "you're", "youve": "you've",
+}  # fmt: skip
+
+
+def vqa_normalize(text: str) -> str:
+    """An answer as the official VQA evaluation compares it."""
+    text = text.replace("\n", " ").replace("\t", " ").strip()
+    out = text
+    for p in _VQA_PUNCT:
+        if (p + " " in text or " " + p in text) or _VQA_COMMA.search(text) is not None:
+            out = out.replace(p, "")
+        else:
+            out = out.replace(p, " ")
+    out = _VQA_PERIOD.sub("", out)
+    words = [_VQA_NUMBERS.get(w, w) for w in out.lower().split()]
+    return " ".join(_VQA_CONTRACTIONS.get(w, w) for w in words if w not in _VQA_ARTICLES)
+
+
+class VQAAccuracy(evaluate.Metric):
+    """The official VQA accuracy: an answer scores min(1, #annotators who gave it / 3), averaged over the
+    10 leave-one-annotator-out subsets of the (10) reference answers, then over questions."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="VQA v2 accuracy against several annotators' answers.",
+            citation="Antol et al., VQA: Visual Question Answering, ICCV 2015.",
+            inputs_description="predictions: answer strings; references: each question's annotator answers.",
+            features=datasets.Features(
+                {
+                    "predictions": datasets.Value("string"),
+                    "references": datasets.Sequence(datasets.Value("string")),
+                }
+            ),
+        )
+
+    def _compute(self, predictions: Sequence[str], references: Sequence[Sequence[str]]) -> dict:
+        scores = []
+        for pred, refs in zip(predictions, references):
+            p, gts = vqa_normalize(pred), [vqa_normalize(r) for r in refs]
+            subsets = [gts[:k] + gts[k + 1 :] for k in range(len(gts))] if len(gts) > 1 else [gts]
+            scores.append(sum(min(1.0, sum(g == p for g in s) / 3) for s in subsets) / len(subsets))
+        return {"vqa_accuracy": sum(scores) / max(1, len(scores)), "n": len(scores)}

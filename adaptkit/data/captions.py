@@ -13,7 +13,9 @@ A data spec is one of:
 - a COCO captions ``.json`` file (``{"images": [{"id", "file_name"}], "annotations": [{"image_id",
   "caption"}]}``), images relative to the file or in an ``images/`` folder beside it;
 - ``easyvqa-captions:train`` / ``easyvqa-captions:test``: easy-VQA's images with captions derived from
-  its own labels (see :func:`load_easyvqa_captions`).
+  its own labels (see :func:`load_easyvqa_captions`);
+- ``hf:PATH[:SPLIT]``: a Hugging Face dataset (save_to_disk folder, parquet, imagefolder) with the same
+  columns (``caption``, ``captions`` or ``text``; ``label``), see ``adaptkit.data.hf``.
 
 Bad lines (or COCO entries) raise :class:`DataError` naming file and line (entry), or are skipped and
 listed with ``on_bad_sample="skip"``.
@@ -73,6 +75,17 @@ def _parse_caption_row(row: object, file: Path, origin: str) -> tuple[CaptionSam
     if problem is not None:
         return None, problem
     return CaptionSample(str(image), tuple(c.strip() for c in captions), label, origin), None
+
+
+def _caption_from_row(row: dict, image: str, origin: str) -> tuple[CaptionSample | None, str | None]:
+    """A Hugging Face dataset row: ``caption``, ``captions`` or ``text``, and optionally ``label``."""
+    fields = {k: row[k] for k in ("caption", "captions", "label") if row.get(k) is not None}
+    if "caption" not in fields and "captions" not in fields and row.get("text") is not None:
+        fields["caption"] = row["text"]
+    if isinstance(fields.get("label"), int):  # a ClassLabel column: its index; the name is not in the row
+        fields["label"] = str(fields["label"])
+    sample, problem = _parse_caption_row({**fields, "image": image}, Path(image).parent, origin)
+    return sample, problem
 
 
 def load_caption_jsonl(path: str | Path, on_bad_sample: str = "error") -> LoadedData:
@@ -221,11 +234,15 @@ def load_captions(spec: str, on_bad_sample: str = "error") -> LoadedData:
     """Caption samples of a data spec (module docstring)."""
     if spec.startswith("easyvqa-captions:"):
         return load_easyvqa_captions(spec.split(":", 1)[1])
+    if spec.startswith("hf:"):
+        from adaptkit.data.hf import load_hf
+
+        return load_hf(spec, _caption_from_row, on_bad_sample)
     if spec.endswith(".jsonl"):
         return load_caption_jsonl(spec, on_bad_sample)
     if spec.endswith(".json"):
         return load_coco_captions(spec, on_bad_sample)
     raise DataError(
         f"unknown caption data spec '{spec}': use easyvqa-captions:train, easyvqa-captions:test, a caption "
-        ".jsonl file or a COCO captions .json file"
+        ".jsonl file, a COCO captions .json file or hf:PATH[:SPLIT]"
     )

@@ -1,18 +1,23 @@
-"""VQA data sources: the embedded easy-VQA splits and a generic JSONL format.
+"""VQA data sources: the embedded easy-VQA splits, a generic JSONL format and Hugging Face datasets.
 
-A data spec is ``easyvqa:train``, ``easyvqa:test`` or a path to a ``.jsonl`` file with one object per
+A data spec is ``easyvqa:train``, ``easyvqa:test``, a path to a ``.jsonl`` file with one object per
 line::
 
     {"image": "images/0001.png", "question": "what color is the shape?", "answer": "red"}
+    {"image": "images/0002.png", "question": "how many dogs?", "answers": ["2", "2", "two", "3", ...]}
 
-``image`` is relative to the JSONL file (or absolute). Bad lines raise :class:`DataError` naming the
-file and line, or are skipped and counted when ``on_bad_sample="skip"``.
+(``answers``: every annotator's answer, VQAv2 style: the most frequent is the training target and
+evaluation adds the official VQA accuracy), or ``hf:PATH[:SPLIT]`` for a Hugging Face dataset with the
+same columns (``adaptkit.data.hf``). ``image`` is relative to the JSONL file (or absolute). Bad lines
+raise :class:`DataError` naming the file and line, or are skipped and counted when
+``on_bad_sample="skip"``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,12 +37,15 @@ class VQASample:
         question: the question text.
         answer: the reference answer.
         origin: ``file:line`` (or ``file[index]``) where the sample was read, for error messages.
+        answers: every annotator's answer (VQAv2 style, scored by the official VQA accuracy); empty when the
+            data gives one answer. ``answer`` is then their most frequent one, the training target.
     """
 
     image: str
     question: str
     answer: str
     origin: str
+    answers: tuple[str, ...] = ()
 
 
 @dataclass
@@ -66,15 +74,44 @@ def load_easyvqa(split: str) -> LoadedData:
     return LoadedData(samples, [])
 
 
+def most_common(answers: list[str]) -> str:
+    """The most frequent answer (the first of those tied), VQAv2's training target."""
+    counts = Counter(a.strip() for a in answers)
+    return max(counts, key=lambda a: (counts[a], -answers.index(a)))
+
+
+def vqa_fields(row: dict) -> tuple[tuple[str, str, tuple[str, ...]] | None, str | None]:
+    """``(question, answer, answers)`` of a VQA row (JSONL line or dataset row), or the problem.
+
+    A row has ``question`` and ``answer`` (a string), or ``answers`` (a list of strings: every annotator's,
+    VQAv2 style), or both (``answer`` is then the target).
+    """
+    question = row.get("question")
+    if not isinstance(question, str) or not question.strip():
+        return None, f"key 'question' must be a non-empty string, got {question!r}"
+    answers = row.get("answers")
+    if answers is not None:
+        if (
+            not isinstance(answers, list)
+            or not answers
+            or not all(isinstance(a, str) and a.strip() for a in answers)
+        ):
+            return None, f"key 'answers' must be a non-empty list of non-empty strings, got {answers!r}"
+        answers = tuple(a.strip() for a in answers)
+    answer = row.get("answer")
+    if answer is None and answers is None:
+        return None, "missing key 'answer' (each line needs image, question and answer, or answers)"
+    if answer is not None and (not isinstance(answer, str) or not answer.strip()):
+        return None, f"key 'answer' must be a non-empty string, got {answer!r}"
+    return (question, answer if answer is not None else most_common(list(answers)), answers or ()), None
+
+
 def _check_row(row: object) -> str | None:
     if not isinstance(row, dict):
         return f"expected a JSON object, got {type(row).__name__}"
-    for key in ("image", "question", "answer"):
-        if key not in row:
-            return f"missing key '{key}' (each line needs image, question and answer)"
-        if not isinstance(row[key], str) or not row[key].strip():
-            return f"key '{key}' must be a non-empty string, got {row[key]!r}"
-    return None
+    if not isinstance(row.get("image"), str) or not row["image"].strip():
+        return "missing key 'image' (each line needs image, question and answer)"
+    return vqa_fields(row)[1]
 
 
 def resolve_image(file: Path, name: str) -> tuple[Path, str | None]:
@@ -128,7 +165,8 @@ def _parse_vqa(row: object, file: Path, origin: str) -> tuple[VQASample | None, 
     image, problem = resolve_image(file, row["image"])
     if problem is not None:
         return None, problem
-    return VQASample(str(image), row["question"], row["answer"], origin), None
+    (question, answer, answers), _ = vqa_fields(row)
+    return VQASample(str(image), question, answer, origin, answers), None
 
 
 def load_jsonl(path: str | Path, on_bad_sample: str = "error") -> LoadedData:
@@ -144,15 +182,28 @@ def load_jsonl(path: str | Path, on_bad_sample: str = "error") -> LoadedData:
     return read_jsonl(path, _parse_vqa, on_bad_sample)
 
 
+def _vqa_from_row(row: dict, image: str, origin: str) -> tuple[VQASample | None, str | None]:
+    fields, problem = vqa_fields(row)
+    if problem is not None:
+        return None, problem
+    question, answer, answers = fields
+    return VQASample(image, question, answer, origin, answers), None
+
+
 def load_vqa(spec: str, on_bad_sample: str = "error") -> LoadedData:
     """Load samples for a data spec (``easyvqa:train``, ``easyvqa:test`` or a ``.jsonl`` path)."""
     if spec.startswith("easyvqa:"):
         data = load_easyvqa(spec.split(":", 1)[1])
+    elif spec.startswith("hf:"):
+        from adaptkit.data.hf import load_hf
+
+        data = load_hf(spec, _vqa_from_row, on_bad_sample)
     elif spec.endswith(".jsonl") or Path(spec).is_file():
         data = load_jsonl(spec, on_bad_sample)
     else:
         raise DataError(
-            f"unknown data spec '{spec}': use easyvqa:train, easyvqa:test or a path to a .jsonl file"
+            f"unknown data spec '{spec}': use easyvqa:train, easyvqa:test, a path to a .jsonl file or "
+            "hf:PATH[:SPLIT] (a Hugging Face dataset: save_to_disk folder, .parquet, imagefolder)"
         )
     if data.skipped:
         log.warning("%s: skipped %d bad samples, first: %s", spec, len(data.skipped), data.skipped[0])

@@ -80,11 +80,18 @@ class VQATask(GenerativeTask):
         )
 
     def evaluate(self, model, dataset, features, batch_size=None, progress=True, accelerator=None):
-        from adaptkit.metrics import VQAExactMatch
+        from adaptkit.metrics import VQAAccuracy, VQAExactMatch
 
         answers, scores, seconds = self.generate(model, dataset, features, batch_size, progress, accelerator)
         refs = [s.answer for s in dataset.samples]
         metrics = VQAExactMatch().compute(predictions=answers, references=refs)
+        if any(
+            s.answers for s in dataset.samples
+        ):  # annotators' answers (VQAv2 style): the official accuracy
+            every = [list(s.answers) or [s.answer] for s in dataset.samples]
+            metrics["vqa_accuracy"] = VQAAccuracy().compute(predictions=answers, references=every)[
+                "vqa_accuracy"
+            ]
         metrics["seconds"] = seconds
         records = [
             {
@@ -99,9 +106,10 @@ class VQATask(GenerativeTask):
         return metrics, records
 
     def format_metrics(self, metrics: dict) -> str:
+        official = f", VQA accuracy {metrics['vqa_accuracy']:.4f}" if "vqa_accuracy" in metrics else ""
         return (
             f"accuracy {metrics['accuracy']:.4f} on {metrics['n']} samples "
-            f"(yes/no {metrics['accuracy_yes_no']}, other {metrics['accuracy_other']}) "
+            f"(yes/no {metrics['accuracy_yes_no']}, other {metrics['accuracy_other']}){official} "
             f"in {metrics['seconds']} s"
         )
 
