@@ -101,6 +101,7 @@ class DataConfig:
     eval: str = "easyvqa:test"
     prompt_template: str = "Question: {question} Answer:"
     class_template: str = "a {label}"
+    chat_template: bool = False
     on_bad_sample: str = "skip"
     max_skip_ratio: float = 0.01
     augment: AugmentConfig = field(default_factory=AugmentConfig)

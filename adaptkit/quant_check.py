@@ -56,7 +56,7 @@ def check_language(recipe: Recipe, samples, levels: list[str], device, batch_siz
     batches = []
     for start in range(0, len(samples), batch_size):
         chunk = samples[start : start + batch_size]
-        pairs = get_task(recipe).text_pairs(chunk)
+        pairs = get_task(recipe).text_pairs(chunk, tokenizer)
         prompts = [p for p, _ in pairs]
         texts = [p + t + tokenizer.eos_token for p, t in pairs]
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)

@@ -23,6 +23,38 @@ def format_prompt(template: str, question: str) -> str:
     return template.format(question=" ".join(question.split()))
 
 
+def question_prompt(
+    template: str, question: str, context: Sequence[tuple[str, str]] = (), tokenizer=None, chat: bool = False
+) -> str:
+    """The prompt of a question after the earlier turns ``context`` (``(question, answer)`` pairs).
+
+    ``chat``: the LM tokenizer's chat template renders the turns (user: the formatted question, assistant:
+    its answer) and opens the assistant's turn (``data.chat_template``). Otherwise the turns are joined as
+    plain text: each earlier question's prompt followed by its answer, then this question's prompt.
+    """
+    if chat:
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("data.chat_template=true, but the LM's tokenizer has no chat template")
+        messages = []
+        for q, a in context:
+            messages += [
+                {"role": "user", "content": format_prompt(template, q)},
+                {"role": "assistant", "content": a},
+            ]
+        messages.append({"role": "user", "content": format_prompt(template, question)})
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    return " ".join(
+        [f"{format_prompt(template, q)} {a.strip()}" for q, a in context]
+        + [format_prompt(template, question)]
+    )
+
+
+def answer_text(answer: str, chat: bool = False) -> str:
+    """The target text of an answer: after a space in a plain prompt, right after a chat template's
+    opened assistant turn (then EOS, which closes the turn for chat-tuned LMs such as SmolLM2)."""
+    return answer.strip() if chat else " " + answer.strip()
+
+
 class VQADataset(Dataset):
     """Pre-tokenized samples whose images are rows of a feature source.
 
@@ -31,17 +63,25 @@ class VQADataset(Dataset):
         image_rows: image path → feature row.
         tokenizer: the LM's tokenizer.
         prompt_template: a format string with ``{question}``.
+        chat: render prompts with the tokenizer's chat template (:func:`question_prompt`).
     """
 
     def __init__(
-        self, samples: Sequence[VQASample], image_rows: dict[str, int], tokenizer, prompt_template: str
+        self,
+        samples: Sequence[VQASample],
+        image_rows: dict[str, int],
+        tokenizer,
+        prompt_template: str,
+        chat: bool = False,
     ) -> None:
         self.samples = [s for s in samples if s.image in image_rows]
         # Index of each sample's answer in an answer vocabulary (set_answer_vocab), for objectives.classify.
         self.answer_class: list[int] | None = None
         self.image_rows = [image_rows[s.image] for s in self.samples]
-        prompts = [format_prompt(prompt_template, s.question) for s in self.samples]
-        answers = [" " + s.answer.strip() for s in self.samples]
+        prompts = [
+            question_prompt(prompt_template, s.question, s.context, tokenizer, chat) for s in self.samples
+        ]
+        answers = [answer_text(s.answer, chat) for s in self.samples]
         self.prompt_ids = tokenizer(prompts, add_special_tokens=False)["input_ids"] if prompts else []
         eos = [tokenizer.eos_token_id]
         self.target_ids = (

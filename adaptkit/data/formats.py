@@ -7,9 +7,10 @@ line::
     {"image": "images/0002.png", "question": "how many dogs?", "answers": ["2", "2", "two", "3", ...]}
 
 (``answers``: every annotator's answer, VQAv2 style: the most frequent is the training target and
-evaluation adds the official VQA accuracy), or ``hf:PATH[:SPLIT]`` for a Hugging Face dataset with the
-same columns (``adaptkit.data.hf``). ``image`` is relative to the JSONL file (or absolute). Bad lines
-raise :class:`DataError` naming the file and line, or are skipped and counted when
+evaluation adds the official VQA accuracy), a LLaVA conversation ``.json`` file (``adaptkit.data.llava``:
+one sample per assistant turn, earlier turns as its context), or ``hf:PATH[:SPLIT]`` for a Hugging Face
+dataset with the same columns (``adaptkit.data.hf``). ``image`` is relative to the JSONL file (or
+absolute). Bad lines raise :class:`DataError` naming the file and line, or are skipped and counted when
 ``on_bad_sample="skip"``.
 """
 
@@ -39,6 +40,7 @@ class VQASample:
         origin: ``file:line`` (or ``file[index]``) where the sample was read, for error messages.
         answers: every annotator's answer (VQAv2 style, scored by the official VQA accuracy); empty when the
             data gives one answer. ``answer`` is then their most frequent one, the training target.
+        context: the conversation's earlier ``(question, answer)`` turns (LLaVA data), oldest first.
     """
 
     image: str
@@ -46,6 +48,7 @@ class VQASample:
     answer: str
     origin: str
     answers: tuple[str, ...] = ()
+    context: tuple[tuple[str, str], ...] = ()
 
 
 @dataclass
@@ -194,6 +197,10 @@ def load_vqa(spec: str, on_bad_sample: str = "error") -> LoadedData:
     """Load samples for a data spec (``easyvqa:train``, ``easyvqa:test`` or a ``.jsonl`` path)."""
     if spec.startswith("easyvqa:"):
         data = load_easyvqa(spec.split(":", 1)[1])
+    elif spec.endswith(".json"):
+        from adaptkit.data.llava import load_llava
+
+        data = load_llava(spec, on_bad_sample)
     elif spec.startswith("hf:"):
         from adaptkit.data.hf import load_hf
 
@@ -202,8 +209,9 @@ def load_vqa(spec: str, on_bad_sample: str = "error") -> LoadedData:
         data = load_jsonl(spec, on_bad_sample)
     else:
         raise DataError(
-            f"unknown data spec '{spec}': use easyvqa:train, easyvqa:test, a path to a .jsonl file or "
-            "hf:PATH[:SPLIT] (a Hugging Face dataset: save_to_disk folder, .parquet, imagefolder)"
+            f"unknown data spec '{spec}': use easyvqa:train, easyvqa:test, a path to a .jsonl file, a LLaVA "
+            "conversation .json file or hf:PATH[:SPLIT] (a Hugging Face dataset: save_to_disk, parquet, "
+            "imagefolder)"
         )
     if data.skipped:
         log.warning("%s: skipped %d bad samples, first: %s", spec, len(data.skipped), data.skipped[0])

@@ -139,5 +139,6 @@ class Task(ABC):
         return []
 
     @abstractmethod
-    def text_pairs(self, samples: Sequence) -> list[tuple[str, str]]:
-        """``(prompt, target)`` texts of samples, as the LM is trained on them (teacher-forced checks)."""
+    def text_pairs(self, samples: Sequence, tokenizer=None) -> list[tuple[str, str]]:
+        """``(prompt, target)`` texts of samples, as the LM is trained on them (teacher-forced checks);
+        ``tokenizer``: the LM's, for prompts rendered with its chat template."""

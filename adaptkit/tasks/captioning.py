@@ -62,7 +62,7 @@ class CaptionTask(GenerativeTask):
     def dataset(self, samples, image_rows, tokenizer) -> PairDataset:
         return PairDataset(samples, image_rows, tokenizer, self.recipe.data.prompt_template)
 
-    def text_pairs(self, samples) -> list[tuple[str, str]]:
+    def text_pairs(self, samples, tokenizer=None) -> list[tuple[str, str]]:
         prompt = self.recipe.data.prompt_template
         return [(prompt, " " + " ".join(c.split())) for s in samples for c in s.captions]
 

@@ -112,7 +112,7 @@ class RetrievalTask(Task):
             return [1] * len(dataset)
         return [len(dataset.prompt_ids) + len(t) for t in dataset.target_ids]
 
-    def text_pairs(self, samples) -> list[tuple[str, str]]:
+    def text_pairs(self, samples, tokenizer=None) -> list[tuple[str, str]]:
         prompt = self.recipe.data.prompt_template
         return [(prompt, " " + " ".join(c.split())) for s in samples for c in s.captions]
 

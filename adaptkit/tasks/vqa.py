@@ -21,7 +21,14 @@ from pathlib import Path
 import torch
 
 from adaptkit.artifacts import read_json, write_json
-from adaptkit.data.collate import VQADataset, answer_vocab, collate_prompts, collate_train, format_prompt
+from adaptkit.data.collate import (
+    VQADataset,
+    answer_text,
+    answer_vocab,
+    collate_prompts,
+    collate_train,
+    question_prompt,
+)
 from adaptkit.data.formats import DataError, load_vqa
 from adaptkit.objectives import AnswerHead, Objectives
 from adaptkit.predictor import ImageInput, Predictor
@@ -58,11 +65,18 @@ class VQATask(GenerativeTask):
         return load_vqa(spec, on_bad_sample)
 
     def dataset(self, samples, image_rows, tokenizer) -> VQADataset:
-        return VQADataset(samples, image_rows, tokenizer, self.recipe.data.prompt_template)
+        data = self.recipe.data
+        return VQADataset(samples, image_rows, tokenizer, data.prompt_template, data.chat_template)
 
-    def text_pairs(self, samples) -> list[tuple[str, str]]:
-        template = self.recipe.data.prompt_template
-        return [(format_prompt(template, s.question), " " + s.answer.strip()) for s in samples]
+    def text_pairs(self, samples, tokenizer=None) -> list[tuple[str, str]]:
+        data = self.recipe.data
+        return [
+            (
+                question_prompt(data.prompt_template, s.question, s.context, tokenizer, data.chat_template),
+                answer_text(s.answer, data.chat_template),
+            )
+            for s in samples
+        ]
 
     def setup_objectives(self, model, dataset) -> str:
         cfg = self.recipe.objectives
@@ -189,7 +203,8 @@ class VQAPredictor(Predictor):
         return self.answer(image, text or "", top_k=top_k)
 
     def _prompts(self, questions: Sequence[str]) -> list[list[int]]:
-        texts = [format_prompt(self.template, q) for q in questions]
+        chat, tok = self.recipe.data.chat_template, self.model.tokenizer
+        texts = [question_prompt(self.template, q, (), tok, chat) for q in questions]
         return self.model.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
     def answer(self, image: ImageInput, question: str, top_k: int = 5) -> Answer:
@@ -245,7 +260,8 @@ class VQAPredictor(Predictor):
     ) -> torch.Tensor:
         """``(B, C)`` log-probability of each candidate answer (all its tokens and EOS) per sample."""
         tok = self.model.tokenizer
-        targets = [ids + [tok.eos_token_id] for ids in tok([" " + c for c in candidates])["input_ids"]]
+        texts = [answer_text(c, self.recipe.data.chat_template) for c in candidates]
+        targets = [ids + [tok.eos_token_id] for ids in tok(texts, add_special_tokens=False)["input_ids"]]
         items = [
             {"index": 0, "image": b, "prompt": p, "target": t} for b, p in enumerate(prompts) for t in targets
         ]
