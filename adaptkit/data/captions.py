@@ -30,7 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptkit.data.formats import DataError, LoadedData, read_jsonl, resolve_image
+from adaptkit.data.records import DataError, LoadedData, read_jsonl, resolve_image
 
 log = logging.getLogger(__name__)
 

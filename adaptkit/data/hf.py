@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from adaptkit.data.formats import DataError, LoadedData
+from adaptkit.data.records import DataError, LoadedData
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaptkit.data.formats import DataError, LoadedData, VQASample, resolve_image
+from adaptkit.data.records import DataError, LoadedData, VQASample, resolve_image
 
 IMAGE_TOKEN = "<image>"
 
