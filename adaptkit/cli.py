@@ -228,7 +228,12 @@ def _add_training_commands(sub) -> None:
 
     p = sub.add_parser("eval", help="greedy-decode answers and score exact-match accuracy")
     p.add_argument("run_dir", help="a run directory written by `adaptkit train`, or an export folder")
-    p.add_argument("--data", required=True, help="easyvqa:test, easyvqa:train or a VQA .jsonl file")
+    p.add_argument(
+        "--data",
+        required=True,
+        help="a data spec of the run's task: easyvqa:test, easyvqa-captions:test, a .jsonl / COCO or "
+        "LLaVA .json file, hf:PATH[:SPLIT]",
+    )
     p.add_argument("--limit", type=int, default=None, help="evaluate a fixed random subset of N samples")
     p.add_argument(
         "--batch-size", type=int, default=None, help="generation batch size (default: the recipe's)"
@@ -291,7 +296,12 @@ def _add_model_commands(sub) -> None:
     p.add_argument("dir", help="a run directory or an export folder")
     p.add_argument("--image", required=True, help="image file")
     p.add_argument(
-        "--question", "--text", dest="text", default=None, help="the text the task reads (VQA: the question)"
+        "--question",
+        "--text",
+        dest="text",
+        default=None,
+        help="the text the task reads (VQA: the question; retrieval: candidate texts separated by '|'; "
+        "caption: none)",
     )
     p.add_argument("--top", type=int, default=3, help="top answers of the answer set to show (0: none)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")

@@ -13,7 +13,7 @@ from adaptkit.cli import main
 from adaptkit.config import RecipeError, load_recipe
 from adaptkit.inference import load_for_inference
 from adaptkit.model.build import build_model
-from adaptkit.train.setup import init_from_run
+from adaptkit.train.init_from import check_init_source, init_from_run
 from tests.conftest import RETRIEVAL_RECIPE, retrieval_overrides
 
 CAPTION = "recipes/easyvqa_caption_lora.yaml"
@@ -93,6 +93,12 @@ def test_blip2_stage_one_then_stage_two(overrides, tmp_path, caplog):
     with pytest.raises(ValueError, match="does not fit"):
         bad = load_recipe(CAPTION, [*_caption_overrides(overrides), "adapter.num_queries=3"])
         init_from_run(build_model(bad), str(stage1))
+    # An adapter trained on other image features is refused before anything is built.
+    other = load_recipe(CAPTION, [*_caption_overrides(overrides), "vision.feature_layer=-2"])
+    with pytest.raises(RecipeError, match=r"vision.feature_layer: -1 there, -2 here"):
+        check_init_source(other, stage1)
+    with pytest.raises(RecipeError, match="recipe.yaml is missing"):
+        check_init_source(other, tmp_path)
 
 
 def test_caption_recipes_that_cannot_work_are_refused():

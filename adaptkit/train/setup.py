@@ -40,6 +40,7 @@ from adaptkit.data.sampling import (
 from adaptkit.data.splits import feature_cache_root, prepare_split
 from adaptkit.model.build import build_model, count_parameters, frozen_fingerprint, prepare_for_training
 from adaptkit.tasks import get_task
+from adaptkit.train.init_from import check_init_source, init_from_run
 from adaptkit.train.optim import build_optimizer, build_scheduler, param_groups
 from adaptkit.train.records import Records, Window, setup_logging
 from adaptkit.train.resume import check_output_dir, check_same_recipe, resume_point
@@ -294,27 +295,6 @@ def build_loader(run: TrainingRun) -> None:
     log.info("batches: %s", what)
 
 
-def init_from_run(model, run_dir: str) -> None:
-    """Start from another run's adapter (its feature statistics included) and the image-text heads both
-    have, e.g. BLIP-2 stage 2 from a stage-1 run; LoRA and everything else start fresh."""
-    from safetensors.torch import load_file
-
-    from adaptkit.artifacts import HEADS_FILE
-
-    folder = Path(run_dir)
-    model.load_adapter(folder, heads=False)
-    heads = folder / HEADS_FILE
-    loaded = []
-    if heads.is_file():
-        state = load_file(str(heads))
-        for name, head in model.objectives.heads.items():
-            part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
-            if part:
-                head.load_state_dict(part)
-                loaded.append(name)
-    log.info("init_from %s: adapter%s loaded", folder, "".join(f", head {n}" for n in loaded))
-
-
 def restore(run: TrainingRun, state: dict) -> None:
     """Continue from ``run.resume_from``: weights, AdamW, schedule, RNG, data position, logging window."""
     folder = run.resume_from
@@ -331,6 +311,8 @@ def restore(run: TrainingRun, state: dict) -> None:
 def setup(recipe: Recipe) -> TrainingRun:
     """Steps 1-6 of the module docstring; returns the run, ready for its first (or next) step."""
     accelerator = start_accelerator(recipe)
+    if recipe.init_from:
+        check_init_source(recipe, Path(recipe.init_from))
     resume_from, start_state = open_run_dir(recipe, accelerator)
     set_seed(recipe.seed)
     device, started = accelerator.device, time.perf_counter()

@@ -1,0 +1,70 @@
+"""``init_from``: a run that starts from another run's adapter and image-text heads (BLIP-2 stage 2 from
+stage 1), checked before anything is built."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from adaptkit.artifacts import RECIPE_FILE
+
+if TYPE_CHECKING:
+    from adaptkit.config import Recipe
+
+log = logging.getLogger(__name__)
+
+# vision settings that change what the adapter's input features mean (image_size only rescales them)
+_SAME_FEATURES = ("family", "name", "weights", "feature_layer", "extra_layers")
+
+
+def check_init_source(recipe: Recipe, folder: Path) -> None:
+    """Refuse an ``init_from`` run whose adapter read other features than this recipe gives it."""
+    from adaptkit.config import RecipeError, load_recipe
+
+    if not (folder / RECIPE_FILE).is_file():
+        raise RecipeError(
+            f"init_from: {folder / RECIPE_FILE} is missing; give a run directory of `adaptkit train`"
+        )
+    source = load_recipe(folder / RECIPE_FILE)
+    differ = [
+        f"vision.{k}: {getattr(source.vision, k)!r} there, {getattr(recipe.vision, k)!r} here"
+        for k in _SAME_FEATURES
+        if getattr(source.vision, k) != getattr(recipe.vision, k)
+    ]
+    if differ:
+        raise RecipeError(
+            f"init_from={folder}: that run's adapter was trained on other image features ("
+            + "; ".join(differ)
+            + "). Set the same vision keys here"
+        )
+    if source.vision.image_size != recipe.vision.image_size:
+        log.warning(
+            "init_from %s: trained at vision.image_size=%d, this run uses %d (the adapter keeps its feature "
+            "statistics from there)",
+            folder,
+            source.vision.image_size,
+            recipe.vision.image_size,
+        )
+
+
+def init_from_run(model, run_dir: str) -> None:
+    """Start from another run's adapter (its feature statistics included) and the image-text heads both
+    have, e.g. BLIP-2 stage 2 from a stage-1 run; LoRA and everything else start fresh. ``setup`` has
+    checked the source run first (:func:`check_init_source`)."""
+    from safetensors.torch import load_file
+
+    from adaptkit.artifacts import HEADS_FILE
+
+    folder = Path(run_dir)
+    model.load_adapter(folder, heads=False)
+    heads = folder / HEADS_FILE
+    loaded = []
+    if heads.is_file():
+        state = load_file(str(heads))
+        for name, head in model.objectives.heads.items():
+            part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
+            if part:
+                head.load_state_dict(part)
+                loaded.append(name)
+    log.info("init_from %s: adapter%s loaded", folder, "".join(f", head {n}" for n in loaded))
