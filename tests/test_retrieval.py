@@ -65,7 +65,8 @@ def test_train_save_load_predict_and_eval(overrides, tiny_captions, tiny_text_en
     torch.testing.assert_close(predictor.embed_texts(texts), again.embed_texts(texts), rtol=0, atol=0)
     torch.testing.assert_close(predictor.embed_images([image]), again.embed_images([image]), rtol=0, atol=0)
     ranked = predictor.rank_texts(image, texts)
-    assert sorted(t for t, _ in ranked) == sorted(texts) and sum(p for _, p in ranked) == pytest.approx(1)
+    assert sorted(t for t, _ in ranked) == sorted(texts)
+    assert sum(p for _, p in ranked) == pytest.approx(1, abs=1e-5)  # each rounded to 6 decimals
     assert [p for _, p in ranked] == sorted((p for _, p in ranked), reverse=True)
     default = predictor.predict(image)  # no texts: the run's class prompts
     assert json.loads((run / "texts.json").read_text())["candidates"][0] == "a blue circle"
@@ -87,6 +88,22 @@ def test_train_save_load_predict_and_eval(overrides, tiny_captions, tiny_text_en
     # A direct check of the metric: every image's best text is of its own group exactly when R@1 says so.
     records = [json.loads(line) for line in (run / "eval_predictions.jsonl").read_text().splitlines()]
     assert sum(r["correct"] for r in records) / 6 == pytest.approx(metrics["i2t_r1"])
+
+    # benchmarks/class_prompts.py with the run's own class template reproduces evaluation's classification
+    # (images encoded through the predictor, not the feature bank); another wording gets its own figure.
+    script = os.path.join(os.path.dirname(__file__), "..", "benchmarks", "class_prompts.py")
+    cmd = [sys.executable, script, str(run), "--data", str(tiny_captions), "--json"]
+    env = {**os.environ, "PYTHONPATH": os.path.join(os.path.dirname(__file__), "..")}
+    out = subprocess.run(
+        [*cmd, "--template", "a {label}", "--template", "{label}!"], capture_output=True, text=True, env=env
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    report = json.loads(out.stdout.strip().splitlines()[-1])
+    assert report["images"] == 6 and report["classes"] == 6 and report["trained_template"] == "a {label}"
+    assert report["accuracy"]["a {label}"] == pytest.approx(metrics["classification_accuracy"], abs=1e-6)
+    assert set(report["accuracy"]) == {"a {label}", "{label}!"}
+    bad = subprocess.run([*cmd, "--template", "no label"], capture_output=True, text=True, env=env)
+    assert bad.returncode != 0 and "needs '{label}'" in bad.stderr
 
 
 def test_resume_after_a_crash_is_bit_identical(overrides, tmp_path, monkeypatch):
