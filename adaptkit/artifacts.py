@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 RECIPE_FILE = "recipe.yaml"
 ADAPTER_FILE = "adapter.safetensors"
 HEADS_FILE = "heads.safetensors"
+TEXT_LORA_FILE = "text_lora.safetensors"
 LORA_DIR = "lora"
 EXPORT_FILE = "adaptkit_export.json"
 

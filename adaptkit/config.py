@@ -42,10 +42,14 @@ class LanguageConfig:
 
 @dataclass
 class TextEncoderConfig:
-    """The frozen text encoder of the image-text objectives (adaptkit/backbones/text.py)."""
+    """The text encoder of the image-text objectives (adaptkit/backbones/text.py): frozen, optionally with
+    LoRA (``lora_r`` > 0)."""
 
     name: str = "none"
     max_length: int = 64
+    lora_r: int = 0
+    lora_alpha: int = 16
+    lora_target_modules: list[str] = field(default_factory=lambda: ["query", "value"])
 
 
 @dataclass

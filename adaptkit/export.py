@@ -332,7 +332,7 @@ def export_run(
     tokenizer.save_pretrained(partial / "lm")
     del lm
     vision_cfg, vision_info = copy_vision(recipe, partial)
-    text_cfg, text_info = copy_text_encoder(recipe, partial)
+    text_cfg, text_info = copy_text_encoder(recipe, partial, run)
     shutil.copy2(run / ADAPTER_FILE, partial / ADAPTER_FILE)
     if (run / HEADS_FILE).is_file():
         shutil.copy2(run / HEADS_FILE, partial / HEADS_FILE)

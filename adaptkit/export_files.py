@@ -51,13 +51,26 @@ def copy_vision(recipe, out: Path) -> tuple[object, dict]:
     return dataclasses.replace(cfg, weights=rel), info
 
 
-def copy_text_encoder(recipe, out: Path) -> tuple[object, dict]:
+def copy_text_encoder(recipe, out: Path, run: Path | None = None) -> tuple[object, dict]:
     """Put the text encoder into ``out/text_encoder`` (or name the embedded asset); returns (config, info)
-    (``info`` empty when the recipe has no text encoder)."""
+    (``info`` empty when the recipe has no text encoder). A run whose text encoder trained LoRA
+    (``text_lora.safetensors`` in ``run``) gets the encoder with LoRA merged into its weights."""
     cfg = recipe.text_encoder
     if cfg.name in ("", "none"):
         return cfg, {}
     info: dict = {"name": cfg.name, "max_length": cfg.max_length}
+    if cfg.lora_r > 0:
+        from safetensors.torch import load_file
+
+        from adaptkit.artifacts import TEXT_LORA_FILE
+        from adaptkit.backbones.text import TextEncoder
+
+        encoder = TextEncoder(cfg)
+        encoder.load_lora_state(load_file(str(run / TEXT_LORA_FILE)), str(run / TEXT_LORA_FILE))
+        encoder.merged().save_pretrained(out / "text_encoder", safe_serialization=True)
+        encoder.tokenizer.save_pretrained(out / "text_encoder")
+        info["lora_merged"] = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "from": TEXT_LORA_FILE}
+        return dataclasses.replace(cfg, name="text_encoder", lora_r=0), info
     if cfg.name.startswith("embedded:"):
         info["embedded_asset"] = _embedded(cfg.name.split(":", 1)[1])
         return cfg, info

@@ -141,9 +141,17 @@ def _validate_objectives(recipe: Recipe, source: str) -> None:
             f"{source}: objectives.embed_dim must be >= 1, objectives.temperature in (0, 1) and "
             f"objectives.triplet_margin >= 0; got {obj.embed_dim}, {obj.temperature}, {obj.triplet_margin}"
         )
-    if recipe.text_encoder.max_length < 1:
+    text = recipe.text_encoder
+    if text.max_length < 1 or text.lora_r < 0 or text.lora_alpha < 1 or not text.lora_target_modules:
         raise RecipeError(
-            f"{source}: text_encoder.max_length must be >= 1, got {recipe.text_encoder.max_length}"
+            f"{source}: text_encoder.max_length must be >= 1, text_encoder.lora_r >= 0 (0: no LoRA), "
+            "text_encoder.lora_alpha >= 1 and text_encoder.lora_target_modules a non-empty list; got "
+            f"{text.max_length}, {text.lora_r}, {text.lora_alpha}, {text.lora_target_modules}"
+        )
+    if text.lora_r and not used:
+        raise RecipeError(
+            f"{source}: text_encoder.lora_r={text.lora_r} trains the text encoder, which only the image-text "
+            "objectives read: set objectives.itc / itm / triplet > 0, or text_encoder.lora_r=0"
         )
     if "{label}" not in recipe.data.class_template:
         raise RecipeError(f"{source}: data.class_template must contain '{{label}}'")

@@ -64,10 +64,23 @@ class PairDataset(torch.utils.data.Dataset):
         return item
 
     def text_bank(self, encoder, progress: bool = True) -> TextBank:
-        """The frozen encoder's states of :attr:`texts` (computed on first use)."""
+        """The encoder's states of :attr:`texts`: computed on first use for a frozen encoder, afresh on
+        every call for one whose LoRA trains."""
+        if encoder.trainable:
+            return TextBank(encoder, self.texts, progress)
         if self.bank is None:
             self.bank = TextBank(encoder, self.texts, progress)
         return self.bank
+
+    def text_inputs(self, encoder, rows: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The model's text arguments for texts ``rows``: a frozen encoder's states from the bank
+        (``text_states``, ``text_mask``), or, when its LoRA trains, the tokens it encodes inside the
+        model's forward (``text_ids``, ``text_mask``)."""
+        if encoder.trainable:
+            ids, mask = encoder.tokenize([self.texts[i] for i in rows.tolist()])
+            return {"text_ids": ids, "text_mask": mask}
+        states, mask = self.text_bank(encoder).lookup(rows)
+        return {"text_states": states, "text_mask": mask}
 
 
 def collate_pairs(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:

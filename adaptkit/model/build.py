@@ -111,8 +111,9 @@ def attach_text_side(model: MultimodalModel, recipe: Recipe, device) -> None:
     if obj.itm > 0:
         model.objectives.add_head("itm", MatchingHead(lm_dim, text_dim).to(device))
     log.info(
-        "text encoder %s (frozen, D=%d); image-text heads: %s",
+        "text encoder %s (frozen%s, D=%d); image-text heads: %s",
         recipe.text_encoder.name,
+        f" + LoRA r={recipe.text_encoder.lora_r}" if model.text_encoder.trainable else "",
         text_dim,
         ", ".join(model.objectives.heads),
     )

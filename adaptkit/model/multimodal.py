@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from adaptkit.artifacts import ADAPTER_FILE, HEADS_FILE, LORA_DIR
+from adaptkit.artifacts import ADAPTER_FILE, HEADS_FILE, LORA_DIR, TEXT_LORA_FILE
 from adaptkit.backbones.vision import VisionBackbone
 from adaptkit.model import generation
 from adaptkit.model.cross_attention import CrossAttentionWiring
@@ -200,6 +200,7 @@ class MultimodalModel(nn.Module):
         text_states: torch.Tensor | None = None,
         text_mask: torch.Tensor | None = None,
         groups: torch.Tensor | None = None,
+        text_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """The training loss of a batch: the recipe's weighted objectives (``self.objectives``) on what
         they need: the logits at answer tokens (computed only where they are needed, and only when the
@@ -208,8 +209,11 @@ class MultimodalModel(nn.Module):
         ``answer_class``: the samples' classes for ``objectives.classify``; ``segment_ids`` /
         ``positions``: a packed batch (``collate_packed``); ``text_states`` / ``text_mask`` / ``groups``:
         the frozen text encoder's states of each sample's text and what it describes, for the image-text
-        objectives (``adaptkit.contrastive``). Without ``labels`` the LM does not run at all.
+        objectives (``adaptkit.contrastive``); ``text_ids`` instead of ``text_states``: the texts' tokens,
+        encoded here by a text encoder whose LoRA trains. Without ``labels`` the LM does not run at all.
         """
+        if text_ids is not None:
+            text_states = self.text_encoder.encode(text_ids, text_mask)
         outputs = {
             "answer_class": answer_class,
             "text_states": text_states,
@@ -301,6 +305,8 @@ class MultimodalModel(nn.Module):
             save_file(heads, str(directory / HEADS_FILE))
         if hasattr(self.lm, "save_pretrained") and hasattr(self.lm, "peft_config"):
             self.lm.save_pretrained(str(directory / LORA_DIR))
+        if self.text_encoder is not None and self.text_encoder.trainable:
+            save_file(self.text_encoder.lora_state(), str(directory / TEXT_LORA_FILE))
 
     def load_adapter(self, directory: str | Path, heads: bool = True) -> None:
         """Load adapter weights (and, with ``heads``, the saved heads) written by :meth:`save_trainables`
@@ -327,3 +333,16 @@ class MultimodalModel(nn.Module):
             if name in SAVED_HEADS:
                 prefix = name + "."
                 head.load_state_dict({k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)})
+        self.load_text_lora(directory)
+
+    def load_text_lora(self, directory: str | Path) -> bool:
+        """Load ``text_lora.safetensors`` into a text encoder whose LoRA trains (False: it has none)."""
+        from safetensors.torch import load_file
+
+        if self.text_encoder is None or not self.text_encoder.trainable:
+            return False
+        path = Path(directory) / TEXT_LORA_FILE
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} is missing; the run's text-encoder LoRA was not saved")
+        self.text_encoder.load_lora_state(load_file(str(path)), str(path))
+        return True

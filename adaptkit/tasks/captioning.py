@@ -74,16 +74,19 @@ class CaptionTask(GenerativeTask):
     def setup_objectives(self, model, dataset) -> str:
         if model.text_encoder is None:
             return super().setup_objectives(model, dataset)
-        self.bank = dataset.text_bank(model.text_encoder)  # ITC / ITM / triplet beside the LM loss
+        # ITC / ITM / triplet beside the LM loss: the training texts' states (or tokens, with text LoRA)
+        self.pairs, self.encoder = dataset, model.text_encoder
+        if not model.text_encoder.trainable:  # a frozen encoder's states: encoded once, here
+            dataset.text_bank(model.text_encoder)
         weights = {n: w for n, w in model.objectives.weights.items() if w > 0}
         return "objectives: " + " + ".join(f"{w:.3g} x {n}" for n, w in weights.items())
 
     def loss(self, model, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         args = (features, batch["input_ids"], batch["attention_mask"], batch["labels"])
-        if getattr(self, "bank", None) is None:
+        if getattr(self, "pairs", None) is None:
             return model(*args)
-        states, mask = self.bank.lookup(batch["text"])
-        return model(*args, text_states=states, text_mask=mask, groups=batch["group"].to(states.device))
+        text = self.pairs.text_inputs(self.encoder, batch["text"])
+        return model(*args, **text, groups=batch["group"].to(text["text_mask"].device))
 
     def evaluate(self, model, dataset, features, batch_size=None, progress=True, accelerator=None):
         from adaptkit.metrics import CaptionScores

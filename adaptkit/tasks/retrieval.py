@@ -126,7 +126,9 @@ class RetrievalTask(Task):
             raise ValueError(
                 "task retrieval needs a text encoder: set text_encoder.name (e.g. embedded:minilm)"
             )
-        self.bank = dataset.text_bank(model.text_encoder)
+        self.pairs, self.encoder = dataset, model.text_encoder
+        if not model.text_encoder.trainable:  # a frozen encoder's states: encoded once, here
+            dataset.text_bank(model.text_encoder)
         weights = {n: w for n, w in model.objectives.weights.items() if w > 0}
         parts = " + ".join(f"{w:.3g} x {n}" for n, w in weights.items())
         counts = (
@@ -135,8 +137,8 @@ class RetrievalTask(Task):
         return f"objectives: {parts} ({counts})"
 
     def loss(self, model, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        states, mask = self.bank.lookup(batch["text"])
-        text = {"text_states": states, "text_mask": mask, "groups": batch["group"].to(states.device)}
+        text = self.pairs.text_inputs(self.encoder, batch["text"])
+        text["groups"] = batch["group"].to(text["text_mask"].device)
         if "labels" in batch:
             return model(features, batch["input_ids"], batch["attention_mask"], batch["labels"], **text)
         return model(features, **text)

@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaptkit.artifacts import RECIPE_FILE
+from adaptkit.artifacts import RECIPE_FILE, TEXT_LORA_FILE
 
 if TYPE_CHECKING:
     from adaptkit.config import Recipe
@@ -32,9 +32,12 @@ def check_init_source(recipe: Recipe, folder: Path) -> None:
         for k in _SAME_FEATURES
         if getattr(source.vision, k) != getattr(recipe.vision, k)
     ]
+    texts = (source.text_encoder.name, recipe.text_encoder.name)
+    if "none" not in texts and texts[0] != texts[1]:
+        differ.append(f"text_encoder.name: {texts[0]!r} there, {texts[1]!r} here (its heads read it)")
     if differ:
         raise RecipeError(
-            f"init_from={folder}: that run's adapter was trained on other image features ("
+            f"init_from={folder}: that run's adapter was trained on other features ("
             + "; ".join(differ)
             + "). Set the same vision keys here"
         )
@@ -66,5 +69,16 @@ def init_from_run(model, run_dir: str) -> None:
             part = {k[len(name) + 1 :]: v for k, v in state.items() if k.startswith(name + ".")}
             if part:
                 head.load_state_dict(part)
-                loaded.append(name)
-    log.info("init_from %s: adapter%s loaded", folder, "".join(f", head {n}" for n in loaded))
+                loaded.append(f"head {name}")
+    encoder = model.text_encoder
+    if (folder / TEXT_LORA_FILE).is_file():
+        if encoder is not None and encoder.trainable:
+            model.load_text_lora(folder)
+            loaded.append("text-encoder LoRA")
+        elif loaded:
+            log.warning(
+                "init_from %s: its heads were trained with a text-encoder LoRA (text_lora.safetensors) this "
+                "recipe does not have (text_encoder.lora_r=0): they now read the plain encoder",
+                folder,
+            )
+    log.info("init_from %s: adapter%s loaded", folder, "".join(f", {n}" for n in loaded))

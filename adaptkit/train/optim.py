@@ -1,5 +1,6 @@
 """The optimizer and learning-rate schedule: AdamW with one group for the adapter (and the objectives'
-heads) and one for LoRA, linear warmup then cosine decay, LoRA's schedule starting at ``lora.start_step``."""
+heads), one for LoRA and one for the text encoder's LoRA (``text_encoder.lora_r`` > 0), linear warmup
+then cosine decay, LoRA's schedule starting at ``lora.start_step``."""
 
 from __future__ import annotations
 
@@ -17,22 +18,27 @@ log = logging.getLogger("adaptkit")
 
 
 def param_groups(model, recipe: Recipe) -> list[dict]:
-    """Two AdamW groups (adapter + objective heads, LoRA), checked to hold exactly the trainable
-    parameters: a frozen weight that became trainable stops the run."""
+    """AdamW groups (adapter + objective heads, LoRA, the text encoder's LoRA), checked to hold exactly the
+    trainable parameters: a frozen weight that became trainable stops the run."""
     adapter = [p for p in model.adapter.parameters() if p.requires_grad]
     adapter += [p for p in model.objectives.parameters() if p.requires_grad]  # e.g. objectives.classify
     lora = [p for n, p in model.lm.named_parameters() if p.requires_grad]
     bad = [n for n, p in model.lm.named_parameters() if p.requires_grad and "lora_" not in n]
+    text = model.text_encoder
+    text_lora = [p for p in text.parameters() if p.requires_grad] if text is not None else []
+    bad += [n for n, p in (text.named_parameters() if text else ()) if p.requires_grad and "lora_" not in n]
     if bad:
-        raise RuntimeError(f"non-LoRA LM parameters are trainable: {bad[:5]}")
+        raise RuntimeError(f"non-LoRA backbone parameters are trainable: {bad[:5]}")
     trainable = {id(p) for _, p in model.trainable_parameters()}
-    if {id(p) for p in adapter + lora} != trainable:
+    if {id(p) for p in adapter + lora + text_lora} != trainable:
         raise RuntimeError(
             "optimizer groups do not match the trainable parameters (vision backbone not frozen?)"
         )
     groups = [{"params": adapter, "lr": recipe.lr_adapter, "name": "adapter"}]
     if lora:
         groups.append({"params": lora, "lr": recipe.lr_lora, "name": "lora"})
+    if text_lora:  # the text encoder's LoRA learns with the image-text heads it feeds, from step 0
+        groups.append({"params": text_lora, "lr": recipe.lr_adapter, "name": "text_lora"})
     return groups
 
 
@@ -71,5 +77,5 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, procs: int
 
         return factor
 
-    starts = {"adapter": 0, "lora": recipe.lora.start_step}
+    starts = {"adapter": 0, "lora": recipe.lora.start_step, "text_lora": 0}
     return LambdaLR(optimizer, [schedule(starts[group["name"]]) for group in optimizer.param_groups])
