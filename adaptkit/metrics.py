@@ -102,6 +102,28 @@ def caption_tokens(text: str) -> str:
     return normalize_answer(text)
 
 
+class LabelMentioned(evaluate.Metric):
+    """The share of generated captions that name their image's label: every word of the label appears
+    among the caption's words (:func:`caption_tokens`; "a circle that is red" names "red circle")."""
+
+    def _info(self) -> evaluate.MetricInfo:
+        return evaluate.MetricInfo(
+            description="Fraction of captions containing every word of the image's label.",
+            citation="",
+            inputs_description="predictions: generated captions; references: each image's label.",
+            features=datasets.Features(
+                {"predictions": datasets.Value("string"), "references": datasets.Value("string")}
+            ),
+        )
+
+    def _compute(self, predictions: Sequence[str], references: Sequence[str]) -> dict:
+        hits = [
+            set(caption_tokens(label).split()) <= set(caption_tokens(caption).split())
+            for caption, label in zip(predictions, references)
+        ]
+        return {"label_mentioned": sum(hits) / max(1, len(hits)), "n": len(hits)}
+
+
 class CaptionScores(evaluate.Metric):
     """BLEU-4, CIDEr-D and ROUGE-L of generated captions against their references, computed with the
     COCO caption toolkit's scorers (``pycocoevalcap``: ``Bleu``, ``Cider``, ``Rouge``) on

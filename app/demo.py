@@ -101,33 +101,44 @@ def example_rows(predictor, count: int = 4) -> list[list[str]]:
     return rows
 
 
-def build_demo(predictor, examples: list[list[str]] | None = None) -> gr.Blocks:
-    """The demo's Blocks for a predictor (``adaptkit.predictor.Predictor``); its task's ``demo`` labels
-    the text box and the outputs."""
+def respond(predictor, image, text: str | None) -> tuple[str, dict | None]:
+    """The demo's reply to one request: the output text and the ranked outputs (``{label: p}``), or a
+    message saying what to do. An empty text is a request only where the task allows it (retrieval ranks the
+    run's classes, captioning uses the recipe's prompt)."""
     from adaptkit.data.formats import DataError
 
     spec = predictor.task.demo
+    if isinstance(image, _BadUpload):
+        return NOT_AN_IMAGE.format(why=str(image)), None
+    if image is None:
+        return "Upload an image first.", None
+    text = (text or "").strip()
+    if not text and spec.text_required:
+        return f"Type a {spec.text_label.lower()} about the image.", None
+    try:
+        result = predictor.predict(image, text or None)
+    except (DataError, ValueError) as err:
+        return f"Cannot answer: {err}", None
+    top = dict(result.top) if result.top else {result.text: result.score}
+    return result.text or EMPTY_ANSWER, top
+
+
+def build_demo(predictor, examples: list[list[str]] | None = None) -> gr.Blocks:
+    """The demo's Blocks for a predictor (``adaptkit.predictor.Predictor``); its task's ``demo`` labels
+    the text box and the outputs."""
+    spec = predictor.task.demo
 
     def answer(image, question: str):
-        if isinstance(image, _BadUpload):
-            return NOT_AN_IMAGE.format(why=str(image)), None
-        if image is None:
-            return "Upload an image first.", None
-        if not question or not question.strip():
-            return f"Type a {spec.text_label.lower()} about the image.", None
-        try:
-            result = predictor.predict(image, question.strip())
-        except (DataError, ValueError) as err:
-            return f"Cannot answer: {err}", None
-        top = dict(result.top) if result.top else {result.text: result.score}
-        return result.text or EMPTY_ANSWER, top
+        return respond(predictor, image, question)
 
     with gr.Blocks(title="adaptkit demo") as demo:
         gr.Markdown(f"# adaptkit demo\n{spec.intro}")
         with gr.Row():
             with gr.Column():
                 image = tolerant_image(type="pil", label="Image", sources=["upload", "clipboard"], height=300)
-                question = gr.Textbox(label=spec.text_label, placeholder=spec.text_placeholder, lines=1)
+                question = gr.Textbox(
+                    label=spec.text_label, placeholder=spec.text_placeholder, lines=spec.text_lines
+                )
                 ask = gr.Button("Ask", variant="primary")
             with gr.Column():
                 text = gr.Textbox(label=spec.output_label, interactive=False, elem_id="answer")

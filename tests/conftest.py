@@ -251,3 +251,14 @@ def retrieval_overrides(lm_dir: Path, vision_pth: Path, encoder_dir: Path, capti
         "eval_every=0",
         "checkpoint_every=2",
     ]
+
+
+def demo_module():
+    """app/demo.py loaded the way `adaptkit demo` loads it (a script beside the package)."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parent.parent / "app" / "demo.py"
+    spec = importlib.util.spec_from_file_location("adaptkit_demo_app", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -14,7 +14,7 @@ from adaptkit.config import RecipeError, load_recipe
 from adaptkit.inference import load_for_inference
 from adaptkit.model.build import build_model
 from adaptkit.train.init_from import check_init_source, init_from_run
-from tests.conftest import RETRIEVAL_RECIPE, retrieval_overrides
+from tests.conftest import RETRIEVAL_RECIPE, demo_module, retrieval_overrides
 
 CAPTION = "recipes/easyvqa_caption_lora.yaml"
 
@@ -45,6 +45,15 @@ def test_caption_metrics_known_values():
     assert one["bleu1"] == pytest.approx(2 / 3, abs=1e-6)
 
 
+def test_label_mentioned_known_values():
+    from adaptkit.metrics import LabelMentioned
+
+    captions = ["A circle that is RED.", "a red square", "a blue circle", ""]
+    labels = ["red circle", "red circle", "blue circle", "blue circle"]
+    result = LabelMentioned().compute(predictions=captions, references=labels)
+    assert result == {"label_mentioned": 0.5, "n": 4}  # word order free, every label word needed
+
+
 def test_caption_train_eval_predict(overrides, tiny_captions, tmp_path, capsys):
     assert main(["train", CAPTION, *_caption_overrides(overrides)]) == 0
     run = tmp_path / "run"
@@ -55,11 +64,17 @@ def test_caption_train_eval_predict(overrides, tiny_captions, tmp_path, capsys):
     metrics = json.loads(capsys.readouterr().out)
     records = [json.loads(line) for line in (run / "eval_predictions.jsonl").read_text().splitlines()]
     assert metrics["n"] == len(records) == 6 and len(records[0]["references"]) == 2
+    from adaptkit.metrics import caption_tokens
+
+    named = [set(r["label"].split()) <= set(caption_tokens(r["caption"]).split()) for r in records]
+    assert metrics["label_mentioned"] == pytest.approx(sum(named) / 6)  # the tiny captions are labelled
     predictor = load_for_inference(run, "cpu")
     image = str(tiny_captions.parent / "images" / "0.png")
     caption = predictor.predict(image)
     assert caption.text == records[0]["caption"]  # the same greedy caption as evaluation's
     assert 0 < caption.score <= 1
+    demo = demo_module()  # the demo captions with the recipe's prompt when the text box is empty
+    assert demo.respond(predictor, image, "")[0] == (caption.text or demo.EMPTY_ANSWER)
 
     from adaptkit.export import export_run  # LoRA merged; the export verifies its captions and logits
 

@@ -19,7 +19,7 @@ from adaptkit.config import RecipeError, load_recipe
 from adaptkit.inference import load_for_inference
 from adaptkit.model.build import build_model
 from adaptkit.runs import load_run
-from tests.conftest import RETRIEVAL_RECIPE, retrieval_overrides
+from tests.conftest import RETRIEVAL_RECIPE, demo_module, retrieval_overrides
 from tests.test_distributed import _port
 
 RECIPE = str(RETRIEVAL_RECIPE)
@@ -75,6 +75,13 @@ def test_train_save_load_predict_and_eval(overrides, tiny_captions, tiny_text_en
         "a red circle",
         "a green circle",
     )
+
+    # The demo: an empty text box ranks the run's classes; lines are candidates.
+    respond = demo_module().respond
+    text, top = respond(predictor, image, "")
+    assert text == default.text and list(top) == [t for t, _ in default.top]
+    text, top = respond(predictor, image, "a red circle\na blue circle")
+    assert set(top) == {"a red circle", "a blue circle"} and text in top
 
     capsys.readouterr()
     assert (

@@ -47,6 +47,9 @@ def test_text_lora_trains_saves_loads_and_exports(common, tiny_captions, tiny_te
     saved = load_file(str(run / "text_lora.safetensors"))
     assert saved and all("lora_" in k for k in saved)
     assert any(v.abs().sum() > 0 for k, v in saved.items() if "lora_B" in k)  # B starts at zero: it trained
+    n = summary["parameters"]  # the LM has no LoRA in this recipe; the heads are the rest
+    assert n["text_lora"] == sum(v.numel() for v in saved.values()) and n["lora"] == 0 and n["heads"] > 0
+    assert n["adapter"] + n["heads"] + n["text_lora"] == n["trainable"]
 
     recipe, model = load_run(run)
     stock = AutoModel.from_pretrained(tiny_text_encoder_dir).state_dict()

@@ -42,6 +42,10 @@ class DemoSpec:
     output_label: str
     ranked_label: str
     intro: str
+    #: False: an empty text box is a valid request (retrieval: rank the run's classes; caption: its prompt)
+    text_required: bool = True
+    #: lines of the text box (retrieval: one candidate text per line)
+    text_lines: int = 1
 
 
 class Task(ABC):

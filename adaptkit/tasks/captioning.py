@@ -43,6 +43,7 @@ class CaptionTask(GenerativeTask):
         ranked_label="Caption and its probability",
         intro="Caption an image. A frozen vision backbone encodes it, the trained adapter turns it into soft "
         "tokens for the language model, which writes the caption.",
+        text_required=False,
     )
 
     @classmethod
@@ -89,7 +90,7 @@ class CaptionTask(GenerativeTask):
         return model(*args, **text, groups=batch["group"].to(text["text_mask"].device))
 
     def evaluate(self, model, dataset, features, batch_size=None, progress=True, accelerator=None):
-        from adaptkit.metrics import CaptionScores
+        from adaptkit.metrics import CaptionScores, LabelMentioned
 
         first: dict[int, int] = {}  # one generated caption per image: its first pair
         for k, row in enumerate(dataset.image_rows):
@@ -100,17 +101,29 @@ class CaptionTask(GenerativeTask):
         captions, scores, seconds = generated
         refs = [list(s.captions) for s in per_image.samples]
         metrics = CaptionScores().compute(predictions=captions, references=refs)
+        labels = [s.label for s in per_image.samples]
+        if labels and all(label is not None for label in labels):  # labelled data: is the label named?
+            mentioned = LabelMentioned().compute(predictions=captions, references=labels)
+            metrics["label_mentioned"] = mentioned["label_mentioned"]
         metrics["seconds"] = seconds
         records = [
-            {"origin": s.origin, "caption": c, "score": round(p, 5), "references": list(s.captions)}
+            {
+                "origin": s.origin,
+                "caption": c,
+                "score": round(p, 5),
+                "references": list(s.captions),
+                "label": s.label,
+            }
             for s, c, p in zip(per_image.samples, captions, scores)
         ]
         return metrics, records
 
     def format_metrics(self, metrics: dict) -> str:
+        named = metrics.get("label_mentioned")
         return (
-            f"CIDEr {metrics['cider']:.4f}, BLEU-4 {metrics['bleu4']:.4f}, ROUGE-L {metrics['rouge_l']:.4f} "
-            f"on {metrics['n']} images in {metrics['seconds']} s"
+            f"CIDEr {metrics['cider']:.4f}, BLEU-4 {metrics['bleu4']:.4f}, ROUGE-L {metrics['rouge_l']:.4f}"
+            + (f", label named {named:.4f}" if named is not None else "")
+            + f" on {metrics['n']} images in {metrics['seconds']} s"
         )
 
     def predictor(self, model, run_dir: Path, manifest: dict | None, info: dict, device) -> CaptionPredictor:

@@ -84,6 +84,8 @@ class RetrievalTask(Task):
         intro="Rank texts for an image. A frozen vision backbone encodes the image, the trained adapter and "
         "projection embed it; a frozen text encoder and its projection embed each text; the most similar "
         "text wins.",
+        text_required=False,
+        text_lines=4,
     )
 
     @classmethod

@@ -163,15 +163,28 @@ def open_run_dir(recipe: Recipe, accelerator: Accelerator) -> tuple[Path | None,
 def _log_parameters(model) -> dict:
     n_total, n_train = count_parameters(model), count_parameters(model, trainable_only=True)
     n_adapter = count_parameters(model.adapter, trainable_only=True)
+    n_lora = count_parameters(model.lm, trainable_only=True)
+    text = model.text_encoder
+    n_text = count_parameters(text, trainable_only=True) if text is not None else 0
+    n_heads = n_train - n_adapter - n_lora - n_text  # the image-text heads (a task's own come later)
     log.info(
-        "trainable parameters: %d (adapter %d, LoRA %d) of %d total (%.2f%%)",
+        "trainable parameters: %d (adapter %d, LoRA %d, heads %d, text-encoder LoRA %d) of %d total (%.2f%%)",
         n_train,
         n_adapter,
-        n_train - n_adapter,
+        n_lora,
+        n_heads,
+        n_text,
         n_total,
         100 * n_train / n_total,
     )
-    return {"total": n_total, "trainable": n_train, "adapter": n_adapter, "lora": n_train - n_adapter}
+    return {
+        "total": n_total,
+        "trainable": n_train,
+        "adapter": n_adapter,
+        "lora": n_lora,
+        "heads": n_heads,
+        "text_lora": n_text,
+    }
 
 
 def _feature_source(recipe: Recipe) -> str:
