@@ -113,8 +113,9 @@ def test_train_save_load_predict_and_eval(overrides, tiny_captions, tiny_text_en
     assert bad.returncode != 0 and "needs '{label}'" in bad.stderr
 
 
-def test_resume_after_a_crash_is_bit_identical(overrides, tmp_path, monkeypatch):
-    common = [o for o in overrides if not o.startswith("output_dir=")] + ALL + ["log_samples=true"]
+def crash_and_resume(common: list[str], tmp_path, monkeypatch):
+    """Train ``common`` uninterrupted (``ref``) and again with a crash during the second checkpoint save,
+    then resumed (``crashed``); returns both run directories. ``common`` must set ``log_samples=true``."""
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     assert main(["train", RECIPE, *common, f"output_dir={ref}"]) == 0
     real_commit, calls = ckpt.commit, []
@@ -122,7 +123,7 @@ def test_resume_after_a_crash_is_bit_identical(overrides, tmp_path, monkeypatch)
     def crash_on_second(tmp, keep):
         calls.append(tmp)
         if len(calls) == 2:
-            raise KeyboardInterrupt("injected crash during the save of step 4")
+            raise KeyboardInterrupt("injected crash during the second save")
         return real_commit(tmp, keep)
 
     monkeypatch.setattr(ckpt, "commit", crash_on_second)
@@ -130,25 +131,30 @@ def test_resume_after_a_crash_is_bit_identical(overrides, tmp_path, monkeypatch)
         main(["train", RECIPE, *common, f"output_dir={crashed}"])
     monkeypatch.setattr(ckpt, "commit", real_commit)
     assert main(["train", RECIPE, *common, f"output_dir={crashed}", "resume=auto"]) == 0
-    for name in ("samples.jsonl",):
-        a = [json.loads(line) for line in (ref / name).read_text().splitlines()]
-        b = [json.loads(line) for line in (crashed / name).read_text().splitlines()]
-        assert [(r["indices"], r["loss"]) for r in a] == [
-            (r["indices"], r["loss"]) for r in b
-        ]  # ITM's draws too
-    for name in ("adapter.safetensors", "heads.safetensors"):
-        a, b = load_file(str(ref / name)), load_file(str(crashed / name))
-        assert all(torch.equal(a[k], b[k]) for k in a), name
+    return ref, crashed
 
 
-def test_itc_negatives_are_gathered_so_two_processes_match_one(overrides, tmp_path):
-    common = [o for o in overrides if not o.startswith(("output_dir=", "batch_size="))] + [
-        "objectives.itm=0",
-        "max_steps=3",
-        "checkpoint_every=0",
-        "log_every=1",
-        "check_replicas=1",
-    ]
+def assert_identical_runs(ref, crashed, files: tuple[str, ...]) -> None:
+    """The same sample order and per-micro-batch losses (ITM's draws too) and bit-identical ``files``."""
+    a = [json.loads(line) for line in (ref / "samples.jsonl").read_text().splitlines()]
+    b = [json.loads(line) for line in (crashed / "samples.jsonl").read_text().splitlines()]
+    assert [(r["indices"], r["loss"]) for r in a] == [(r["indices"], r["loss"]) for r in b]
+    for name in files:
+        x, y = load_file(str(ref / name)), load_file(str(crashed / name))
+        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), name
+
+
+def test_resume_after_a_crash_is_bit_identical(overrides, tmp_path, monkeypatch):
+    common = [o for o in overrides if not o.startswith("output_dir=")] + ALL + ["log_samples=true"]
+    ref, crashed = crash_and_resume(common, tmp_path, monkeypatch)
+    assert_identical_runs(ref, crashed, ("adapter.safetensors", "heads.safetensors"))
+
+
+def train_one_and_two_processes(common: list[str], tmp_path):
+    """Train ``common`` for 3 steps in one process (batch 4) and in two gloo processes (batch 2 each, the
+    same global batches), every replica compared every step; returns both run directories."""
+    common = [o for o in common if not o.startswith(("output_dir=", "batch_size="))]
+    common += ["objectives.itm=0", "max_steps=3", "checkpoint_every=0", "log_every=1", "check_replicas=1"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", RECIPE, *common, "batch_size=4", f"output_dir={one}"]) == 0
     launch = [
@@ -160,14 +166,19 @@ def test_itc_negatives_are_gathered_so_two_processes_match_one(overrides, tmp_pa
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
     done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
     assert done.returncode == 0, done.stderr[-4000:]
+    return one, two
 
-    def losses(run):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss_itc"] for r in rows if "loss_itc" in r]
 
+def itc_losses(run) -> list[float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss_itc"] for r in rows if "loss_itc" in r]
+
+
+def test_itc_negatives_are_gathered_so_two_processes_match_one(overrides, tmp_path):
+    one, two = train_one_and_two_processes(overrides, tmp_path)
     # Each process's loss is over its own 2 rows against all 4 texts / images; their mean is the 4-row loss.
     # Without the gather each process would see 2 negatives and a different (smaller) loss.
-    assert losses(one) == pytest.approx(losses(two), abs=1e-5)
+    assert itc_losses(one) == pytest.approx(itc_losses(two), abs=1e-5)
     # The same updates up to float rounding, which Adam turns into steps of up to the learning rate for
     # elements whose gradient is near zero (as in test_distributed): the bound is on the mean.
     for name in ("adapter.safetensors", "heads.safetensors"):

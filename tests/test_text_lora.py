@@ -6,22 +6,23 @@ processes match one, and recipes that cannot use it are refused."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptkit import checkpoint as ckpt
 from adaptkit.cli import main
 from adaptkit.config import RecipeError, load_recipe
 from adaptkit.inference import load_for_inference
 from adaptkit.model.build import build_model
 from adaptkit.runs import load_run
 from tests.conftest import RETRIEVAL_RECIPE, retrieval_overrides
-from tests.test_distributed import _port
+from tests.test_retrieval import (
+    assert_identical_runs,
+    crash_and_resume,
+    itc_losses,
+    train_one_and_two_processes,
+)
 
 RECIPE = str(RETRIEVAL_RECIPE)
 TEXT_LORA = ["text_encoder.lora_r=4", "text_encoder.lora_alpha=8", "lr_adapter=0.01"]
@@ -88,50 +89,13 @@ def test_text_lora_trains_saves_loads_and_exports(common, tiny_captions, tiny_te
 
 
 def test_text_lora_resume_after_a_crash_is_bit_identical(common, tmp_path, monkeypatch):
-    common = [*common, "log_samples=true"]
-    ref, crashed = tmp_path / "ref", tmp_path / "crashed"
-    assert main(["train", RECIPE, *common, f"output_dir={ref}"]) == 0
-    real_commit, calls = ckpt.commit, []
-
-    def crash_on_second(tmp, keep):
-        calls.append(tmp)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("injected crash during the second save")
-        return real_commit(tmp, keep)
-
-    monkeypatch.setattr(ckpt, "commit", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", RECIPE, *common, f"output_dir={crashed}"])
-    monkeypatch.setattr(ckpt, "commit", real_commit)
-    assert main(["train", RECIPE, *common, f"output_dir={crashed}", "resume=auto"]) == 0
-    a = [json.loads(line) for line in (ref / "samples.jsonl").read_text().splitlines()]
-    b = [json.loads(line) for line in (crashed / "samples.jsonl").read_text().splitlines()]
-    assert [(r["indices"], r["loss"]) for r in a] == [(r["indices"], r["loss"]) for r in b]
-    for name in ("adapter.safetensors", "heads.safetensors", "text_lora.safetensors"):
-        x, y = load_file(str(ref / name)), load_file(str(crashed / name))
-        assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), name
+    ref, crashed = crash_and_resume([*common, "log_samples=true"], tmp_path, monkeypatch)
+    assert_identical_runs(ref, crashed, ("adapter.safetensors", "heads.safetensors", "text_lora.safetensors"))
 
 
 def test_text_lora_two_processes_match_one(common, tmp_path):
-    common = [o for o in common if not o.startswith("batch_size=")]
-    common += ["objectives.itm=0", "max_steps=3", "checkpoint_every=0", "log_every=1", "check_replicas=1"]
-    one, two = tmp_path / "one", tmp_path / "two"
-    assert main(["train", RECIPE, *common, "batch_size=4", f"output_dir={one}"]) == 0
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--num_cpu_threads_per_process", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-        "-m", "adaptkit", "train", RECIPE, *common, "batch_size=2", f"output_dir={two}",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
-    assert done.returncode == 0, done.stderr[-4000:]
-
-    def losses(run):
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-        return [r["loss_itc"] for r in rows if "loss_itc" in r]
-
-    assert losses(one) == pytest.approx(losses(two), abs=1e-5)
+    one, two = train_one_and_two_processes(common, tmp_path)
+    assert itc_losses(one) == pytest.approx(itc_losses(two), abs=1e-5)
     # The text encoder's LoRA gradients are synchronised (check_replicas=1 also compared the replicas every
     # step). Adam turns float rounding of near-zero gradients into steps of up to the learning rate, so the
     # bound is relative: LoRA B starts at zero, so its values are the whole update the 3 steps made.

@@ -30,7 +30,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
 
-from adaptkit.data.records import DataError, LoadedData, read_jsonl, resolve_image
+from adaptkit.data.records import DataError, LoadedData, bad_sample, read_jsonl, resolve_image
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,7 @@ def load_coco_captions(path: str | Path, on_bad_sample: str = "error") -> Loaded
     skipped: list[str] = []
 
     def bad(origin: str, problem: str) -> None:
-        if on_bad_sample != "skip":
-            raise DataError(
-                f"{origin}: {problem}. Fix it, or set data.on_bad_sample=skip to skip bad entries"
-            )
-        skipped.append(f"{origin}: {problem}")
+        bad_sample(skipped, origin, problem, on_bad_sample, "entry")
 
     for i, ann in enumerate(doc["annotations"]):
         if not isinstance(ann, dict) or "image_id" not in ann or not _text(ann.get("caption")):

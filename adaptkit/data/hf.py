@@ -21,7 +21,7 @@ from pathlib import Path
 
 from tqdm.auto import tqdm
 
-from adaptkit.data.records import DataError, LoadedData
+from adaptkit.data.records import DataError, LoadedData, bad_sample
 
 log = logging.getLogger(__name__)
 
@@ -110,11 +110,7 @@ def load_hf(
         if problem is None:
             sample, problem = make(row, image, origin)
         if problem is not None:
-            if on_bad_sample != "skip":
-                raise DataError(
-                    f"{origin}: {problem}. Fix the row, or set data.on_bad_sample=skip to skip it"
-                )
-            skipped.append(f"{origin}: {problem}")
+            bad_sample(skipped, origin, problem, on_bad_sample, "row")
             continue
         samples.append(sample)
     if not samples:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from adaptkit.data.records import DataError, LoadedData, VQASample, resolve_image
+from adaptkit.data.records import DataError, LoadedData, VQASample, bad_sample, resolve_image
 
 IMAGE_TOKEN = "<image>"
 
@@ -80,9 +80,7 @@ def load_llava(path: str | Path, on_bad_sample: str = "error") -> LoadedData:
                 if problem is not None:
                     image, problem = resolve_image(file, str(Path("images") / name))
         if problem is not None:
-            if on_bad_sample != "skip":
-                raise DataError(f"{origin}: {problem}. Fix the entry, or set data.on_bad_sample=skip")
-            skipped.append(f"{origin}: {problem}")
+            bad_sample(skipped, origin, problem, on_bad_sample, "entry")
             continue
         for k, (question, answer) in enumerate(turns):
             samples.append(

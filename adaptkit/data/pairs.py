@@ -72,6 +72,12 @@ class PairDataset(torch.utils.data.Dataset):
             self.bank = TextBank(encoder, self.texts, progress)
         return self.bank
 
+    def prepare_texts(self, encoder) -> None:
+        """Encode a frozen encoder's texts now (at set-up, not in the first step); nothing to do when its
+        LoRA trains (each batch's texts are encoded in the forward pass)."""
+        if not encoder.trainable:
+            self.text_bank(encoder)
+
     def text_inputs(self, encoder, rows: torch.Tensor) -> dict[str, torch.Tensor]:
         """The model's text arguments for texts ``rows``: a frozen encoder's states from the bank
         (``text_states``, ``text_mask``), or, when its LoRA trains, the tokens it encodes inside the

@@ -86,6 +86,16 @@ def resolve_image(file: Path, name: str) -> tuple[Path, str | None]:
     return image.resolve(), None
 
 
+def bad_sample(skipped: list[str], origin: str, problem: str, on_bad_sample: str, what: str) -> None:
+    """A bad line / row / entry ``what``: listed in ``skipped`` with ``on_bad_sample="skip"``, else a
+    :class:`DataError` naming ``origin`` and what to do."""
+    if on_bad_sample != "skip":
+        raise DataError(
+            f"{origin}: {problem}. Fix the {what}, or set data.on_bad_sample=skip to skip bad ones"
+        )
+    skipped.append(f"{origin}: {problem}")
+
+
 def read_jsonl(path: str | Path, parse, on_bad_sample: str = "error") -> LoadedData:
     """Read a JSONL data file whose lines ``parse(row, file, origin)`` turns into a sample or a problem.
 
@@ -108,11 +118,7 @@ def read_jsonl(path: str | Path, parse, on_bad_sample: str = "error") -> LoadedD
             except json.JSONDecodeError as err:
                 sample, problem = None, f"not valid JSON ({err.msg} at column {err.colno})"
             if problem is not None:
-                if on_bad_sample != "skip":
-                    raise DataError(
-                        f"{origin}: {problem}. Fix the line, or set data.on_bad_sample=skip to skip bad lines"
-                    )
-                skipped.append(f"{origin}: {problem}")
+                bad_sample(skipped, origin, problem, on_bad_sample, "line")
                 continue
             samples.append(sample)
     if not samples:

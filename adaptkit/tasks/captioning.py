@@ -77,8 +77,7 @@ class CaptionTask(GenerativeTask):
             return super().setup_objectives(model, dataset)
         # ITC / ITM / triplet beside the LM loss: the training texts' states (or tokens, with text LoRA)
         self.pairs, self.encoder = dataset, model.text_encoder
-        if not model.text_encoder.trainable:  # a frozen encoder's states: encoded once, here
-            dataset.text_bank(model.text_encoder)
+        dataset.prepare_texts(model.text_encoder)
         weights = {n: w for n, w in model.objectives.weights.items() if w > 0}
         return "objectives: " + " + ".join(f"{w:.3g} x {n}" for n, w in weights.items())
 

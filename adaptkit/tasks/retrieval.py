@@ -129,8 +129,7 @@ class RetrievalTask(Task):
                 "task retrieval needs a text encoder: set text_encoder.name (e.g. embedded:minilm)"
             )
         self.pairs, self.encoder = dataset, model.text_encoder
-        if not model.text_encoder.trainable:  # a frozen encoder's states: encoded once, here
-            dataset.text_bank(model.text_encoder)
+        dataset.prepare_texts(model.text_encoder)
         weights = {n: w for n, w in model.objectives.weights.items() if w > 0}
         parts = " + ".join(f"{w:.3g} x {n}" for n, w in weights.items())
         counts = (
