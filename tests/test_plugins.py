@@ -3,6 +3,8 @@ through the unchanged loop, evaluation and inference (docs/extending.md walks th
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
@@ -103,3 +105,41 @@ def test_the_loop_and_inference_ask_the_task(tiny_overrides, tmp_path, monkeypat
     assert (tmp_path / "run" / "spy.txt").is_file()
     predictor = load_for_inference(tmp_path / "run", "cpu")
     assert isinstance(predictor.task, SpyTask) and calls[-1] == "predictor"
+
+
+def test_demo_examples_of_every_built_in_task(tmp_path, caplog):
+    from adaptkit.data.formats import DataError
+    from adaptkit.tasks.base import eval_examples
+
+    for name in ("a", "b"):
+        (tmp_path / f"{name}.png").write_bytes(b"png")
+    Sample = type("Sample", (), {})
+    samples = []
+    for image, question in [("a", "q1"), ("a", "q2"), ("gone", "q3"), ("b", "q4")]:
+        sample = Sample()
+        sample.image, sample.question = str(tmp_path / f"{image}.png"), question
+        samples.append(sample)
+    # One row per distinct image that exists, in order, up to the count.
+    rows = eval_examples(lambda: samples, 5, lambda s: s.question)
+    assert rows == [(str(tmp_path / "a.png"), "q1"), (str(tmp_path / "b.png"), "q4")]
+    assert eval_examples(lambda: samples, 1) == [(str(tmp_path / "a.png"), "")]
+
+    def unreadable():
+        raise DataError("data.jsonl line 3: bad")
+
+    assert eval_examples(unreadable, 4) == [] and "data.jsonl line 3" in caplog.text
+
+    # The built-in tasks give images that exist, with the question for VQA and an empty text otherwise.
+    recipes = {
+        "vqa": RECIPE,
+        "retrieval": "recipes/easyvqa_retrieval.yaml",
+        "caption": "recipes/easyvqa_caption_lora.yaml",
+    }
+    for task_name, recipe_path in recipes.items():
+        recipe = load_recipe(recipe_path)
+        assert recipe.task == task_name
+        task = TASKS[task_name](recipe)
+        rows = task.examples(3)
+        assert len(rows) == 3 and len({image for image, _ in rows}) == 3, task_name
+        assert all(Path(image).is_file() for image, _ in rows)
+        assert all(bool(text) == (task_name == "vqa") for _, text in rows), task_name

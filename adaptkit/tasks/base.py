@@ -19,6 +19,7 @@ Adding one: ``docs/extending.md``.
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,10 +28,14 @@ from typing import TYPE_CHECKING, ClassVar
 
 import torch
 
+from adaptkit.data.records import DataError
+
 if TYPE_CHECKING:
     from adaptkit.config import Recipe
     from adaptkit.data.formats import LoadedData
     from adaptkit.predictor import Predictor
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -146,3 +151,25 @@ class Task(ABC):
     def text_pairs(self, samples: Sequence, tokenizer=None) -> list[tuple[str, str]]:
         """``(prompt, target)`` texts of samples, as the LM is trained on them (teacher-forced checks);
         ``tokenizer``: the LM's, for prompts rendered with its chat template."""
+
+
+def eval_examples(
+    load: Callable[[], Sequence], count: int, text: Callable = lambda s: ""
+) -> list[tuple[str, str]]:
+    """Up to ``count`` ``(image path, text(sample))`` pairs, one per distinct image file that exists, from
+    ``load()`` (a task's eval samples): the demo's examples. None, with a warning, when the data cannot
+    be read."""
+    try:
+        samples = load()
+    except (DataError, OSError) as err:
+        log.warning("no examples: %s", err)
+        return []
+    rows, seen = [], set()
+    for sample in samples:
+        if sample.image in seen or not Path(sample.image).is_file():
+            continue
+        seen.add(sample.image)
+        rows.append((sample.image, text(sample)))
+        if len(rows) == count:
+            break
+    return rows

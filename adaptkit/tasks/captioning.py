@@ -12,7 +12,6 @@
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,13 +21,10 @@ from torch.utils.data import Subset
 
 from adaptkit.data.captions import load_captions
 from adaptkit.data.collate import collate_prompts
-from adaptkit.data.formats import DataError
 from adaptkit.data.pairs import PairDataset, collate_pairs
 from adaptkit.predictor import ImageInput, Predictor
-from adaptkit.tasks.base import DemoSpec
+from adaptkit.tasks.base import DemoSpec, eval_examples
 from adaptkit.tasks.generative import GenerativeTask
-
-log = logging.getLogger(__name__)
 
 
 class CaptionTask(GenerativeTask):
@@ -129,12 +125,7 @@ class CaptionTask(GenerativeTask):
         return CaptionPredictor(model, self.recipe, self, info, device)
 
     def examples(self, count: int) -> list[tuple[str, str]]:
-        try:
-            samples = load_captions(self.recipe.data.eval, "skip").samples
-        except (DataError, OSError) as err:
-            log.warning("no examples: %s", err)
-            return []
-        return [(s.image, "") for s in samples[:count] if Path(s.image).is_file()]
+        return eval_examples(lambda: load_captions(self.recipe.data.eval, "skip").samples, count)
 
 
 @dataclass

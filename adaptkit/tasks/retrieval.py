@@ -34,7 +34,7 @@ from adaptkit.data.captions import load_captions
 from adaptkit.data.formats import DataError
 from adaptkit.data.pairs import PairDataset, collate_pairs
 from adaptkit.predictor import ImageInput, Predictor
-from adaptkit.tasks.base import DemoSpec, Task
+from adaptkit.tasks.base import DemoSpec, Task, eval_examples
 
 log = logging.getLogger(__name__)
 
@@ -281,12 +281,7 @@ class RetrievalTask(Task):
         return RetrievalPredictor(model, self.recipe, self, info, device, texts)
 
     def examples(self, count: int) -> list[tuple[str, str]]:
-        try:
-            samples = load_captions(self.recipe.data.eval, "skip").samples
-        except (DataError, OSError) as err:
-            log.warning("no examples: %s", err)
-            return []
-        return [(s.image, "") for s in samples[:count] if Path(s.image).is_file()]
+        return eval_examples(lambda: load_captions(self.recipe.data.eval, "skip").samples, count)
 
 
 @dataclass

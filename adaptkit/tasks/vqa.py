@@ -32,7 +32,7 @@ from adaptkit.data.collate import (
 from adaptkit.data.formats import DataError, load_vqa
 from adaptkit.objectives import AnswerHead, Objectives
 from adaptkit.predictor import ImageInput, Predictor
-from adaptkit.tasks.base import DemoSpec
+from adaptkit.tasks.base import DemoSpec, eval_examples
 from adaptkit.tasks.generative import GenerativeTask
 
 log = logging.getLogger(__name__)
@@ -150,20 +150,10 @@ class VQATask(GenerativeTask):
         return VQAPredictor(model, self.recipe, self, info, device, answers)
 
     def examples(self, count: int) -> list[tuple[str, str]]:
-        try:
-            samples = load_vqa(self.recipe.data.eval, "skip").samples
-        except (DataError, FileNotFoundError, OSError) as err:
-            log.warning("no examples: %s", err)
-            return []
-        rows, seen = [], set()
-        for sample in samples:
-            if sample.image in seen or not Path(sample.image).is_file():
-                continue
-            seen.add(sample.image)
-            rows.append((sample.image, sample.question))
-            if len(rows) == count:
-                break
-        return rows
+        def load():
+            return load_vqa(self.recipe.data.eval, "skip").samples
+
+        return eval_examples(load, count, lambda s: s.question)
 
 
 @dataclass
