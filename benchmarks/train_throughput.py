@@ -280,7 +280,13 @@ def main() -> None:
         "--adapter", default="qformer", help="qformer | projector | resampler | xattn: that adapter's recipe"
     )
     parser.add_argument("--steps", type=int, default=20, help="timed steps per side")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per side first")
+    parser.add_argument(
+        "--warmup",
+        type=int,
+        default=2,
+        help="untimed steps per side first; with compile at least 2 (the first compiles, the second "
+        "batch's new length recompiles with dynamic shapes)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring matmul peak")
     parser.add_argument(
@@ -292,6 +298,12 @@ def main() -> None:
     args = parser.parse_args()
     args.recipe = args.recipe or f"recipes/easyvqa_{args.adapter}_lora.yaml"
     recipe = load_recipe(args.recipe, args.overrides)
+    if recipe.compile and args.warmup < 2 and not args.memory_only:
+        print(
+            f"warning: --warmup {args.warmup} with compile=true: a timed step will include the recompile for "
+            "the second batch length (tens of seconds here) and under-read the speed; use --warmup 2 or more",
+            file=sys.stderr,
+        )
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = device.type == "cuda" and recipe.mixed_precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32
