@@ -272,6 +272,17 @@ def _peak_memory_of(side: str, args: argparse.Namespace) -> float:
     return json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_mb"]
 
 
+def warmup_warning(compiled: bool, warmup: int) -> str | None:
+    """Why ``warmup`` untimed steps are too few for a compiled step, or None: the first step compiles and
+    the second batch's new length recompiles (Dynamo marks it dynamic), so both must be untimed."""
+    if compiled and warmup < 2:
+        return (
+            f"warning: --warmup {warmup} with compile=true: a timed step will include the recompile for "
+            "the second batch length (tens of seconds here) and under-read the speed; use --warmup 2 or more"
+        )
+    return None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. language.quant=4bit")
@@ -298,12 +309,9 @@ def main() -> None:
     args = parser.parse_args()
     args.recipe = args.recipe or f"recipes/easyvqa_{args.adapter}_lora.yaml"
     recipe = load_recipe(args.recipe, args.overrides)
-    if recipe.compile and args.warmup < 2 and not args.memory_only:
-        print(
-            f"warning: --warmup {args.warmup} with compile=true: a timed step will include the recompile for "
-            "the second batch length (tens of seconds here) and under-read the speed; use --warmup 2 or more",
-            file=sys.stderr,
-        )
+    warning = None if args.memory_only else warmup_warning(recipe.compile, args.warmup)
+    if warning:
+        print(warning, file=sys.stderr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     bf16 = device.type == "cuda" and recipe.mixed_precision == "bf16"
     dtype = torch.bfloat16 if bf16 else torch.float32

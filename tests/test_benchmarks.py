@@ -41,6 +41,7 @@ def test_train_throughput_json(tiny_overrides, extra):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=ROOT, env=env)
     assert out.returncode == 0, out.stderr[-2000:]
+    assert "warning: --warmup" not in out.stderr  # one warm-up step is enough uncompiled (compile=false)
     result = json.loads(out.stdout.strip().splitlines()[-1])
     for key in ("ratio", "adaptkit_samples_per_s", "reference_samples_per_s", "useful_flops_fraction"):
         assert result[key] > 0, key
@@ -55,6 +56,17 @@ def test_train_throughput_json(tiny_overrides, extra):
     # the tiny overrides inject at layer 1 (the xattn case: its block sits at layer 1)
     injected = "adapter.inject_layer=0" not in extra or "adapter.kind=xattn" in extra
     assert result["adaptkit_lower_state_misses"] == (0 if injected else None)
+
+
+def test_train_throughput_warns_when_a_compiled_warmup_is_too_short():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        from train_throughput import warmup_warning
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
+    assert "--warmup 1 with compile=true" in warmup_warning(True, 1)
+    assert "--warmup 0" in warmup_warning(True, 0)
+    assert warmup_warning(True, 2) is None and warmup_warning(False, 1) is None
 
 
 def test_time_to_quality_plot(tiny_overrides, tiny_vqa, tmp_path):
