@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 from tests.conftest import AT_INPUT
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+def _benchmark(name: str) -> ModuleType:
+    """A script of benchmarks/ imported as a module (they are scripts, not a package)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    try:
+        return importlib.import_module(name)
+    finally:
+        sys.path.remove(str(ROOT / "benchmarks"))
 
 
 @pytest.mark.parametrize(
@@ -59,11 +70,7 @@ def test_train_throughput_json(tiny_overrides, extra):
 
 
 def test_train_throughput_warns_when_a_compiled_warmup_is_too_short():
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        from train_throughput import warmup_warning
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    warmup_warning = _benchmark("train_throughput").warmup_warning
     assert "--warmup 1 with compile=true" in warmup_warning(True, 1)
     assert "--warmup 0" in warmup_warning(True, 0)
     assert warmup_warning(True, 2) is None and warmup_warning(False, 1) is None
@@ -87,11 +94,7 @@ def test_time_to_quality_plot(tiny_overrides, tiny_vqa, tmp_path):
 
 
 def test_ood_vqa_set_is_reproducible_balanced_and_loads(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import ood_vqa
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    ood_vqa = _benchmark("ood_vqa")
     from PIL import Image
 
     from adaptkit.data.formats import load_jsonl
@@ -128,11 +131,7 @@ def test_ood_vqa_set_is_reproducible_balanced_and_loads(tmp_path):
 
 
 def test_textured_ood_style_is_reproducible_jpeg_and_keeps_the_colour(tmp_path):
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    try:
-        import ood_vqa
-    finally:
-        sys.path.remove(str(ROOT / "benchmarks"))
+    ood_vqa = _benchmark("ood_vqa")
     import numpy as np
     from PIL import Image
 
