@@ -19,7 +19,7 @@ from torch import nn
 
 from adaptkit.artifacts import ADAPTER_FILE, HEADS_FILE, LORA_DIR, TEXT_LORA_FILE
 from adaptkit.backbones.vision import VisionBackbone
-from adaptkit.model import generation
+from adaptkit.model import generation, last_layer
 from adaptkit.model.cross_attention import CrossAttentionWiring
 from adaptkit.model.injection import LayerInjection, states_at_layer
 from adaptkit.model.lower_states import LowerStateCache, decoder_slice
@@ -74,6 +74,9 @@ class MultimodalModel(nn.Module):
         self.prompt_cache = generation.PromptCache()
         # False runs the LM without its LoRA branches (adapter-only phase before lora.start_step).
         self.lora_active = True
+        #: True: training's last LM layer runs only at answer positions where ``last_layer.supported``
+        #: (exact; a fifth of that layer's work); False: every position (the stock forward).
+        self.answer_only_last_layer = True
         self.objectives = Objectives()
         #: the frozen text encoder of the image-text objectives (``adaptkit.backbones.text``), or None.
         self.text_encoder: nn.Module | None = None
@@ -168,25 +171,33 @@ class MultimodalModel(nn.Module):
             position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         else:
             mask, position_ids = packed_attention(segment_ids, positions, n_soft, embeds.dtype)
-        skip_lora = not self.lora_active and hasattr(self.lm, "disable_adapter")
-        decoder = self.base_lm.get_decoder()
-        upper = (
-            decoder_slice(decoder, self.inject_layer, None, final_norm=True)
-            if self.lower_states is not None
-            else contextlib.nullcontext()
-        )
-        with self.lm.disable_adapter() if skip_lora else contextlib.nullcontext(), upper:
-            hidden = decoder(
-                inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids, use_cache=False
-            ).last_hidden_state
+        selected = labels != IGNORE
         # hidden[:, t] predicts token t+1; text token j sits at position n_soft + j. Without a lead
         # (cross-attention from layer 0) nothing predicts text token 0, which is always prompt.
-        if n_soft:
-            text_hidden = hidden[:, n_soft - 1 : -1]
-        else:
-            text_hidden = torch.cat([hidden[:, :1], hidden[:, :-1]], dim=1)
-        selected = labels != IGNORE
-        return self.base_lm.get_output_embeddings()(text_hidden[selected]), selected, soft
+        rows, cols = selected.nonzero(as_tuple=True)
+        cols = cols + n_soft - 1 if n_soft else (cols - 1).clamp(min=0)
+        skip_lora = not self.lora_active and hasattr(self.lm, "disable_adapter")
+        with self.lm.disable_adapter() if skip_lora else contextlib.nullcontext():
+            out = self._decode_at(embeds, mask, position_ids, rows, cols)
+        return self.base_lm.get_output_embeddings()(out), selected, soft
+
+    def _decode_at(self, embeds, mask, position_ids, rows, cols) -> torch.Tensor:
+        """The decoder's final states at positions ``(rows, cols)`` (``(N, D)``), from layer
+        ``inject_layer`` on when the lower states are looked up; the last layer at those positions alone
+        where ``last_layer.supported`` (``answer_only_last_layer``)."""
+        decoder = self.base_lm.get_decoder()
+        start = self.inject_layer if self.lower_states is not None else 0
+        last = decoder.layers[-1]
+        exact = self.answer_only_last_layer and last_layer.supported(self.base_lm.config, last)
+        stop = len(decoder.layers) - 1 if exact else None
+        kwargs = dict(attention_mask=mask, position_ids=position_ids, use_cache=False)
+        with decoder_slice(decoder, start, stop, final_norm=not exact):
+            hidden = decoder(inputs_embeds=embeds, **kwargs).last_hidden_state
+        if not exact:
+            return hidden[rows, cols]
+        allowed = last_layer.key_mask(mask, rows, cols)
+        rotary = decoder.rotary_emb(hidden, position_ids=position_ids)
+        return decoder.norm(last_layer.last_layer_at(last, hidden, rows, cols, allowed, rotary))
 
     def forward(
         self,
