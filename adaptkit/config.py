@@ -148,6 +148,7 @@ class Recipe:
     lr_lora: float = 5e-4
     weight_decay: float = 0.0
     warmup_steps: int = 30
+    lr_decay_steps: int = 0
     max_grad_norm: float = 1.0
     mixed_precision: str = "no"
     cache_features: bool = True

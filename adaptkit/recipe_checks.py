@@ -83,6 +83,11 @@ def validate(recipe: Recipe, source: str = "recipe") -> None:
             f"lower_state_cache_mb >= 0 (0: no cache); got {recipe.adapter.inject_layer} and "
             f"{recipe.lower_state_cache_mb}"
         )
+    if not 0 <= recipe.lr_decay_steps <= recipe.max_steps:
+        raise RecipeError(
+            f"{source}: lr_decay_steps must lie in [0, max_steps={recipe.max_steps}] (0: cosine over the "
+            f"whole run), got {recipe.lr_decay_steps}"
+        )
     if recipe.activation_checkpointing < 0:
         raise RecipeError(
             f"{source}: activation_checkpointing must be 0 (off) or N >= 1 (every Nth LM layer)"

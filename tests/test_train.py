@@ -3,9 +3,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
-from adaptkit.config import load_recipe
+from adaptkit.config import RecipeError, load_recipe
 from adaptkit.model import build_model
 from adaptkit.train import build_optimizer, build_scheduler, param_groups, train
 
@@ -68,6 +69,21 @@ def test_schedule_warms_up_decays_and_delays_lora():
     assert adapter[-1] < 0.01
     assert all(lr == 0.0 for lr in lora[:40]) and lora[40] > 0
     assert max(lora) == lora[50] and lora[-1] < lora[60]
+
+
+def test_lr_decay_steps_hold_the_rate_then_decay_over_the_last_steps():
+    recipe = load_recipe(
+        RECIPE, ["max_steps=100", "warmup_steps=10", "lora.start_step=40", "lr_decay_steps=30"]
+    )
+    lrs = _lrs(recipe, 100)
+    adapter, lora = [a for a, _ in lrs], [b for _, b in lrs]
+    assert adapter[0] < adapter[5] < adapter[10] == 1.0
+    assert all(a == 1.0 for a in adapter[10:71]) and all(b == 1.0 for b in lora[50:71])
+    assert all(later < earlier for earlier, later in zip(adapter[71:], adapter[72:]))  # cosine, last 30
+    assert lora[71:] == adapter[71:] and adapter[-1] < 0.01  # both groups end together
+    assert all(lr == 0.0 for lr in lora[:40])
+    with pytest.raises(RecipeError, match="lr_decay_steps"):
+        load_recipe(RECIPE, ["max_steps=100", "lr_decay_steps=101"])
 
 
 def test_adapter_only_phase_leaves_lora_untouched(tiny_overrides):

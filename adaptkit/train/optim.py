@@ -56,7 +56,9 @@ def build_optimizer(groups: list[dict], weight_decay: float) -> torch.optim.Opti
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, procs: int = 1) -> LambdaLR:
-    """Linear warmup then cosine decay to 0, per group; LoRA's starts at ``lora.start_step``.
+    """Linear warmup then cosine decay to 0, per group; LoRA's starts at ``lora.start_step``. With
+    ``lr_decay_steps`` N > 0 the rate holds after warmup and the cosine spans only the last N steps
+    (warmup-stable-decay).
 
     Accelerate steps a prepared scheduler once per process at every optimizer step, so ``t // procs`` is
     the optimizer step and N processes follow exactly the one-process schedule.
@@ -72,8 +74,10 @@ def build_scheduler(optimizer: torch.optim.Optimizer, recipe: Recipe, procs: int
             t -= start
             if t < warmup:
                 return (t + 1) / (warmup + 1)
-            progress = (t - warmup) / max(1, end - start - warmup)
-            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress))))
+            span = end - start - warmup  # steps after warmup
+            decay = min(recipe.lr_decay_steps, span) if recipe.lr_decay_steps > 0 else span
+            progress = (t - warmup - (span - decay)) / max(1, decay)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress)))))
 
         return factor
 
