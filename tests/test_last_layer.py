@@ -76,6 +76,10 @@ def test_unsupported_layouts_and_hooked_layers_are_left_to_the_stock_forward():
 
     windowed = MistralConfig(**{**_config("mistral").to_dict(), "sliding_window": 8})
     assert not last_layer.supported(windowed, layer)
+    qwen = _config("qwen2")
+    assert last_layer.supported(qwen, layer)
+    qwen.layer_types = ["full_attention", "full_attention", "sliding_attention"]
+    assert not last_layer.supported(qwen, layer)
 
 
 @pytest.fixture(scope="module")

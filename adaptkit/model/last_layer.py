@@ -36,6 +36,9 @@ def supported(config, layer: nn.Module) -> bool:
         return False
     if config.model_type == "mistral" and getattr(config, "sliding_window", None):
         return False
+    layer_types = getattr(config, "layer_types", None)  # per-layer attention kinds (Qwen2: sliding ones)
+    if layer_types and layer_types[-1] != "full_attention":
+        return False
     if layer._forward_pre_hooks or any(_foreign(h) for h in layer._forward_hooks.values()):
         return False
     attention = getattr(layer, "self_attn", None)
