@@ -75,7 +75,7 @@ class MultimodalModel(nn.Module):
         # False runs the LM without its LoRA branches (adapter-only phase before lora.start_step).
         self.lora_active = True
         #: True: training's last LM layer runs only at answer positions where ``last_layer.supported``
-        #: (exact; a fifth of that layer's work); False: every position (the stock forward).
+        #: (exact; ~15% of that layer's arithmetic on easy-VQA's packed rows); False: every position.
         self.answer_only_last_layer = True
         self.objectives = Objectives()
         #: the frozen text encoder of the image-text objectives (``adaptkit.backbones.text``), or None.
