@@ -7,12 +7,8 @@ import pytest
 import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-from adaptkit.config import load_recipe
-from adaptkit.data.collate import VQADataset, collate_packed, collate_train
-from adaptkit.data.formats import load_jsonl
-from adaptkit.model import build_model, last_layer
-
-RECIPE = "recipes/easyvqa_projector_lora.yaml"
+from adaptkit.model import last_layer
+from tests.test_injection import _loss_and_grads, _model_and_batches
 
 
 def _config(kind: str):
@@ -94,35 +90,15 @@ def three_layer_lm(tiny_lm_dir, tmp_path_factory):
     return out
 
 
-def _loss_and_grads(model, feats, batch, **kw):
-    model.zero_grad(set_to_none=True)
-    loss = model(feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"], **kw)
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 @pytest.mark.parametrize("inject", [0, 1])
 def test_training_loss_and_gradients_equal_the_full_last_layer(
     tiny_overrides, tiny_vqa, three_layer_lm, inject, monkeypatch
 ):
-    extra = [f"language.name={three_layer_lm}", f"adapter.inject_layer={inject}", "lora.start_step=0"]
+    extra = [f"language.name={three_layer_lm}", f"adapter.inject_layer={inject}"]
     extra.append("lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")  # the last layer's k/v LoRA too
-    recipe = load_recipe(RECIPE, [*tiny_overrides, *extra])
-    torch.manual_seed(0)
-    model = build_model(recipe).train()
-    with torch.no_grad():  # LoRA starts at zero; give it weights so the test covers it
-        for name, p in model.lm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
+    model, plain, packed, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa, extra)
     if inject:
         model.use_lower_state_cache(max_mb=64)
-    samples = load_jsonl(tiny_vqa).samples
-    rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
-    dataset = VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
-    items = [dataset[i] for i in [0, 1, 2, 3, 4, 5, 8]]
-    pad = model.tokenizer.pad_token_id
-    feats = torch.randn(len(rows), 4, 1280)
-    plain, packed = collate_train(items, pad), collate_packed(items, pad, pack=3)
     packing = dict(segment_ids=packed["segment_ids"], positions=packed["positions"])
     calls = []
     spy = last_layer.last_layer_at
