@@ -118,11 +118,11 @@ def _outputs(
 ) -> tuple[list[str], torch.Tensor]:
     """Greedy answers and full-vocabulary logits at every position (soft tokens, prompt, gold answer)."""
     from adaptkit.data.collate import collate_prompts, collate_train
-    from adaptkit.data.features import encode_images, open_image
+    from adaptkit.data.images import open_image
 
     paths = list(dict.fromkeys(s.image for s in samples))
     rows = {p: i for i, p in enumerate(paths)}
-    feats = encode_images(model.vision, [open_image(p) for p in paths], torch.device("cpu"))
+    feats = model.encode_images([open_image(p) for p in paths])
     feats = feats.to(next(model.adapter.parameters()).dtype)
     data = task.dataset(samples, rows, model.tokenizer)
     items = [data[i] for i in range(len(data))]
@@ -135,9 +135,7 @@ def _outputs(
         )
     full = collate_train(items, pad)
     prompt_mask = full["attention_mask"] * (full["labels"] == -100)
-    embeds, mask = model.embed(feats[full["image"]], full["input_ids"], full["attention_mask"], prompt_mask)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    logits = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+    logits, mask = model.logits(feats[full["image"]], full["input_ids"], full["attention_mask"], prompt_mask)
     return greedy, logits[mask.bool()].double()
 
 
@@ -167,7 +165,7 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
 
         base = PeftModel.from_pretrained(base, str(run / LORA_DIR), is_trainable=False)
     reference = MultimodalModel(
-        merged.vision, merged.adapter, base, tokenizer, inject_layer=merged.inject_layer
+        merged.vision, merged.adapter, base, tokenizer, entry_layer=merged.entry_layer
     ).eval()
     new = recipe.max_new_tokens
     ref_answers, ref_native = _outputs(reference, task, held, new)

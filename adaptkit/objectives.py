@@ -42,7 +42,10 @@ class AnswerHead(nn.Module):
 
 
 def lm_loss(outputs: dict, heads: nn.ModuleDict) -> torch.Tensor | None:
-    """Mean cross-entropy over the answer tokens (``outputs["logits"]`` holds only their positions)."""
+    """Mean cross-entropy over the answer tokens (``outputs["logits"]`` holds only their positions); None
+    when the LM did not run (a batch without labels)."""
+    if outputs.get("logits") is None:
+        return None
     return F.cross_entropy(outputs["logits"].float(), outputs["targets"])
 
 

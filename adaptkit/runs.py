@@ -11,6 +11,7 @@ import torch
 from adaptkit.artifacts import ADAPTER_FILE, LORA_DIR, RECIPE_FILE, is_export, resolve_export_recipe
 from adaptkit.config import Recipe, load_recipe
 from adaptkit.model.build import build_model
+from adaptkit.model.trainables import load_trainables
 
 
 def check_run(run: Path) -> Recipe:
@@ -47,6 +48,6 @@ def load_run(run_dir: str | Path, device: torch.device | str = "cpu", lm_quant: 
         lora_dir=run / LORA_DIR if recipe.lora.enabled else None,
         dequantize_lm=lm_quant == "dequantized",
     )
-    model.load_adapter(run)
+    load_trainables(model, run)
     model.eval()
     return recipe, model

@@ -17,8 +17,9 @@ import torch
 
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.config import VisionConfig
-from adaptkit.data.features import encode_images, open_image
+from adaptkit.data.features import encode_images
 from adaptkit.data.formats import load_easyvqa
+from adaptkit.data.images import open_image
 
 COLORS = {"red", "green", "blue", "black", "gray", "teal", "yellow", "brown"}
 SHAPES = {"circle", "rectangle", "triangle"}

@@ -5,9 +5,9 @@
 The recipe is set up as ``adaptkit train`` sets it up (``adaptkit.train.setup``: model, feature cache,
 packed and length-grouped batches, compiled layers, lower-layer state cache) in a temporary run
 directory, LoRA on. Then real training steps (``train_step``: forward, backward, clipping, AdamW) run on
-consecutive batches with ``MultimodalModel.answer_only_last_layer`` on and off in ABBA order (which cancels a
-linear drift of the machine's speed), after warm-up steps of both. Prints the median step time of each
-and their ratio; the last stdout line is one JSON object.
+consecutive batches with ``DecoderRun.answer_only_last_layer`` (``model.fusion.run``) on and off in
+ABBA order (which cancels a linear drift of the machine's speed), after warm-up steps of both. Prints the
+median step time of each and their ratio; the last stdout line is one JSON object.
 """
 
 from __future__ import annotations
@@ -40,7 +40,7 @@ def main() -> None:
         times: dict[bool, list[float]] = {True: [], False: []}
         order = [True, False] * args.warmup + [True, False, False, True] * ((args.pairs + 1) // 2)
         for n, answer_only in enumerate(order):
-            run.model.answer_only_last_layer = answer_only
+            run.model.fusion.run.answer_only_last_layer = answer_only
             batch = next(batches)
             start = time.perf_counter()
             train_step(run, batch)

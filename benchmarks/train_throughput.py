@@ -42,10 +42,14 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adaptkit.config import load_recipe
 from adaptkit.data.collate import pack_runs
-from adaptkit.data.features import FeatureBank, encode_images, open_image
+from adaptkit.data.features import FeatureBank, encode_images
+from adaptkit.data.images import open_image
 from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches
 from adaptkit.data.splits import subset
 from adaptkit.model import build_model, prepare_for_training
+from adaptkit.model.batch import Batch
+from adaptkit.model.decoder import IMAGE_KWARG
+from adaptkit.model.fusion import CrossAttention
 from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
 from adaptkit.tasks import get_task
 from adaptkit.train import build_optimizer
@@ -106,15 +110,12 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         feats = bank.lookup(batch["image"])
         packing = {k: batch[k].to(device) for k in ("segment_ids", "positions") if k in batch}
         with autocast():
-            classes = batch.get("answer_class")
-            loss = model(
-                feats,
-                batch["input_ids"].to(device),
-                batch["attention_mask"].to(device),
-                batch["labels"].to(device),
-                None if classes is None else classes.to(device),
-                **packing,
-            )
+            lm = {
+                k: batch[k].to(device)
+                for k in ("input_ids", "attention_mask", "labels", "answer_class")
+                if k in batch
+            }
+            loss = model(Batch.of(feats, lm, **packing)).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -174,7 +175,7 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
         recipe, lora=replace(recipe.lora, enabled=False), adapter=replace(recipe.adapter, inject_layer=0)
     )
     base = build_model(plain, device)
-    cross = base.cross_attention
+    cross = isinstance(base.fusion, CrossAttention)
     vision, adapter, tokenizer = base.vision, base.adapter, base.tokenizer
     lm = get_peft_model(
         base.lm,
@@ -217,14 +218,16 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
         with autocast():
             text = embed(enc["input_ids"])
             soft = adapter(feats, text, enc["attention_mask"] * (labels == -100))  # prompt only
-            if cross is not None:  # the image tokens go to the blocks; no soft token in the sequence
-                cross.set(soft)
-                soft = soft[:, :0]
+            image = {}
+            if cross:  # the image tokens go to the blocks (carried by the LM call); none in the sequence
+                image, soft = {IMAGE_KWARG: soft}, soft[:, :0]
             embeds = torch.cat([soft.to(text.dtype), text], dim=1)
             ones = torch.ones(soft.shape[:2], dtype=enc["attention_mask"].dtype, device=device)
             mask = torch.cat([ones, enc["attention_mask"]], dim=1)
             soft_labels = torch.full(soft.shape[:2], -100, dtype=labels.dtype, device=device)
-            out = lm(inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([soft_labels, labels], 1))
+            out = lm(
+                inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([soft_labels, labels], 1), **image
+            )
         out.loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

@@ -106,6 +106,28 @@ def tiny_vqa(tmp_path_factory) -> Path:
     return path
 
 
+def loss_of(model, features, input_ids, attention_mask, labels=None, **kw):
+    """The training loss of a batch given as tensors (``MultimodalModel.forward`` reads a typed ``Batch``)."""
+    from adaptkit.model.batch import Batch
+
+    return model(Batch(features, input_ids, attention_mask, labels, **kw)).loss
+
+
+@torch.no_grad()
+def greedy_by_recomputing(model, feats, input_ids, attention_mask, steps):
+    """Greedy decoding that reruns the whole sequence for every token (no KV cache), left-padded rows:
+    the reference every cached generation path is checked against. Returns tokens and log-probabilities."""
+    ids, mask, tokens, logps = input_ids, attention_mask, [], []
+    for _ in range(steps):
+        logits = model.logits(feats, ids, mask)[0][:, -1].float().log_softmax(-1)
+        token = logits.argmax(-1)
+        tokens.append(token)
+        logps.append(logits.gather(-1, token[:, None])[:, 0])
+        ids = torch.cat([ids, token[:, None]], dim=1)
+        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+    return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
+
+
 # The path the shipped recipe took before its soft tokens moved up the LM: soft tokens at the LM's input,
 # prompt-conditioned queries, one question per sequence, plain shuffle, the longer prompt. Tests of that path
 # add these.

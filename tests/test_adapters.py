@@ -21,8 +21,10 @@ from adaptkit.data.formats import load_jsonl
 from adaptkit.export import export_run
 from adaptkit.inference import load_for_inference
 from adaptkit.model import build_model
+from adaptkit.model.batch import Batch
 from adaptkit.model.build import frozen_fingerprint
 from adaptkit.runs import load_run
+from tests.conftest import greedy_by_recomputing, loss_of
 from tests.test_distributed import _common, _train_two_processes
 from tests.test_resume import RECIPE, _assert_same_run, _overrides
 
@@ -74,7 +76,7 @@ def test_steps_change_every_trainable_and_nothing_frozen(kind, tiny_overrides, t
     # Two steps: zero-initialised parts (LoRA's B, xattn's gates) first move, then what they multiply.
     for _ in range(2):
         optimizer.zero_grad()
-        model(feats, batch["input_ids"], batch["attention_mask"], batch["labels"]).backward()
+        loss_of(model, feats, batch["input_ids"], batch["attention_mask"], batch["labels"]).backward()
         optimizer.step()
     assert frozen_fingerprint(model) == frozen
     unchanged = [n for n, p in model.trainable_parameters() if torch.equal(p, before[n])]
@@ -102,7 +104,7 @@ def test_train_save_load_export_and_predict(kind, tiny_overrides, tiny_vqa, tmp_
     args = (feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
     _, again = load_run(run)
     with torch.no_grad():
-        first, second = model.answer_logits(*args)[0], again.answer_logits(*args)[0]
+        first, second = model.answer_logits(Batch(*args))[0], again.answer_logits(Batch(*args))[0]
     torch.testing.assert_close(second, first, rtol=0, atol=0)
 
     # export (LoRA merged, LM saved for stock transformers), reloaded: the same answers as the run.
@@ -167,10 +169,11 @@ def test_packed_rows_give_the_unpacked_loss(kind, tiny_overrides, tiny_vqa):
     _give_gates_and_lora_weights(model)
     feats = _feats(model, n_images)
     with torch.no_grad():
-        loss_plain = model(
-            feats[plain["image"]], plain["input_ids"], plain["attention_mask"], plain["labels"]
+        loss_plain = loss_of(
+            model, feats[plain["image"]], plain["input_ids"], plain["attention_mask"], plain["labels"]
         )
-        loss_packed = model(
+        loss_packed = loss_of(
+            model,
             feats[packed["image"]],
             packed["input_ids"],
             packed["attention_mask"],
@@ -196,46 +199,32 @@ def test_zero_gates_compute_the_frozen_lm(kind, tiny_overrides, tiny_vqa):
     items, n_images = _batch(model, recipe, tiny_vqa)
     batch = collate_train(items, model.tokenizer.pad_token_id)
     feats = _feats(model, n_images)[batch["image"]]
-    embeds, mask = model.embed(feats, batch["input_ids"], batch["attention_mask"])
-    assert model.cross_attention.media is not None and embeds.shape[1] == batch["input_ids"].shape[1] + (
-        1 if model.inject_layer else 0
-    )
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    inp = model.lm_input(feats, batch["input_ids"], batch["attention_mask"])
+    # The image is carried to the blocks, and no soft token enters the sequence (a sink leads it at k > 0).
+    assert inp.image is not None and inp.n_lead == (1 if model.entry_layer else 0)
+    positions = (inp.mask.cumsum(-1) - 1).clamp(min=0)
+    stock = {"inputs_embeds": inp.embeds, "attention_mask": inp.mask, "position_ids": positions}
     with torch.no_grad():
-        fused = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
-        model.cross_attention.set(None)  # the LM alone, no block runs
-        alone = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        fused = model.logits(feats, batch["input_ids"], batch["attention_mask"])[0]
+        alone = model.lm(**stock).logits  # the LM alone: no image given, no block runs
+        through_stock = model.lm(**stock, **inp.kwargs()).logits  # transformers' call carries it too
     torch.testing.assert_close(fused, alone, rtol=0, atol=1e-6)
+    torch.testing.assert_close(through_stock, fused, rtol=0, atol=0)
     # ... and with open gates the image changes the logits (the blocks are wired in).
     _give_gates_and_lora_weights(model)
     with torch.no_grad():
-        model.embed(feats, batch["input_ids"], batch["attention_mask"])
-        opened = model.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
+        opened = model.logits(feats, batch["input_ids"], batch["attention_mask"])[0]
     assert (opened - alone).abs().max() > 1e-3
 
 
-def test_a_stale_image_batch_is_refused(tiny_overrides, tiny_vqa):
+def test_image_tokens_for_other_rows_are_refused(tiny_overrides, tiny_vqa):
     recipe = _recipe(tiny_overrides, "xattn", "adapter.xattn_layers=[0,1]")
     model = build_model(recipe).eval()
     items, n_images = _batch(model, recipe, tiny_vqa)
     batch = collate_train(items, model.tokenizer.pad_token_id)
-    model.embed(_feats(model, n_images)[batch["image"]], batch["input_ids"], batch["attention_mask"])
+    inp = model.lm_input(_feats(model, n_images)[batch["image"]], batch["input_ids"], batch["attention_mask"])
     with pytest.raises(RuntimeError, match="image tokens for 8"):
-        model.lm(input_ids=batch["input_ids"][:3])
-
-
-def _greedy_by_recomputing(model, feats, input_ids, attention_mask, steps):
-    """Greedy decoding that reruns the whole sequence for every token (no KV cache), left-padded rows."""
-    ids, mask, out = input_ids, attention_mask, []
-    for _ in range(steps):
-        embeds, full_mask = model.embed(feats, ids, mask)
-        positions = (full_mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model.lm(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions).logits
-        token = logits[:, -1].argmax(-1)
-        out.append(token)
-        ids = torch.cat([ids, token[:, None]], dim=1)
-        mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
-    return torch.stack(out, dim=1)
+        model.lm(input_ids=batch["input_ids"][:3], **inp.kwargs())
 
 
 @pytest.mark.parametrize("kind", NEW)
@@ -248,11 +237,11 @@ def test_generation_with_kv_cache_equals_recomputing(kind, tiny_overrides, tiny_
     prompts = collate_prompts(items, model.tokenizer.pad_token_id)
     feats = _feats(model, n_images)[prompts["image"]]
     args = (feats, prompts["input_ids"], prompts["attention_mask"])
-    expected = _greedy_by_recomputing(model, *args, steps=3)
+    expected, _ = greedy_by_recomputing(model, *args, steps=3)
     with torch.no_grad():
-        cached, _ = model.greedy(*args, max_new_tokens=3, stop_at_eos=False)  # cached prompt states
-        model.prompt_cache.max_mb = 0
-        full, _ = model.greedy(*args, max_new_tokens=3, stop_at_eos=False)  # transformers' generate
+        cached, _ = model.greedy(*args, max_new_tokens=3, stop_at_eos=False)  # stored prompt states
+        model.fusion.prompt_mb = 0
+        full, _ = model.greedy(*args, max_new_tokens=3, stop_at_eos=False)  # the whole model
     assert torch.equal(full, expected) and torch.equal(cached, expected)
 
 
@@ -294,7 +283,7 @@ def test_projector_and_resampler_soft_token_counts(tiny_overrides):
     assert build_model(_recipe(tiny_overrides, "projector_pooled")).adapter.num_tokens == 2
     assert build_model(_recipe(tiny_overrides, "resampler")).adapter.num_tokens == 4  # num_queries
     model = build_model(_recipe(tiny_overrides, "xattn"))
-    assert model.adapter.num_tokens == 0 and model.inject_layer == 1 and model.adapter.num_media == 4
+    assert model.adapter.num_tokens == 0 and model.entry_layer == 1 and model.adapter.num_media == 4
 
 
 @pytest.mark.parametrize("kind", ["qformer", "xattn"])
@@ -318,7 +307,7 @@ def test_compiled_lm_layers_give_the_same_loss_and_gradients(kind, tiny_override
         )
         out = []
         for width in (5, 4):  # two sequence lengths: one dynamic-shape graph
-            loss = model(feats, ids[:, :width], torch.ones_like(ids[:, :width]), labels[:, :width])
+            loss = loss_of(model, feats, ids[:, :width], torch.ones_like(ids[:, :width]), labels[:, :width])
             loss.backward()
             out.append((loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
             model.zero_grad()

@@ -15,7 +15,8 @@ from adaptkit.cli import main
 from adaptkit.config import AugmentConfig, RecipeError, VisionConfig, load_recipe
 from adaptkit.data.augment import augment_image, border_colour, make_view, view_choice, view_key
 from adaptkit.data.feature_cache import FeatureCache, file_key
-from adaptkit.data.features import FeatureBank, OnTheFlyFeatures, encode_images, open_image
+from adaptkit.data.features import FeatureBank, OnTheFlyFeatures, encode_images
+from adaptkit.data.images import open_image
 from tests.conftest import draw_sample
 
 CFG = AugmentConfig(

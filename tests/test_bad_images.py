@@ -11,8 +11,8 @@ import pytest
 from PIL import Image
 
 from adaptkit.cli import main
-from adaptkit.data.features import open_image
 from adaptkit.data.formats import DataError
+from adaptkit.data.images import open_image
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "easyvqa_qformer_lora.yaml")

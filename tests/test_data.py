@@ -7,8 +7,9 @@ import torch
 
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.config import VisionConfig
-from adaptkit.data.features import FeatureBank, open_image
+from adaptkit.data.features import FeatureBank
 from adaptkit.data.formats import DataError, load_easyvqa, load_jsonl, load_vqa
+from adaptkit.data.images import open_image
 
 
 def _write(path, lines):

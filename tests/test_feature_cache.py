@@ -10,8 +10,9 @@ import torch
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.config import VisionConfig
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.data.features import FeatureBank, OnTheFlyFeatures, encode_images, open_image
+from adaptkit.data.features import FeatureBank, OnTheFlyFeatures, encode_images
 from adaptkit.data.formats import DataError
+from adaptkit.data.images import open_image
 from tests.conftest import draw_sample
 
 

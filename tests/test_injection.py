@@ -13,8 +13,8 @@ from adaptkit.data.formats import load_jsonl
 from adaptkit.export import export_run
 from adaptkit.inference import load_for_inference
 from adaptkit.model import build_model
-from adaptkit.model.generation import greedy_full
 from adaptkit.train import train
+from tests.conftest import greedy_by_recomputing, loss_of
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
@@ -41,7 +41,9 @@ def _model_and_batches(overrides, tiny_vqa, extra=()):
 
 def _loss_and_grads(model, feats, batch, **kw):
     model.zero_grad(set_to_none=True)
-    loss = model(feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"], **kw)
+    loss = loss_of(
+        model, feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"], **kw
+    )
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
@@ -56,7 +58,7 @@ def test_cached_lower_states_give_the_full_forward_loss_and_gradients(tiny_overr
     model, plain, packed, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
     loss_full, grads_full = _loss_and_grads(model, feats, plain)
     assert any("lora_" in n for n in grads_full) and any(n.startswith("adapter.") for n in grads_full)
-    cache = model.use_lower_state_cache(max_mb=64)
+    cache = model.fusion.use_lower_states(max_mb=64)
     loss_cached, grads_cached = _loss_and_grads(model, feats, plain)
     lengths = plain["attention_mask"].sum(-1).tolist()
     texts = {tuple(ids[:n]) for ids, n in zip(plain["input_ids"].tolist(), lengths)}
@@ -82,14 +84,14 @@ def test_the_injected_tokens_carry_the_image(tiny_overrides, tiny_vqa):
     args = (plain["input_ids"], plain["attention_mask"], plain["labels"])
     other = torch.randn_like(feats)
     with torch.no_grad():
-        a, b = model(feats[plain["image"]], *args), model(other[plain["image"]], *args)
-        model.use_lower_state_cache(max_mb=64)
-        c = model(other[plain["image"]], *args)
+        a, b = loss_of(model, feats[plain["image"]], *args), loss_of(model, other[plain["image"]], *args)
+        model.fusion.use_lower_states(max_mb=64)
+        c = loss_of(model, other[plain["image"]], *args)
     assert abs(a - b) > 1e-4
     torch.testing.assert_close(c, b, atol=1e-5, rtol=1e-5)
 
 
-def test_generation_injects_once_and_matches_the_training_forward(tiny_overrides, tiny_vqa):
+def test_generation_matches_the_scoring_forward_and_the_stock_lm_call(tiny_overrides, tiny_vqa):
     model, _, _, feats, items = _model_and_batches(tiny_overrides, tiny_vqa)
     model.eval()
     prompts = collate_prompts(items, model.tokenizer.pad_token_id)
@@ -97,43 +99,48 @@ def test_generation_injects_once_and_matches_the_training_forward(tiny_overrides
         feats[prompts["image"]], prompts["input_ids"], prompts["attention_mask"], 3
     )
     assert len(answers) == len(items) and all(0.0 <= s <= 1.0 for s in scores)
-    assert model.injection.pending is None
-    # The first generated token's score equals the next-token probability of the scoring forward pass.
+    # The first generated token's score is the next-token probability of the scoring forward pass, and of
+    # transformers' own causal-LM call given the same input (the soft tokens spliced in at layer 1).
+    one = collate_prompts(items[:1], model.tokenizer.pad_token_id)
+    args = (feats[one["image"]], one["input_ids"], one["attention_mask"])
     with torch.no_grad():
-        one = collate_prompts(items[:1], model.tokenizer.pad_token_id)
-        embeds, mask = model.embed(feats[one["image"]], one["input_ids"], one["attention_mask"])
-        logits = model.lm(inputs_embeds=embeds, attention_mask=mask).logits[0, -1]
-        out = model.lm.generate(
-            inputs_embeds=model.embed(feats[one["image"]], one["input_ids"], one["attention_mask"])[0],
-            attention_mask=mask,
-            max_new_tokens=1,
-            do_sample=False,
-            output_scores=True,
-            return_dict_in_generate=True,
-            pad_token_id=model.tokenizer.pad_token_id,
-        )
-    torch.testing.assert_close(out.scores[0][0], logits, atol=1e-4, rtol=1e-4)
+        logits = model.logits(*args)[0][0, -1].log_softmax(-1)
+        inp = model.lm_input(*args)
+        stock = model.lm(inputs_embeds=inp.embeds, attention_mask=inp.mask, **inp.kwargs()).logits[0, -1]
+        alone = model.lm(inputs_embeds=inp.embeds, attention_mask=inp.mask).logits[0, -1]  # placeholders only
+        tokens, logp = model.greedy(*args, max_new_tokens=1, stop_at_eos=False)
+    torch.testing.assert_close(stock.log_softmax(-1), logits, atol=1e-5, rtol=1e-5)
+    assert (alone.log_softmax(-1) - logits).abs().max() > 1e-4  # without the image the LM says otherwise
+    assert tokens[0, 0] == logits.argmax() and abs(float(logp[0, 0] - logits.max())) < 1e-5
 
 
 def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_overrides, tiny_vqa):
     """Generation looks up each prompt's states and keys/values below the injection layer per text and
-    runs only the upper layers on the prompt; tokens and log-probabilities equal transformers'
-    ``generate`` on the whole model, for left-padded prompts of several lengths, over several steps."""
+    runs only the upper layers on the prompt; tokens and log-probabilities equal the whole model's, and
+    recomputing the whole sequence for every token, for left-padded prompts of several lengths, over
+    several steps."""
     model, _, _, feats, items = _model_and_batches(tiny_overrides, tiny_vqa)
     model.eval()
     prompts = collate_prompts(items, model.tokenizer.pad_token_id)
     lengths = prompts["attention_mask"].sum(-1)
     assert lengths.min() < lengths.max()  # left padding is exercised
     args = (feats[prompts["image"]], prompts["input_ids"], prompts["attention_mask"], 4)
+    model.fusion.prompt_mb = 0  # the whole model
     with torch.no_grad():
-        want_tokens, want_logp = greedy_full(model, *args, stop_at_eos=False)
+        want_tokens, want_logp = model.greedy(*args, stop_at_eos=False)
+    assert model.fusion.prompt_store() is None
+    model.fusion.prompt_mb = 256
+    with torch.no_grad():
         got_tokens, got_logp = model.greedy(*args, stop_at_eos=False)
-    cache = model.prompt_cache.cache
+    cache = model.fusion.prompt_store()
     texts = {tuple(ids[-n:]) for ids, n in zip(prompts["input_ids"].tolist(), lengths.tolist())}
     assert cache is not None and cache.misses == len(texts)  # the injected path ran, once per text
     assert got_tokens.shape == (len(items), 4)
     assert torch.equal(got_tokens, want_tokens)
     torch.testing.assert_close(got_logp, want_logp, atol=1e-5, rtol=1e-5)
+    recomputed_tokens, recomputed_logp = greedy_by_recomputing(model, *args[:3], steps=4)
+    assert torch.equal(recomputed_tokens, want_tokens)
+    torch.testing.assert_close(recomputed_logp, want_logp, atol=1e-5, rtol=1e-5)
     # Again, all from the cache, now stopping at EOS: the answers and scores of `generate` as before.
     hits = cache.hits
     with torch.no_grad():
@@ -152,10 +159,11 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
     # The cache follows the LM: kept while it stays put, recomputed after a change of dtype.
     with torch.no_grad():
         model.greedy(*args, stop_at_eos=False)
-        assert model.prompt_cache.cache is cache
+        assert model.fusion.prompt_store() is cache
         model.double()
         wide_tokens, wide_logp = model.greedy(args[0].double(), *args[1:], stop_at_eos=False)
-    assert model.prompt_cache.cache is not cache and model.prompt_cache.cache.lead.dtype == torch.float64
+    wide = model.fusion.prompt_store()
+    assert wide is not cache and wide.lead.dtype == torch.float64
     assert torch.equal(wide_tokens, want_tokens)
     torch.testing.assert_close(wide_logp, want_logp, atol=1e-4, rtol=1e-4)
     # lower_state_cache_mb=0: generation runs the whole model and keeps nothing.
@@ -163,7 +171,7 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
     off.eval()
     with torch.no_grad():
         off_tokens, off_logp = off.greedy(*args, stop_at_eos=False)
-    assert off.prompt_cache.max_mb == 0 and off.prompt_cache.cache is None
+    assert off.fusion.prompt_mb == 0 and off.fusion.prompt_store() is None
     assert torch.equal(off_tokens, want_tokens)
     torch.testing.assert_close(off_logp, want_logp, atol=1e-5, rtol=1e-5)
 
@@ -171,9 +179,9 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
 def test_lower_state_cache_stays_within_its_budget(tiny_overrides, tiny_vqa):
     model, plain, _, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
     per_token = 64 * 4  # hidden 64, float32
-    cache = model.use_lower_state_cache(max_mb=20 * per_token / 2**20)
+    cache = model.fusion.use_lower_states(max_mb=20 * per_token / 2**20)
     with torch.no_grad():
-        model(feats[plain["image"]], plain["input_ids"], plain["attention_mask"], plain["labels"])
+        loss_of(model, feats[plain["image"]], plain["input_ids"], plain["attention_mask"], plain["labels"])
     assert 0 < cache.bytes <= 20 * per_token and len(cache.store) < 7
 
 
@@ -200,7 +208,7 @@ def test_training_export_and_prediction_with_injection(tiny_overrides, tiny_vqa,
     assert manifest["verification"]["passed"] and manifest["verification"]["answers_identical"] == 1.0
     sample = load_jsonl(tiny_vqa).samples[0]
     trained, exported = load_for_inference(run), load_for_inference(tmp_path / "export")
-    assert trained.model.inject_layer == exported.model.inject_layer == 1
+    assert trained.model.entry_layer == exported.model.entry_layer == 1
     got, want = exported.answer(sample.image, sample.question), trained.answer(sample.image, sample.question)
     assert got.text == want.text and abs(got.score - want.score) < 1e-4
     assert [a for a, _ in got.top] == [a for a, _ in want.top]

@@ -7,6 +7,7 @@ from adaptkit.backbones.language import load_language_model
 from adaptkit.config import LanguageConfig, load_recipe
 from adaptkit.model import build_model, count_parameters, frozen_fingerprint
 from adaptkit.train import param_groups
+from tests.conftest import loss_of
 
 
 def test_fp32_load_is_frozen(tiny_lm_dir):
@@ -34,9 +35,9 @@ def test_quantized_lm_trains_a_step_on_cpu(quant, layer_type, tiny_overrides):
     ids = torch.tensor([[5, 6, 7, 8], [6, 7, 8, 9]])
     labels = torch.tensor([[-100, -100, 8, 9], [-100, -100, -100, 4]])
     with torch.no_grad():  # an evaluation first, as during training (bitsandbytes may repack weights here)
-        model.eval()(torch.randn(2, 4, 1280), ids, torch.ones_like(ids), labels)
+        loss_of(model.eval(), torch.randn(2, 4, 1280), ids, torch.ones_like(ids), labels)
     model.train()
-    loss = model(torch.randn(2, 4, 1280), ids, torch.ones_like(ids), labels)
+    loss = loss_of(model, torch.randn(2, 4, 1280), ids, torch.ones_like(ids), labels)
     assert torch.isfinite(loss)
     loss.backward()
     optimizer.step()

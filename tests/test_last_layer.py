@@ -98,16 +98,16 @@ def test_training_loss_and_gradients_equal_the_full_last_layer(
     extra.append("lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")  # the last layer's k/v LoRA too
     model, plain, packed, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa, extra)
     if inject:
-        model.use_lower_state_cache(max_mb=64)
+        model.fusion.use_lower_states(max_mb=64)
     packing = dict(segment_ids=packed["segment_ids"], positions=packed["positions"])
     calls = []
     spy = last_layer.last_layer_at
     monkeypatch.setattr(last_layer, "last_layer_at", lambda *a: calls.append(1) or spy(*a))
 
-    model.answer_only_last_layer = False
+    model.fusion.run.answer_only_last_layer = False
     want = _loss_and_grads(model, feats, plain)
     assert not calls
-    model.answer_only_last_layer = True
+    model.fusion.run.answer_only_last_layer = True
     for batch, kw in ((plain, {}), (packed, packing)):
         loss, grads = _loss_and_grads(model, feats, batch, **kw)
         torch.testing.assert_close(loss, want[0], atol=1e-5, rtol=1e-5)

@@ -6,7 +6,8 @@ from adaptkit.config import load_recipe
 from adaptkit.data.collate import VQADataset, collate_prompts, collate_train
 from adaptkit.data.formats import load_jsonl
 from adaptkit.model import build_model
-from tests.conftest import AT_INPUT
+from adaptkit.model.trainables import load_trainables, save_trainables
+from tests.conftest import AT_INPUT, loss_of
 
 
 def _setup(tiny_overrides, tiny_vqa):
@@ -37,12 +38,16 @@ def test_target_only_loss_matches_full_logit_loss(tiny_overrides, tiny_vqa):
     _, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
     batch = collate_train([dataset[i] for i in (0, 1, 2, 5)], model.tokenizer.pad_token_id)
     f = feats[batch["image"]]
-    ours = model(f, batch["input_ids"], batch["attention_mask"], batch["labels"])
+    ours = loss_of(model, f, batch["input_ids"], batch["attention_mask"], batch["labels"])
     prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
-    embeds, mask = model.embed(f, batch["input_ids"], batch["attention_mask"], prompt_mask)
-    soft = torch.full((len(f), embeds.shape[1] - batch["labels"].shape[1]), -100)
+    inp = model.lm_input(f, batch["input_ids"], batch["attention_mask"], prompt_mask)
+    lead = torch.full((len(f), inp.n_lead), -100)
+    # The stock causal-LM call, the image carried to the layers as the model's passes carry it.
     reference = model.lm(
-        inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([soft, batch["labels"]], 1)
+        inputs_embeds=inp.embeds,
+        attention_mask=inp.mask,
+        labels=torch.cat([lead, batch["labels"]], 1),
+        **inp.kwargs(),
     )
     torch.testing.assert_close(ours, reference.loss, atol=1e-5, rtol=1e-5)
 
@@ -84,13 +89,13 @@ def test_save_and_load_trainables_round_trip(tiny_overrides, tiny_vqa, tmp_path)
     recipe, model, dataset, feats = _setup(tiny_overrides, tiny_vqa)
     batch = collate_train([dataset[i] for i in range(4)], model.tokenizer.pad_token_id)
     args = (feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"])
-    before = model(*args)
-    model.save_trainables(tmp_path)
+    before = loss_of(model, *args)
+    save_trainables(model, tmp_path)
     assert (tmp_path / "adapter.safetensors").is_file()
     assert (tmp_path / "lora" / "adapter_config.json").is_file()
     fresh = build_model(recipe, lora_dir=tmp_path / "lora").eval()
-    fresh.load_adapter(tmp_path)
-    torch.testing.assert_close(fresh(*args), before)
+    load_trainables(fresh, tmp_path)
+    torch.testing.assert_close(loss_of(fresh, *args), before)
 
 
 def test_text_conditioned_adapter_reads_the_prompt_but_never_the_answer(tiny_overrides, tiny_vqa):
@@ -99,17 +104,18 @@ def test_text_conditioned_adapter_reads_the_prompt_but_never_the_answer(tiny_ove
     f = feats[batch["image"]]
     ids, mask, labels = batch["input_ids"], batch["attention_mask"], batch["labels"]
     prompt_mask = mask * (labels == -100)
-    soft, _ = model.embed(f, ids, mask, prompt_mask)
+    inp = model.lm_input(f, ids, mask, prompt_mask)
+    soft, n_soft = inp.embeds, inp.n_lead
+    assert n_soft == model.adapter.num_tokens  # at the LM's input: the soft tokens lead the sequence
     # Changing an answer token must not change the soft tokens (no leak of the target into the adapter).
     changed = ids.clone()
     changed[labels != -100] = model.tokenizer.convert_tokens_to_ids("blue")
-    soft_changed, _ = model.embed(f, changed, mask, prompt_mask)
-    n_soft = soft.shape[1] - ids.shape[1]
+    soft_changed = model.lm_input(f, changed, mask, prompt_mask).embeds
     torch.testing.assert_close(soft_changed[:, :n_soft], soft[:, :n_soft])
     # Changing a question token does change them.
     other = ids.clone()
     other[:, 1] = model.tokenizer.convert_tokens_to_ids("circle")
-    soft_other, _ = model.embed(f, other, mask, prompt_mask)
+    soft_other = model.lm_input(f, other, mask, prompt_mask).embeds
     assert not torch.allclose(soft_other[:, :n_soft], soft[:, :n_soft])
 
 
@@ -126,7 +132,7 @@ def test_activation_checkpointing_gives_the_same_loss_and_gradients(tiny_overrid
         model = build_model(recipe).train()
         layers = model.base_lm.get_decoder().layers
         assert all(layer.gradient_checkpointing == bool(every) for layer in layers)
-        loss = model(feats, ids, torch.ones_like(ids), labels)
+        loss = loss_of(model, feats, ids, torch.ones_like(ids), labels)
         loss.backward()
         results.append((loss.detach(), {n: p.grad.clone() for n, p in model.trainable_parameters()}))
     (loss0, grads0), (loss1, grads1) = results

@@ -15,7 +15,7 @@ from adaptkit.model import build_model, compile_lm_layers
 from adaptkit.objectives import Objectives
 from adaptkit.tasks import get_task
 from adaptkit.train import param_groups, train
-from tests.conftest import AT_INPUT
+from tests.conftest import AT_INPUT, loss_of
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
@@ -48,25 +48,32 @@ def test_loss_is_the_weighted_sum_of_lm_and_classification(tiny_overrides, tiny_
     # At the LM's input, so the soft tokens can be read back from the embedded sequence below.
     _, model, batch, feats, vocab = _model_and_batch([*tiny_overrides, *AT_INPUT], tiny_vqa)
     args = (feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
-    total = model(*args, batch["answer_class"])
-    lm_only = model(*args)  # no classes given: the LM loss alone
+    total = loss_of(model, *args, answer_class=batch["answer_class"])
+    lm_only = loss_of(model, *args)  # no classes given: the LM loss alone
     # The classification loss from scratch: the head on the mean of the soft tokens the LM is given.
     prompt_mask = batch["attention_mask"] * (batch["labels"] == -100)
-    embeds, _ = model.embed(feats, batch["input_ids"], batch["attention_mask"], prompt_mask)
-    soft = embeds[:, : embeds.shape[1] - batch["input_ids"].shape[1]]
+    inp = model.lm_input(feats, batch["input_ids"], batch["attention_mask"], prompt_mask)
+    soft = inp.embeds[:, : inp.n_lead]
     head = model.objectives.heads["classify"]
     logits = head.proj(F.layer_norm(soft.mean(1), (soft.shape[-1],), head.norm.weight, head.norm.bias))
     cls = F.cross_entropy(logits, batch["answer_class"])
     torch.testing.assert_close(total, lm_only + 0.5 * cls)
     assert set(model.loss_parts) == {"lm"}  # the last call had no classes
-    model(*args, batch["answer_class"])
+    loss_of(model, *args, answer_class=batch["answer_class"])
     torch.testing.assert_close(model.loss_parts["classify"], cls.detach())
     assert [vocab[c] for c in batch["answer_class"]][:2] == ["red", "circle"]
 
 
 def test_classification_alone_trains_the_adapter_and_head_not_lora(tiny_overrides, tiny_vqa):
     recipe, model, batch, feats, _ = _model_and_batch(tiny_overrides, tiny_vqa, weights=(0.0, 1.0))
-    loss = model(feats, batch["input_ids"], batch["attention_mask"], batch["labels"], batch["answer_class"])
+    loss = loss_of(
+        model,
+        feats,
+        batch["input_ids"],
+        batch["attention_mask"],
+        batch["labels"],
+        answer_class=batch["answer_class"],
+    )
     loss.backward()
     head = model.objectives.heads["classify"]
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in head.parameters())
@@ -82,13 +89,13 @@ def test_unknown_answers_are_ignored(tiny_overrides, tiny_vqa):
     args = (feats, batch["input_ids"], batch["attention_mask"], batch["labels"])
     classes = batch["answer_class"].clone()
     classes[2:] = -100
-    partial = model(*args, classes)
-    alone = model(*[a[:2] for a in args], batch["answer_class"][:2])
+    partial = loss_of(model, *args, answer_class=classes)
+    alone = loss_of(model, *[a[:2] for a in args], answer_class=batch["answer_class"][:2])
     cls_first_two = model.loss_parts["classify"]
-    torch.testing.assert_close(partial - model(*args), 0.5 * cls_first_two)
+    torch.testing.assert_close(partial - loss_of(model, *args), 0.5 * cls_first_two)
     assert alone.isfinite()
-    everything_unknown = model(*args, torch.full_like(classes, -100))
-    torch.testing.assert_close(everything_unknown, model(*args))
+    everything_unknown = loss_of(model, *args, answer_class=torch.full_like(classes, -100))
+    torch.testing.assert_close(everything_unknown, loss_of(model, *args))
 
 
 def test_objective_weights_are_checked(tiny_overrides):
@@ -129,7 +136,7 @@ def test_compiled_layers_on_a_4bit_lm_match_eager(tiny_overrides):
         model = build_model(load_recipe(RECIPE, [*tiny_overrides, "language.quant=4bit"])).train()
         if compiled:
             compile_lm_layers(model)
-        loss = model(feats, ids, torch.ones_like(ids), labels)
+        loss = loss_of(model, feats, ids, torch.ones_like(ids), labels)
         loss.backward()
         losses.append(loss.detach())
         assert model.adapter.out_proj.weight.grad is not None

@@ -13,6 +13,7 @@ from adaptkit.data.formats import load_jsonl
 from adaptkit.data.sampling import ImagePackedBatches
 from adaptkit.model import build_model
 from adaptkit.train import train
+from tests.conftest import loss_of
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 PACKED = ["adapter.text_conditioned=false", "pack_questions=3"]
@@ -82,7 +83,7 @@ def test_packed_rows_give_the_unpacked_loss_and_gradients(tiny_overrides, tiny_v
     def loss_and_grads(batch, **kw):
         model.zero_grad(set_to_none=True)
         args = (feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"])
-        loss = model(*args, **kw)
+        loss = loss_of(model, *args, **kw)
         loss.backward()
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
         return loss.detach(), grads
@@ -102,9 +103,9 @@ def test_without_the_segment_mask_questions_would_see_each_other(tiny_overrides,
     model, packed, plain, feats = _packed_and_unpacked(tiny_overrides, tiny_vqa)
     with torch.no_grad():
         args = (feats[plain["image"]], plain["input_ids"], plain["attention_mask"], plain["labels"])
-        loss_plain = model(*args)
+        loss_plain = loss_of(model, *args)
         args = (feats[packed["image"]], packed["input_ids"], packed["attention_mask"], packed["labels"])
-        loss_causal = model(*args)
+        loss_causal = loss_of(model, *args)
     assert abs(loss_causal - loss_plain) > 1e-3
 
 

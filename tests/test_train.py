@@ -8,7 +8,9 @@ import torch
 
 from adaptkit.config import RecipeError, load_recipe
 from adaptkit.model import build_model
+from adaptkit.model.trainables import load_trainables, save_trainables
 from adaptkit.train import build_optimizer, build_scheduler, param_groups, train
+from tests.conftest import loss_of
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
@@ -95,9 +97,9 @@ def test_adapter_only_phase_leaves_lora_untouched(tiny_overrides):
     ids = torch.tensor([[5, 6, 7, 8]])
     labels = torch.tensor([[-100, -100, 8, 9]])
     feats = torch.randn(1, 4, 1280)
-    with_lora = model(feats, ids, torch.ones_like(ids), labels)
+    with_lora = loss_of(model, feats, ids, torch.ones_like(ids), labels)
     model.lora_active = False
-    without = model(feats, ids, torch.ones_like(ids), labels)
+    without = loss_of(model, feats, ids, torch.ones_like(ids), labels)
     without.backward()
     assert not torch.equal(with_lora, without)
     lora_grads = [p.grad for n, p in model.lm.named_parameters() if "lora_" in n]
@@ -114,9 +116,9 @@ def test_feature_standardization_is_saved_with_the_adapter(tiny_overrides, tmp_p
     model.adapter.set_feature_stats(torch.full((1280,), 5.0), torch.full((1280,), 3.0))
     after = model.adapter(feats)
     assert not torch.allclose(before, after)
-    model.save_trainables(tmp_path)
+    save_trainables(model, tmp_path)
     fresh = build_model(recipe, lora_dir=tmp_path / "lora")
-    fresh.load_adapter(tmp_path)
+    load_trainables(fresh, tmp_path)
     torch.testing.assert_close(fresh.adapter(feats), after)
 
 

@@ -18,11 +18,11 @@ from adaptkit.adapters import ADAPTERS, build_adapter
 from adaptkit.backbones.language import load_language_model
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.data.feature_cache import tensor_digest
-from adaptkit.model.lower_states import LowerStateCache
 from adaptkit.model.multimodal import MultimodalModel
 
 if TYPE_CHECKING:
     from adaptkit.config import Recipe
+    from adaptkit.model.lower_states import LowerStateCache
 
 log = logging.getLogger(__name__)
 
@@ -47,13 +47,13 @@ def prepare_for_training(model: MultimodalModel, recipe: Recipe) -> LowerStateCa
     state cache when the soft tokens enter at ``adapter.inject_layer`` > 0, and ``torch.compile`` of the
     LM layers when ``compile`` is on. Returns the cache, if any."""
     cache = None
-    if model.inject_layer and recipe.lower_state_cache_mb > 0:
-        cache = model.use_lower_state_cache(recipe.lower_state_cache_mb)
+    if model.entry_layer and recipe.lower_state_cache_mb > 0:
+        cache = model.fusion.use_lower_states(recipe.lower_state_cache_mb)
         log.info(
             "the image enters LM layer %d: the %d layers below it see text only; their states are computed "
             "once per distinct text and kept in memory (up to %g MB)",
-            model.inject_layer,
-            model.inject_layer,
+            model.entry_layer,
+            model.entry_layer,
             recipe.lower_state_cache_mb,
         )
     if recipe.compile:
@@ -166,8 +166,8 @@ def build_model(
             layers_pattern="layers" if inject else None,
         )
         lm = get_peft_model(lm, lora)
-    model = MultimodalModel(vision, adapter, lm, tokenizer, inject_layer=inject)
-    model.prompt_cache.max_mb = recipe.lower_state_cache_mb
+    model = MultimodalModel(vision, adapter, lm, tokenizer, entry_layer=inject)
+    model.fusion.prompt_mb = recipe.lower_state_cache_mb
     attach_text_side(model, recipe, device)
     if recipe.activation_checkpointing:
         # Recompute each checkpointed LM layer's activations in the backward pass instead of keeping them:

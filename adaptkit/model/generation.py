@@ -1,47 +1,64 @@
-"""Greedy decoding for a :class:`~adaptkit.model.multimodal.MultimodalModel`: through transformers'
-``generate`` on the whole model, or, with soft tokens at layer k > 0, from cached prompt states.
+"""Greedy decoding for a :class:`~adaptkit.model.multimodal.MultimodalModel`.
 
-With ``adapter.inject_layer`` k a prompt's states entering layer k and its keys/values in the layers below
-k depend on its text alone, so they are looked up per distinct text (:class:`PromptCache`), the prompt
-runs through layers k.. only, and every new token then runs through all layers against those keys.
-Same arithmetic as the full pass (tests/test_injection.py); on easy-VQA's test split, whose 9,673
-questions share 107 prompts, two thirds of the prompt work disappears.
+One loop for every fusion: the prompt pass fills a KV cache of every decoder layer and gives the first
+token's logits, then each new token runs through the LM alone against that cache (with the image for
+cross-attention blocks, which every new token reads again). The prompt pass runs through the whole model,
+or, with the image entering at layer k > 0 and a prompt store (``Fusion.prompt_store``), looks each
+prompt's states entering layer k and its keys/values below k up by text and runs only layers k.. on the
+image: same arithmetic (tests/test_injection.py), and on easy-VQA's test split, whose 9,673 questions
+share 107 prompts, two thirds of the prompt work disappears.
 """
 
 from __future__ import annotations
 
 import torch
 from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
-from adaptkit.model.lower_states import LowerStateCache, cache_kwarg, decoder_slice
+from adaptkit.model.decoder import IMAGE_KWARG, LMInput, cache_kwarg
+from adaptkit.model.lower_states import LowerStateCache
 
 
-class PromptCache:
-    """The generation cache of prompts' lower-layer states and keys/values, made on first use and again
-    when the LM's device or dtype changes; least recently used entries go beyond ``max_mb`` (0: always
-    generate through the whole model)."""
+def _stored_prompts(model, store: LowerStateCache, text, out, input_ids, attention_mask):
+    """The prompts' states entering layer k (sink, soft tokens, stored text states) as an :class:`LMInput`
+    and the keys and values of the layers below k, ``(k, 2, B, kv_heads, T, head_dim)``, for left-padded
+    prompts."""
+    fusion = model.fusion
+    soft = fusion.in_sequence(out).to(text.dtype)
+    rows, width = input_ids.shape
+    lengths = attention_mask.sum(-1).tolist()
+    texts = [tuple(ids[width - n :]) for ids, n in zip(input_ids.tolist(), lengths)]  # left-padded
+    entries = store.entries(texts, model.base_lm.get_input_embeddings())
+    n_lead = store.lead.shape[0]
+    total = n_lead + width
+    hidden = text.new_zeros(rows, total, text.shape[-1])
+    hidden[:, 0] = store.lead[0].to(text.dtype)  # the sink token's state; soft tokens follow
+    hidden[:, 1:n_lead] = soft
+    lead_kv = store.lead_kv
+    kv = lead_kv.new_zeros(*lead_kv.shape[:2], rows, lead_kv.shape[2], total, lead_kv.shape[-1])
+    kv[..., :n_lead, :] = lead_kv[:, :, None]
+    for row, (n, (states, text_kv)) in enumerate(zip(lengths, entries)):
+        hidden[row, total - n :] = states.to(text.dtype)
+        kv[:, :, row, :, total - n :] = text_kv
+    mask = torch.cat([attention_mask.new_ones(rows, n_lead), attention_mask], dim=1)
+    return LMInput(hidden, mask, n_lead, fusion.entry, fusion.carried(out, in_states=True)), kv
 
-    def __init__(self, max_mb: float = 256.0) -> None:
-        self.max_mb = max_mb
-        self.cache: LowerStateCache | None = None
-        self._on: tuple | None = None  # the LM's (device, dtype) the decision was made for
 
-    def get(self, model) -> LowerStateCache | None:
-        """The cache for ``model``'s LM as it is now; None where its cache layers are not plain
-        full-attention layers (sliding windows), which then generate through the full forward pass."""
-        embedding = model.base_lm.get_input_embeddings()
-        where = (embedding.weight.device, embedding.weight.dtype)
-        if self._on == where:
-            return self.cache
-        self.cache = None
-        layers = DynamicCache(config=model.base_lm.config).layers
-        if all(type(layer) is DynamicLayer for layer in layers):
-            self.cache = model.injection.lower_state_cache(
-                model.base_lm.get_decoder(), embedding, model.adapter.num_tokens, self.max_mb, keep_kv=True
-            )
-        self._on = where
-        return self.cache
+def prompt_pass(model, features, input_ids, attention_mask, past: DynamicCache):
+    """Run left-padded prompts through the model into ``past``; returns the last position's logits, the
+    full keep-mask, the position ids and the adapter's output."""
+    fusion = model.fusion
+    embedding, text, out = model.read_image(features, input_ids, attention_mask)
+    store = fusion.prompt_store()
+    if store is None:
+        inp, kv = fusion.lm_input(embedding, text, out, attention_mask, input_ids, lookup=False), None
+    else:
+        inp, kv = _stored_prompts(model, store, text, out, input_ids, attention_mask)
+    positions = (inp.mask.cumsum(-1) - 1).clamp(min=0)
+    decoder = model.base_lm.get_decoder()
+    hidden = fusion.run.layers(inp, inp.mask, positions, use_cache=True, **cache_kwarg(decoder, past))
+    for layer in range(inp.start):  # the layers below the entry layer: the stored prompts' keys/values
+        past.layers[layer].update(kv[layer, 0], kv[layer, 1])
+    return model.base_lm.get_output_embeddings()(hidden[:, -1]), inp.mask, positions, out
 
 
 @torch.no_grad()
@@ -52,76 +69,11 @@ def greedy(model, features, input_ids, attention_mask, max_new_tokens: int = 5, 
     ``T <= max_new_tokens``; a row that finished earlier carries the pad token after its EOS (as
     transformers' ``generate`` does).
     """
-    use_cache = model.injection is not None and model.prompt_cache.max_mb > 0
-    cache = model.prompt_cache.get(model) if use_cache else None
-    if cache is not None:
-        return greedy_injected(model, cache, features, input_ids, attention_mask, max_new_tokens, stop_at_eos)
-    return greedy_full(model, features, input_ids, attention_mask, max_new_tokens, stop_at_eos)
-
-
-def greedy_full(model, features, input_ids, attention_mask, max_new_tokens: int, stop_at_eos: bool = True):
-    """:func:`greedy` through transformers' ``generate`` on the whole model."""
-    embeds, mask = model.embed(features, input_ids, attention_mask)
-    tokenizer = model.tokenizer
-    out = model.lm.generate(
-        inputs_embeds=embeds,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        do_sample=False,
-        num_beams=1,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id if stop_at_eos else None,
-        output_scores=True,
-        return_dict_in_generate=True,
-    )
-    tokens = out.sequences[:, -len(out.scores) :]
-    logprobs = torch.stack([s.float().log_softmax(-1) for s in out.scores], dim=1)
-    return tokens, logprobs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-
-
-def _prompt_from_cache(model, cache: LowerStateCache, features, input_ids, attention_mask):
-    """The prompts' hidden states entering layer k (sink, soft tokens, cached text states) and the keys
-    and values of the layers below k, ``(k, 2, B, kv_heads, T, head_dim)``, for left-padded prompts."""
-    embedding, text, soft = model.text_and_soft(features, input_ids, attention_mask)
-    rows, width = input_ids.shape
-    lengths = attention_mask.sum(-1).tolist()
-    texts = [tuple(ids[width - n :]) for ids, n in zip(input_ids.tolist(), lengths)]  # left-padded
-    entries = cache.entries(texts, embedding)
-    n_lead = cache.lead.shape[0]
-    total = n_lead + width
-    hidden = text.new_zeros(rows, total, text.shape[-1])
-    hidden[:, 0] = cache.lead[0].to(text.dtype)  # the sink token's state; soft tokens follow
-    hidden[:, 1:n_lead] = soft
-    lead_kv = cache.lead_kv
-    kv = lead_kv.new_zeros(*lead_kv.shape[:2], rows, lead_kv.shape[2], total, lead_kv.shape[-1])
-    kv[..., :n_lead, :] = lead_kv[:, :, None]
-    for row, (n, (states, text_kv)) in enumerate(zip(lengths, entries)):
-        hidden[row, total - n :] = states.to(text.dtype)
-        kv[:, :, row, :, total - n :] = text_kv
-    mask = torch.cat([attention_mask.new_ones(rows, n_lead), attention_mask], dim=1)
-    return hidden, kv, mask
-
-
-def greedy_injected(
-    model, cache: LowerStateCache, features, input_ids, attention_mask, max_new_tokens: int, stop_at_eos: bool
-):
-    """:func:`greedy` with soft tokens at layer k and the prompts' lower layers from ``cache``."""
-    hidden, kv, mask = _prompt_from_cache(model, cache, features, input_ids, attention_mask)
-    rows, k = input_ids.shape[0], model.inject_layer
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     past = DynamicCache(config=model.base_lm.config)
-    decoder = model.base_lm.get_decoder()
-    with decoder_slice(decoder, k, None, final_norm=True):
-        last = decoder(
-            inputs_embeds=hidden,
-            attention_mask=mask,
-            position_ids=positions,
-            use_cache=True,
-            **cache_kwarg(decoder, past),
-        ).last_hidden_state[:, -1]
-    for layer in range(k):
-        past.layers[layer].update(kv[layer, 0], kv[layer, 1])
-    logits = model.base_lm.get_output_embeddings()(last)
+    logits, mask, positions, out = prompt_pass(model, features, input_ids, attention_mask, past)
+    image = model.fusion.step_image(out)
+    step_kwargs = {} if image is None else {IMAGE_KWARG: image}
+    rows = input_ids.shape[0]
     eos, pad = model.tokenizer.eos_token_id, model.tokenizer.pad_token_id
     done = torch.zeros(rows, dtype=torch.bool, device=input_ids.device)
     tokens, chosen = [], []
@@ -135,21 +87,21 @@ def greedy_injected(
         if step == max_new_tokens - 1 or bool(done.all()):
             break
         mask = torch.cat([mask, mask.new_ones(rows, 1)], dim=1)
-        out = model.base_lm(
+        logits = model.base_lm(
             input_ids=token[:, None],
             attention_mask=mask,
             position_ids=positions[:, -1:] + step + 1,
             use_cache=True,
             **cache_kwarg(model.base_lm, past),
-        )
-        logits = out.logits[:, -1]
+            **step_kwargs,
+        ).logits[:, -1]
     return torch.stack(tokens, dim=1), torch.stack(chosen, dim=1)
 
 
-def decode(model, tokens: torch.Tensor, chosen: torch.Tensor) -> tuple[list[str], list[float]]:
+def decode(tokenizer, tokens: torch.Tensor, chosen: torch.Tensor) -> tuple[list[str], list[float]]:
     """Texts of greedy ``tokens`` and each text's probability (its tokens up to and including EOS)."""
-    eos = model.tokenizer.eos_token_id
+    eos = tokenizer.eos_token_id
     after_eos = (tokens == eos).long().cumsum(-1) - (tokens == eos).long()
     scores = (chosen * (after_eos == 0)).sum(-1).exp().tolist()
-    texts = model.tokenizer.batch_decode(tokens, skip_special_tokens=True)
+    texts = tokenizer.batch_decode(tokens, skip_special_tokens=True)
     return [t.strip() for t in texts], scores

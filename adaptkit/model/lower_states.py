@@ -13,40 +13,13 @@ memory: entries beyond ``max_mb`` are evicted, least recently used first.
 
 from __future__ import annotations
 
-import contextlib
-import inspect
 from collections import OrderedDict
 
 import torch
 from torch import nn
 from transformers import DynamicCache
 
-
-@contextlib.contextmanager
-def decoder_slice(decoder: nn.Module, start: int, stop: int | None, final_norm: bool):
-    """Make ``decoder`` run only its layers ``start:stop`` (and its final norm only if ``final_norm``).
-
-    transformers' decoders run ``self.layers`` in order between the embedding lookup (skipped when
-    ``inputs_embeds`` is given) and the final norm; swapping the list in for one call reuses the
-    model's own mask, rotary-embedding and attention code. The same layer objects run (LoRA, compiled
-    graphs and all); the full list and the norm are restored on exit.
-    """
-    layers, norm = decoder.layers, decoder.norm
-    decoder.layers = layers[start:stop]
-    if not final_norm:
-        decoder.norm = nn.Identity()
-    try:
-        yield
-    finally:
-        decoder.layers = layers
-        decoder.norm = norm
-
-
-def cache_kwarg(module: nn.Module, cache) -> dict:
-    """``{name: cache}`` under the name ``module.forward`` takes a KV cache by: ``cache`` in recent
-    transformers (which deprecated ``past_key_values``), ``past_key_values`` before."""
-    params = inspect.signature(module.forward).parameters
-    return {"cache" if "cache" in params else "past_key_values": cache}
+from adaptkit.model.decoder import cache_kwarg, decoder_slice
 
 
 class LowerStateCache:
@@ -160,3 +133,45 @@ class LowerStateCache:
 
 def _nbytes(entry: tuple[torch.Tensor, torch.Tensor | None]) -> int:
     return sum(t.numel() * t.element_size() for t in entry if t is not None)
+
+
+def text_spans(attention_mask: torch.Tensor, segment_ids: torch.Tensor | None) -> list[tuple[int, int, int]]:
+    """``(row, start, end)`` of every text of a right-padded batch: one per row, or one per segment of a
+    packed row (``segment_ids`` > 0; each segment sees only the lead and itself)."""
+    spans: list[tuple[int, int, int]] = []
+    if segment_ids is None:
+        for row, length in enumerate(attention_mask.sum(-1).tolist()):
+            spans.append((row, 0, length))
+        return spans
+    for row, segs in enumerate(segment_ids.tolist()):
+        start = 0
+        for j in range(1, len(segs) + 1):
+            if j == len(segs) or segs[j] != segs[start]:
+                if segs[start] > 0:
+                    spans.append((row, start, j))
+                start = j
+    return spans
+
+
+def states_at_layer(
+    cache: LowerStateCache,
+    embedding: nn.Module,
+    text: torch.Tensor,
+    soft: torch.Tensor,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    segment_ids: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The sequence as layer k sees it, ``(hidden, mask)``: the sink's cached state, the soft tokens, and
+    each text's cached states entering layer k (looked up per text, computed on a miss)."""
+    ids = input_ids.tolist()
+    spans = text_spans(attention_mask, segment_ids)
+    states = cache.texts([tuple(ids[r][a:b]) for r, a, b in spans], embedding)
+    hidden = text.new_zeros(text.shape)
+    for (row, start, end), state in zip(spans, states):
+        hidden[row, start:end] = state.to(text.dtype)
+    sink = cache.lead[:1].to(text.dtype).expand(text.shape[0], 1, -1)
+    ones = torch.ones(
+        soft.shape[0], soft.shape[1] + 1, dtype=attention_mask.dtype, device=attention_mask.device
+    )
+    return torch.cat([sink, soft, hidden], dim=1), torch.cat([ones, attention_mask], dim=1)

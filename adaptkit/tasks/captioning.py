@@ -22,6 +22,7 @@ from torch.utils.data import Subset
 from adaptkit.data.captions import load_captions
 from adaptkit.data.collate import collate_prompts
 from adaptkit.data.pairs import PairDataset, collate_pairs
+from adaptkit.model.batch import Batch
 from adaptkit.predictor import ImageInput, Predictor
 from adaptkit.tasks.base import DemoSpec, eval_examples
 from adaptkit.tasks.generative import GenerativeTask
@@ -78,11 +79,11 @@ class CaptionTask(GenerativeTask):
         return "objectives: " + " + ".join(f"{w:.3g} x {n}" for n, w in weights.items())
 
     def loss(self, model, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        args = (features, batch["input_ids"], batch["attention_mask"], batch["labels"])
+        lm = {k: batch[k] for k in ("input_ids", "attention_mask", "labels")}
         if getattr(self, "pairs", None) is None:
-            return model(*args)
+            return model(Batch.of(features, lm)).loss
         text = self.pairs.text_inputs(self.encoder, batch["text"])
-        return model(*args, **text, groups=batch["group"].to(text["text_mask"].device))
+        return model(Batch.of(features, lm, **text, groups=batch["group"].to(text["text_mask"].device))).loss
 
     def evaluate(self, model, dataset, features, batch_size=None, progress=True, accelerator=None):
         from adaptkit.metrics import CaptionScores, LabelMentioned

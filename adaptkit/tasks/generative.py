@@ -16,6 +16,7 @@ from torch.utils.data import Subset
 
 from adaptkit.data.collate import collate_packed, collate_train
 from adaptkit.evaluation import generate_texts, on_shards
+from adaptkit.model.batch import Batch
 from adaptkit.objectives import Objectives
 from adaptkit.tasks.base import Task
 
@@ -33,15 +34,7 @@ class GenerativeTask(Task):
         return f"objectives: {self.recipe.objectives.lm:.3g} x LM loss on the target tokens"
 
     def loss(self, model, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-        return model(
-            features,
-            batch["input_ids"],
-            batch["attention_mask"],
-            batch["labels"],
-            batch.get("answer_class"),
-            segment_ids=batch.get("segment_ids"),
-            positions=batch.get("positions"),
-        )
+        return model(Batch.of(features, batch)).loss
 
     def generate(
         self, model, dataset, features, batch_size: int | None = None, progress: bool = True, accelerator=None

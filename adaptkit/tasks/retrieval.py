@@ -33,6 +33,7 @@ from adaptkit.contrastive import similarity
 from adaptkit.data.captions import load_captions
 from adaptkit.data.formats import DataError
 from adaptkit.data.pairs import PairDataset, collate_pairs
+from adaptkit.model.batch import Batch
 from adaptkit.predictor import ImageInput, Predictor
 from adaptkit.tasks.base import DemoSpec, Task, eval_examples
 
@@ -140,9 +141,8 @@ class RetrievalTask(Task):
     def loss(self, model, features: torch.Tensor, batch: dict[str, torch.Tensor]) -> torch.Tensor:
         text = self.pairs.text_inputs(self.encoder, batch["text"])
         text["groups"] = batch["group"].to(text["text_mask"].device)
-        if "labels" in batch:
-            return model(features, batch["input_ids"], batch["attention_mask"], batch["labels"], **text)
-        return model(features, **text)
+        lm = {k: batch[k] for k in ("input_ids", "attention_mask", "labels") if k in batch}
+        return model(Batch.of(features, lm, **text)).loss
 
     # ---- evaluation ----------------------------------------------------------------------------------
 
@@ -251,13 +251,13 @@ class RetrievalTask(Task):
     def compare_export(self, trained, exported, samples) -> dict:
         """Temperature-scaled similarities of the held images against their captions, computed by the
         trained run and by the export loaded from its folder: identical best texts, logits within 1e-4."""
-        from adaptkit.data.features import encode_images, open_image
+        from adaptkit.data.images import open_image
 
         paths = list(dict.fromkeys(s.image for s in samples))
         texts = list(dict.fromkeys(" ".join(c.split()) for s in samples for c in s.captions))
 
         def logits(model) -> torch.Tensor:
-            feats = encode_images(model.vision, [open_image(p) for p in paths], torch.device("cpu"))
+            feats = model.encode_images([open_image(p) for p in paths])
             head = model.objectives.heads["embed"]
             images = head.image_embeds(model.image_tokens(feats))
             states, mask = model.text_encoder(texts)

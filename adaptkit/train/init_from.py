@@ -58,9 +58,10 @@ def init_from_run(model, run_dir: str) -> None:
     from safetensors.torch import load_file
 
     from adaptkit.artifacts import HEADS_FILE
+    from adaptkit.model.trainables import load_text_lora, load_trainables
 
     folder = Path(run_dir)
-    model.load_adapter(folder, heads=False)
+    load_trainables(model, folder, heads=False)
     heads = folder / HEADS_FILE
     loaded = []
     if heads.is_file():
@@ -73,7 +74,7 @@ def init_from_run(model, run_dir: str) -> None:
     encoder = model.text_encoder
     if (folder / TEXT_LORA_FILE).is_file():
         if encoder is not None and encoder.trainable:
-            model.load_text_lora(folder)
+            load_text_lora(model, folder)
             loaded.append("text-encoder LoRA")
         elif loaded:
             log.warning(

@@ -19,6 +19,7 @@ from adaptkit import checkpoint as ckpt
 from adaptkit.artifacts import write_json
 from adaptkit.data.feature_cache import tensor_digest
 from adaptkit.model.build import frozen_fingerprint
+from adaptkit.model.trainables import save_trainables
 from adaptkit.perf import peak_memory_mb, reset_peak_memory
 from adaptkit.train.setup import TrainingRun, setup
 
@@ -185,7 +186,7 @@ def finish(run: TrainingRun, train_seconds: float, setup_peak_mb: float) -> dict
     }
     if run.main:
         out = run.out
-        model.save_trainables(out)
+        save_trainables(model, out)
         run.task.save_run_files(out, run.train.dataset)
         eval_row = {"data": recipe.data.eval, "limit": recipe.eval_limit, "step": run.step, **eval_metrics}
         write_json(out / "eval.json", eval_row)
