@@ -2,7 +2,7 @@
 
 Frozen vision and language backbones, a trainable fusion adapter (``adaptkit.adapters``) and LoRA through
 peft, trained with HF Accelerate for a task (``adaptkit.tasks``). Entry points: the ``adaptkit`` CLI,
-:func:`adaptkit.config.load_recipe`, :func:`adaptkit.train.train`, :func:`adaptkit.runs.load_run` and
+:func:`adaptkit.recipes.load_recipe`, :func:`adaptkit.train.train`, :func:`adaptkit.runs.load_run` and
 :func:`load_for_inference` (a run directory or an export folder → the task's predictor, whose
 ``predict(image, text)`` the CLI and the demo call; VQA's also has ``answer(image, question)``).
 """

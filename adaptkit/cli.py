@@ -8,6 +8,8 @@ adaptkit export RUN_DIR --out DIR [--dtype float32|bfloat16|float16]   merge LoR
 adaptkit predict DIR --image X --question "..." [--json]   the task's output (VQA: the answer)
 adaptkit demo DIR [--host 127.0.0.1] [--port 7860]        the Gradio demo
 adaptkit assets            verify the embedded assets and convert SmolLM2 once
+adaptkit recipe show RECIPE [key=value ...]   the resolved recipe, every key with its documentation
+adaptkit recipe diff A [B] [--set key=value]  what differs between two recipes (B: the schema's defaults)
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ def _device(args: argparse.Namespace):
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
-    from adaptkit.config import load_recipe
+    from adaptkit.recipes import load_recipe
     from adaptkit.train import train
 
     overrides = list(args.overrides)
@@ -90,9 +92,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from adaptkit.backbones.vision import build_vision_backbone
-    from adaptkit.config import load_recipe
     from adaptkit.data.feature_cache import FeatureCache
     from adaptkit.data.splits import build_features, feature_cache_root
+    from adaptkit.recipes import load_recipe
     from adaptkit.tasks import get_task
 
     recipe = load_recipe(args.recipe, args.overrides)
@@ -129,8 +131,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
 
 
 def _cmd_check_quant(args: argparse.Namespace) -> int:
-    from adaptkit.config import load_recipe
     from adaptkit.quant_check import check_quant, format_rows
+    from adaptkit.recipes import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
     levels = [x.strip() for x in args.levels.split(",")] if args.levels else None
@@ -212,6 +214,25 @@ def _cmd_assets(args: argparse.Namespace) -> int:
 
     for name, path in prepare_all().items():
         print(f"{name}: {path}")
+    return 0
+
+
+def _cmd_recipe(args: argparse.Namespace) -> int:
+    from adaptkit.config import Recipe
+    from adaptkit.config.docs import diff, format_diff, show
+    from adaptkit.recipes import load_recipe
+
+    if args.action == "show":
+        recipe = load_recipe(args.recipe, args.rest)
+        title = " ".join([args.recipe, *args.rest]) + ", resolved"
+        print(show(recipe, title), end="")
+        return 0
+    if args.rest:  # A against B
+        left, right = load_recipe(args.recipe, args.set), load_recipe(args.rest[0], args.set)
+        print(format_diff(diff(left, right), args.recipe, args.rest[0]), end="")
+    else:  # what A changes from the schema's defaults
+        recipe = load_recipe(args.recipe, args.set)
+        print(format_diff(diff(Recipe(), recipe), "schema defaults", args.recipe), end="")
     return 0
 
 
@@ -318,6 +339,15 @@ def _add_model_commands(sub) -> None:
 
     p = sub.add_parser("assets", help="verify the embedded assets and convert SmolLM2 to safetensors once")
     p.set_defaults(func=_cmd_assets)
+
+    p = sub.add_parser("recipe", help="show a resolved recipe with every key's documentation, or diff two")
+    p.add_argument("action", choices=["show", "diff"], help="show RECIPE [key=value ...] | diff A [B]")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument(
+        "rest", nargs="*", help="show: key=value overrides; diff: the other recipe (default: schema)"
+    )
+    p.add_argument("--set", action="append", default=[], help="diff: an override applied to both sides")
+    p.set_defaults(func=_cmd_recipe)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,9 +9,10 @@ from pathlib import Path
 import torch
 
 from adaptkit.artifacts import ADAPTER_FILE, LORA_DIR, RECIPE_FILE, is_export, resolve_export_recipe
-from adaptkit.config import Recipe, load_recipe
+from adaptkit.config import Recipe
 from adaptkit.model.build import build_model
 from adaptkit.model.trainables import load_trainables
+from adaptkit.recipes import load_recipe
 
 
 def check_run(run: Path) -> Recipe:

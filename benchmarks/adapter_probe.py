@@ -8,7 +8,7 @@ with its most frequent training answer. This separates "the adapter cannot get t
 the frozen LM" from "the task is slow to learn for the adapter itself".
 
     python benchmarks/adapter_probe.py --steps 500
-    python benchmarks/adapter_probe.py --steps 500 adapter.num_layers=4
+    python benchmarks/adapter_probe.py --steps 500 adapter.qformer.num_layers=4
 """
 
 from __future__ import annotations
@@ -25,11 +25,11 @@ from dataclasses import replace
 import torch
 import torch.nn.functional as F
 
-from adaptkit.config import load_recipe
 from adaptkit.data.collate import answer_vocab, collate_train
 from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.splits import feature_cache_root, prepare_split
 from adaptkit.model import build_model
+from adaptkit.recipes import load_recipe
 from adaptkit.tasks import get_task
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -50,7 +50,7 @@ def text_only_prior(train, test) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. adapter.num_layers=4")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. adapter.qformer.num_layers=4")
     parser.add_argument("--recipe", default="recipes/easyvqa_qformer_lora.yaml")
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--eval-limit", type=int, default=2000)

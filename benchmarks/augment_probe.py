@@ -24,12 +24,12 @@ from pathlib import Path
 import torch
 
 from adaptkit.backbones.vision import build_vision_backbone
-from adaptkit.config import load_recipe
 from adaptkit.data.augment import make_view
 from adaptkit.data.feature_cache import file_key
 from adaptkit.data.features import encode_images
 from adaptkit.data.formats import load_easyvqa, load_jsonl
 from adaptkit.data.images import open_image
+from adaptkit.recipes import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
 COLORS = {"red", "green", "blue", "black", "gray", "teal", "yellow", "brown"}

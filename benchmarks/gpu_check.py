@@ -89,8 +89,8 @@ def _placement(device: str, overrides: list[str]) -> dict:
     """Build the model for each LM mode on ``device``; report where every tensor lives."""
     import torch
 
-    from adaptkit.config import load_recipe
     from adaptkit.model import build_model
+    from adaptkit.recipes import load_recipe
 
     result = {}
     for mode in ("none", "8bit", "4bit"):
@@ -298,8 +298,8 @@ def main() -> None:
                 "vision.extra_layers=[]",
                 f"language.name={lm}",
                 "adapter.inject_layer=16",
-                "adapter.hidden_size=768",
-                "adapter.num_heads=12",
+                "adapter.qformer.hidden_size=768",
+                "adapter.qformer.num_heads=12",
             ]
             runs = {
                 "bf16": _train(

@@ -19,7 +19,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from adaptkit.config import load_recipe
+from adaptkit.recipes import load_recipe
 from adaptkit.train.loop import train_step
 from adaptkit.train.setup import setup
 

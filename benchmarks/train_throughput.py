@@ -40,7 +40,6 @@ from dataclasses import replace
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from adaptkit.config import load_recipe
 from adaptkit.data.collate import pack_runs
 from adaptkit.data.features import FeatureBank, encode_images
 from adaptkit.data.images import open_image
@@ -51,6 +50,7 @@ from adaptkit.model.batch import Batch
 from adaptkit.model.decoder import IMAGE_KWARG
 from adaptkit.model.fusion import CrossAttention
 from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
+from adaptkit.recipes import load_recipe
 from adaptkit.tasks import get_task
 from adaptkit.train import build_optimizer
 

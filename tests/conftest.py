@@ -128,12 +128,19 @@ def greedy_by_recomputing(model, feats, input_ids, attention_mask, steps):
     return torch.stack(tokens, dim=1), torch.stack(logps, dim=1)
 
 
+# Every adapter kind at the tiny fixtures' size (the Q-Former's and the resampler's sections alike).
+TINY_ADAPTERS = [
+    f"adapter.{kind}.{key}"
+    for kind in ("qformer", "resampler")
+    for key in ("num_queries=4", "num_layers=1", "hidden_size=32", "num_heads=4")
+] + ["adapter.xattn.num_heads=4"]
+
 # The path the shipped recipe took before its soft tokens moved up the LM: soft tokens at the LM's input,
 # prompt-conditioned queries, one question per sequence, plain shuffle, the longer prompt. Tests of that path
 # add these.
 AT_INPUT = [
     "adapter.inject_layer=0",
-    "adapter.text_conditioned=true",
+    "adapter.qformer.text_conditioned=true",
     "pack_questions=1",
     "length_grouping=1",
     "data.prompt_template=Question: {question} Answer:",
@@ -153,10 +160,7 @@ def overrides_for(lm_dir: Path, vision_pth: Path, vqa: Path, root: Path) -> list
         "vision.extra_layers=[]",
         "data.augment.views=0",  # augmented views have their own tests (tests/test_augment.py)
         f"language.name={lm_dir}",
-        "adapter.num_queries=4",
-        "adapter.num_layers=1",
-        "adapter.hidden_size=32",
-        "adapter.num_heads=4",
+        *TINY_ADAPTERS,
         "adapter.inject_layer=1",  # the recipe's 20 is out of range for 2 layers
         "lora.r=4",
         "lora.alpha=8",
@@ -183,7 +187,7 @@ def tiny_overrides(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[
 
 
 def _train_tiny(root: Path, overrides: list[str]) -> Path:
-    from adaptkit.config import load_recipe
+    from adaptkit.recipes import load_recipe
     from adaptkit.train import train
 
     # LoRA trains from step 0 at a high rate so its merge visibly changes the LM.
@@ -258,10 +262,7 @@ def retrieval_overrides(lm_dir: Path, vision_pth: Path, encoder_dir: Path, capti
         "vision.extra_layers=[]",
         f"language.name={lm_dir}",
         f"text_encoder.name={encoder_dir}",
-        "adapter.num_queries=4",
-        "adapter.num_layers=1",
-        "adapter.hidden_size=32",
-        "adapter.num_heads=4",
+        *TINY_ADAPTERS,
         "objectives.embed_dim=16",
         f"data.train={captions}",
         f"data.eval={captions}",

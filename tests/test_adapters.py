@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from adaptkit import checkpoint as ckpt
 from adaptkit.adapters.projector import pool_tokens
 from adaptkit.cli import main
-from adaptkit.config import RecipeError, load_recipe
+from adaptkit.config import RecipeError
 from adaptkit.data.collate import VQADataset, collate_packed, collate_prompts, collate_train
 from adaptkit.data.formats import load_jsonl
 from adaptkit.export import export_run
@@ -23,6 +23,7 @@ from adaptkit.inference import load_for_inference
 from adaptkit.model import build_model
 from adaptkit.model.batch import Batch
 from adaptkit.model.build import frozen_fingerprint
+from adaptkit.recipes import load_recipe
 from adaptkit.runs import load_run
 from tests.conftest import greedy_by_recomputing, loss_of
 from tests.test_distributed import _common, _train_two_processes
@@ -31,15 +32,19 @@ from tests.test_resume import RECIPE, _assert_same_run, _overrides
 # Each kind as the tiny 2-layer LM takes it: the image enters at layer 1 (the shipped recipes' layer 20).
 KINDS = {
     "qformer": [],
-    "projector": ["adapter.kind=projector", "adapter.hidden_size=0"],
-    "projector_pooled": ["adapter.kind=projector", "adapter.hidden_size=48", "adapter.pool_tokens=2"],
+    "projector": ["adapter.kind=projector", "adapter.projector.hidden_size=0"],
+    "projector_pooled": [
+        "adapter.kind=projector",
+        "adapter.projector.hidden_size=48",
+        "adapter.projector.pool_tokens=2",
+    ],
     "resampler": ["adapter.kind=resampler"],
-    "xattn": ["adapter.kind=xattn", "adapter.inject_layer=0", "adapter.xattn_layers=[1]"],
+    "xattn": ["adapter.kind=xattn", "adapter.inject_layer=0", "adapter.xattn.layers=[1]"],
     "xattn_resampler": [
         "adapter.kind=xattn",
         "adapter.inject_layer=0",
-        "adapter.xattn_layers=[0,1]",
-        "adapter.xattn_resampler=true",
+        "adapter.xattn.layers=[0,1]",
+        "adapter.xattn.resampler=true",
     ],
 }
 NEW = [k for k in KINDS if k != "qformer"]  # the Q-Former's checklist lives in the older test files
@@ -159,7 +164,7 @@ def test_two_processes_match_one(kind, tiny_overrides, tmp_path):
 
 @pytest.mark.parametrize("kind", NEW)
 def test_packed_rows_give_the_unpacked_loss(kind, tiny_overrides, tiny_vqa):
-    recipe = _recipe(tiny_overrides, kind, "adapter.text_conditioned=false", "pack_questions=3")
+    recipe = _recipe(tiny_overrides, kind, "adapter.qformer.text_conditioned=false", "pack_questions=3")
     torch.manual_seed(0)
     model = build_model(recipe).train()
     items, n_images = _batch(model, recipe, tiny_vqa, order=[0, 1, 2, 3, 4, 5, 8])
@@ -218,7 +223,7 @@ def test_zero_gates_compute_the_frozen_lm(kind, tiny_overrides, tiny_vqa):
 
 
 def test_image_tokens_for_other_rows_are_refused(tiny_overrides, tiny_vqa):
-    recipe = _recipe(tiny_overrides, "xattn", "adapter.xattn_layers=[0,1]")
+    recipe = _recipe(tiny_overrides, "xattn", "adapter.xattn.layers=[0,1]")
     model = build_model(recipe).eval()
     items, n_images = _batch(model, recipe, tiny_vqa)
     batch = collate_train(items, model.tokenizer.pad_token_id)
@@ -254,13 +259,13 @@ def test_pooling_averages_neighbouring_tokens():
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["adapter.kind=xattn"], "adapter.xattn_layers must list"),
-        (["adapter.kind=xattn", "adapter.xattn_layers=[3,1]"], "ascending"),
+        (["adapter.kind=xattn"], "adapter.xattn.layers must list"),
+        (["adapter.kind=xattn", "adapter.xattn.layers=[3,1]"], "ascending"),
         (
-            ["adapter.kind=xattn", "adapter.xattn_layers=[20]", "adapter.inject_layer=4"],
+            ["adapter.kind=xattn", "adapter.xattn.layers=[20]", "adapter.inject_layer=4"],
             "set adapter.inject_layer=0",
         ),
-        (["adapter.kind=projector", "adapter.pool_tokens=-1"], "pool_tokens must be >= 0"),
+        (["adapter.kind=projector", "adapter.projector.pool_tokens=-1"], "pool_tokens must be >= 0"),
         (["adapter.kind=mlp"], "adapter.kind='mlp' is not one of qformer, projector, resampler, xattn"),
     ],
 )
@@ -271,11 +276,11 @@ def test_bad_adapter_settings_are_named(extra, message):
 
 def test_entry_layers_outside_the_lm_are_errors(tiny_overrides):
     with pytest.raises(
-        ValueError, match=r"adapter.xattn_layers is outside this LM's decoder layers \(0\.\.1\)"
+        ValueError, match=r"adapter.xattn.layers is outside this LM's decoder layers \(0\.\.1\)"
     ):
-        build_model(_recipe(tiny_overrides, "xattn", "adapter.xattn_layers=[5]"))
+        build_model(_recipe(tiny_overrides, "xattn", "adapter.xattn.layers=[5]"))
     with pytest.raises(ValueError, match="more than the 4 image tokens"):
-        build_model(_recipe(tiny_overrides, "projector", "adapter.pool_tokens=9"))
+        build_model(_recipe(tiny_overrides, "projector", "adapter.projector.pool_tokens=9"))
 
 
 def test_projector_and_resampler_soft_token_counts(tiny_overrides):

@@ -100,6 +100,13 @@ def test_imports_go_one_way():
         assert high not in reach[low], f"{low} must not depend on {high}"
     assert "adaptkit.export" not in reach["adaptkit.inference"]
     assert "adaptkit.config" not in reach["adaptkit.tasks"] | reach["adaptkit.adapters"]  # registries
+    # The recipe schema is the floor: it reaches only itself (lazy imports included); the registry checks
+    # sit one floor up, in adaptkit.recipes.
+    config = [m for m in graph if m == "adaptkit.config" or m.startswith("adaptkit.config.")]
+    assert len(config) >= 5
+    for module in config:
+        assert reach[module] <= set(config), f"{module} reaches {sorted(reach[module] - set(config))}"
+    assert {"adaptkit.tasks", "adaptkit.adapters"} <= reach["adaptkit.recipes"]
 
 
 def _reachable(graph):
@@ -152,7 +159,8 @@ def test_registries_are_plain_dicts_of_implementations():
 
 
 def test_recipe_names_are_checked_against_the_registries():
-    from adaptkit.config import RecipeError, load_recipe
+    from adaptkit.config import RecipeError
+    from adaptkit.recipes import load_recipe
 
     recipe = "recipes/easyvqa_qformer_lora.yaml"
     with pytest.raises(RecipeError, match="task='captions' is not one of vqa"):

@@ -12,11 +12,12 @@ from PIL import Image, ImageDraw
 
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.cli import main
-from adaptkit.config import AugmentConfig, RecipeError, VisionConfig, load_recipe
+from adaptkit.config import AugmentConfig, RecipeError, VisionConfig
 from adaptkit.data.augment import augment_image, border_colour, make_view, view_choice, view_key
 from adaptkit.data.feature_cache import FeatureCache, file_key
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures, encode_images
 from adaptkit.data.images import open_image
+from adaptkit.recipes import load_recipe
 from tests.conftest import draw_sample
 
 CFG = AugmentConfig(

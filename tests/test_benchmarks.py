@@ -30,9 +30,9 @@ def _benchmark(name: str) -> ModuleType:
     "extra",
     [
         AT_INPUT,
-        ["adapter.inject_layer=0", "adapter.text_conditioned=false", "pack_questions=3"],
-        ["adapter.inject_layer=1", "adapter.text_conditioned=false", "pack_questions=3"],
-        ["adapter.kind=xattn", "adapter.inject_layer=0", "adapter.xattn_layers=[1]", "pack_questions=3"],
+        ["adapter.inject_layer=0", "adapter.qformer.text_conditioned=false", "pack_questions=3"],
+        ["adapter.inject_layer=1", "adapter.qformer.text_conditioned=false", "pack_questions=3"],
+        ["adapter.kind=xattn", "adapter.inject_layer=0", "adapter.xattn.layers=[1]", "pack_questions=3"],
     ],
     ids=["plain", "packed", "injected", "xattn"],
 )

@@ -10,9 +10,10 @@ import torch
 from safetensors.torch import load_file
 
 from adaptkit.cli import main
-from adaptkit.config import RecipeError, load_recipe
+from adaptkit.config import RecipeError
 from adaptkit.inference import load_for_inference
 from adaptkit.model.build import build_model
+from adaptkit.recipes import load_recipe
 from adaptkit.train.init_from import check_init_source, init_from_run
 from tests.conftest import RETRIEVAL_RECIPE, demo_module, retrieval_overrides
 
@@ -106,7 +107,7 @@ def test_blip2_stage_one_then_stage_two(overrides, tmp_path, caplog):
     assert f"init_from {stage1}: adapter loaded" in (stage2 / "train.log").read_text()
 
     with pytest.raises(ValueError, match="does not fit"):
-        bad = load_recipe(CAPTION, [*_caption_overrides(overrides), "adapter.num_queries=3"])
+        bad = load_recipe(CAPTION, [*_caption_overrides(overrides), "adapter.qformer.num_queries=3"])
         init_from_run(build_model(bad), str(stage1))
     # An adapter trained on other image features is refused before anything is built.
     other = load_recipe(CAPTION, [*_caption_overrides(overrides), "vision.feature_layer=-2"])

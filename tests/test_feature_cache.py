@@ -119,7 +119,7 @@ def test_missing_and_broken_images_with_cache(tiny_mobilenet_pth, images, tmp_pa
 
 def test_cache_command_fills_and_training_reads(tiny_overrides, tmp_path, capsys, caplog):
     from adaptkit.cli import main
-    from adaptkit.config import load_recipe
+    from adaptkit.recipes import load_recipe
     from adaptkit.train import train
 
     overrides = [*tiny_overrides, f"feature_cache_dir={tmp_path / 'fc'}"]

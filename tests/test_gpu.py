@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from adaptkit.config import load_recipe
+from adaptkit.recipes import load_recipe
 from adaptkit.train import train
 
 pytestmark = [

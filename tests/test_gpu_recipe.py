@@ -8,8 +8,8 @@ import json
 import pytest
 import torch
 
-from adaptkit.config import load_recipe
 from adaptkit.inference import load_for_inference
+from adaptkit.recipes import load_recipe
 from adaptkit.train import train
 from tests.conftest import _tiny_tokenizer
 
@@ -69,9 +69,9 @@ def test_gpu_recipe_trains_siglip_and_qwen_checkpoints(siglip_and_qwen, tiny_vqa
             f"data.train={tiny_vqa}",
             f"data.eval={tiny_vqa}",
             f"feature_cache_dir={tmp_path / 'features'}",
-            "adapter.hidden_size=32",
-            "adapter.num_heads=4",
-            "adapter.num_queries=4",
+            "adapter.qformer.hidden_size=32",
+            "adapter.qformer.num_heads=4",
+            "adapter.qformer.num_queries=4",
             "max_steps=3",
             "batch_size=4",
             "warmup_steps=1",

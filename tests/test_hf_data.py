@@ -102,7 +102,7 @@ def test_official_vqa_accuracy():
 
 
 def test_a_vqa_run_on_vqav2_style_data_reports_the_official_accuracy(tiny_overrides, tiny_vqa, tmp_path):
-    from adaptkit.config import load_recipe
+    from adaptkit.recipes import load_recipe
     from adaptkit.train import train
 
     rows = [json.loads(line) for line in tiny_vqa.read_text().splitlines()]

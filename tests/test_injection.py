@@ -7,12 +7,12 @@ import json
 import pytest
 import torch
 
-from adaptkit.config import load_recipe
 from adaptkit.data.collate import VQADataset, collate_packed, collate_prompts, collate_train
 from adaptkit.data.formats import load_jsonl
 from adaptkit.export import export_run
 from adaptkit.inference import load_for_inference
 from adaptkit.model import build_model
+from adaptkit.recipes import load_recipe
 from adaptkit.train import train
 from tests.conftest import greedy_by_recomputing, loss_of
 
@@ -22,7 +22,13 @@ RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 def _model_and_batches(overrides, tiny_vqa, extra=()):
     recipe = load_recipe(
         RECIPE,
-        [*overrides, "adapter.inject_layer=1", "adapter.text_conditioned=false", "lora.start_step=0", *extra],
+        [
+            *overrides,
+            "adapter.inject_layer=1",
+            "adapter.qformer.text_conditioned=false",
+            "lora.start_step=0",
+            *extra,
+        ],
     )
     torch.manual_seed(0)
     model = build_model(recipe).train()

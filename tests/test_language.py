@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from adaptkit.backbones.language import load_language_model
-from adaptkit.config import LanguageConfig, load_recipe
+from adaptkit.config import LanguageConfig
 from adaptkit.model import build_model, count_parameters, frozen_fingerprint
+from adaptkit.recipes import load_recipe
 from adaptkit.train import param_groups
 from tests.conftest import loss_of
 

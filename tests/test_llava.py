@@ -80,8 +80,8 @@ def test_chat_template_prompts(tiny_lm_dir):
 def test_a_run_on_llava_data_with_the_chat_template(tiny_overrides, tiny_lm_dir, tiny_vqa, tmp_path):
     from transformers import AutoTokenizer
 
-    from adaptkit.config import load_recipe
     from adaptkit.inference import load_for_inference
+    from adaptkit.recipes import load_recipe
     from adaptkit.train import train
 
     lm = tmp_path / "chat_lm"

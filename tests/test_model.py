@@ -2,11 +2,11 @@ from __future__ import annotations
 
 import torch
 
-from adaptkit.config import load_recipe
 from adaptkit.data.collate import VQADataset, collate_prompts, collate_train
 from adaptkit.data.formats import load_jsonl
 from adaptkit.model import build_model
 from adaptkit.model.trainables import load_trainables, save_trainables
+from adaptkit.recipes import load_recipe
 from tests.conftest import AT_INPUT, loss_of
 
 

@@ -9,10 +9,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from adaptkit.config import RecipeError, load_recipe
+from adaptkit.config import RecipeError
 from adaptkit.data.collate import answer_vocab, collate_train
 from adaptkit.model import build_model, compile_lm_layers
 from adaptkit.objectives import Objectives
+from adaptkit.recipes import load_recipe
 from adaptkit.tasks import get_task
 from adaptkit.train import param_groups, train
 from tests.conftest import AT_INPUT, loss_of

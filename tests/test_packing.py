@@ -7,16 +7,17 @@ import json
 import pytest
 import torch
 
-from adaptkit.config import RecipeError, load_recipe
+from adaptkit.config import RecipeError
 from adaptkit.data.collate import VQADataset, collate_packed, collate_train, pack_runs
 from adaptkit.data.formats import load_jsonl
 from adaptkit.data.sampling import ImagePackedBatches
 from adaptkit.model import build_model
+from adaptkit.recipes import load_recipe
 from adaptkit.train import train
 from tests.conftest import loss_of
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
-PACKED = ["adapter.text_conditioned=false", "pack_questions=3"]
+PACKED = ["adapter.qformer.text_conditioned=false", "pack_questions=3"]
 
 
 def test_packed_batches_cover_each_sample_once_in_runs_of_one_image():
@@ -112,7 +113,10 @@ def test_without_the_segment_mask_questions_would_see_each_other(tiny_overrides,
 @pytest.mark.parametrize(
     "extra, needs",
     [
-        (["pack_questions=2", "adapter.text_conditioned=true"], "adapter.text_conditioned=false"),
+        (
+            ["pack_questions=2", "adapter.qformer.text_conditioned=true"],
+            "adapter.qformer.text_conditioned=false",
+        ),
         ([*PACKED, "objectives.classify=0.5"], "objectives.classify=0"),
     ],
 )

@@ -10,8 +10,8 @@ from torch import nn
 
 from adaptkit.adapters import ADAPTERS
 from adaptkit.adapters.base import FusionAdapter
-from adaptkit.config import load_recipe
 from adaptkit.inference import load_for_inference
+from adaptkit.recipes import load_recipe
 from adaptkit.runs import load_run
 from adaptkit.tasks import TASKS
 from adaptkit.tasks.vqa import VQATask
@@ -25,8 +25,8 @@ class PooledProjector(FusionAdapter):
 
     def __init__(self, cfg, vision_dim, lm_dim, output_std=None, vision_tokens=None):
         super().__init__(cfg, vision_dim, lm_dim, output_std, vision_tokens)
-        self.num_tokens = cfg.num_queries
-        self.proj = nn.Linear(vision_dim, lm_dim * cfg.num_queries)
+        self.num_tokens = cfg.options["num_queries"]
+        self.proj = nn.Linear(vision_dim, lm_dim * self.num_tokens)
         self.lm_dim = lm_dim
 
     def forward(self, image_features, text_embeds=None, text_mask=None):
@@ -36,7 +36,7 @@ class PooledProjector(FusionAdapter):
 
 def test_a_registered_adapter_trains_saves_and_loads(tiny_overrides, tiny_vqa, tmp_path, monkeypatch):
     monkeypatch.setitem(ADAPTERS, "pooled", PooledProjector)
-    recipe = load_recipe(RECIPE, [*tiny_overrides, "adapter.kind=pooled", "adapter.num_queries=2"])
+    recipe = load_recipe(RECIPE, [*tiny_overrides, "adapter.kind=pooled", "adapter.options.num_queries=2"])
     summary = train(recipe)
     run = tmp_path / "run"
     assert summary["parameters"]["adapter"] == 1280 * 64 * 2 + 64 * 2

@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from adaptkit.config import RecipeError, load_recipe
+from adaptkit.config import RecipeError
 from adaptkit.data.formats import load_vqa
 from adaptkit.data.splits import subset
 from adaptkit.quant_check import check_quant
+from adaptkit.recipes import load_recipe
 
 
 @pytest.fixture

@@ -15,10 +15,11 @@ from safetensors.torch import load_file
 
 from adaptkit import checkpoint as ckpt
 from adaptkit.cli import main
-from adaptkit.config import RecipeError, load_recipe
+from adaptkit.config import RecipeError
 from adaptkit.inference import load_for_inference
 from adaptkit.model.build import build_model
 from adaptkit.model.trainables import saved_heads
+from adaptkit.recipes import load_recipe
 from adaptkit.runs import load_run
 from tests.conftest import RETRIEVAL_RECIPE, demo_module, retrieval_overrides
 from tests.test_distributed import _port
@@ -196,7 +197,7 @@ def test_itc_negatives_are_gathered_so_two_processes_match_one(overrides, tmp_pa
         (["text_encoder.name=none"], "need a text encoder"),
         (["pack_questions=2"], "pack_questions=1"),
         (["data.class_template=a thing"], "must contain '{label}'"),
-        (["objectives.temperature=0"], "temperature in"),
+        (["objectives.temperature=0"], "temperature must be > 0 and < 1"),
     ],
 )
 def test_recipes_that_cannot_work_are_refused(extra, message):

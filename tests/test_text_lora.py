@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file
 
 from adaptkit.cli import main
-from adaptkit.config import RecipeError, load_recipe
+from adaptkit.config import RecipeError
 from adaptkit.inference import load_for_inference
 from adaptkit.model.build import build_model
+from adaptkit.recipes import load_recipe
 from adaptkit.runs import load_run
 from tests.conftest import RETRIEVAL_RECIPE, retrieval_overrides
 from tests.test_retrieval import (
@@ -112,7 +113,7 @@ def test_text_lora_recipes_that_cannot_work_are_refused(common):
             "recipes/easyvqa_caption_lora.yaml",
             ["text_encoder.name=embedded:minilm", "text_encoder.lora_r=4"],
         )
-    with pytest.raises(RecipeError, match="text_encoder.lora_r >= 0"):
+    with pytest.raises(RecipeError, match="text_encoder.lora_r must be >= 0"):
         load_recipe(RECIPE, ["text_encoder.lora_r=-1"])
     bad = load_recipe(RECIPE, [*common, "text_encoder.lora_target_modules=[q_proj]"])
     with pytest.raises(ValueError, match=r"lora_target_modules=\['q_proj'\] do not fit .*named \[.*'query'"):

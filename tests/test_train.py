@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptkit.config import RecipeError, load_recipe
+from adaptkit.config import RecipeError
 from adaptkit.model import build_model
 from adaptkit.model.trainables import load_trainables, save_trainables
+from adaptkit.recipes import load_recipe
 from adaptkit.train import build_optimizer, build_scheduler, param_groups, train
 from tests.conftest import loss_of
 

@@ -64,7 +64,7 @@ def test_torchvision_feature_layer_and_bad_names(tiny_mobilenet_pth):
 def test_embedded_mobilenet_loads_all_keys():
     backbone = build_vision_backbone(VisionConfig())  # strict=True load of the packaged ImageNet weights
     feats = _check(backbone, 1280)
-    assert feats.shape[1] == 16  # 128 px -> 4x4 grid
+    assert feats.shape[1] == 49  # 224 px -> 7x7 grid
 
 
 def test_hf_vit(tmp_path):

@@ -1,19 +1,23 @@
 """The interface every fusion adapter implements, and what the model asks of it.
 
 A fusion adapter is the trainable part between the frozen vision backbone and the frozen LM. The model
-(``adaptkit.model.multimodal``) wires it by its ``fusion`` attribute:
+wires it by its ``fusion`` attribute (``adaptkit.model.fusion``):
 
 - ``"tokens"``: ``forward`` returns ``(B, num_tokens, D_lm)`` soft tokens that take places in the LM's
   sequence, at its input or at decoder layer ``adapter.inject_layer`` (Q-Former, MLP projector, perceiver
-  resampler). Everything downstream (packing, the lower-state cache, cached-prompt generation, export)
-  works for any adapter of this kind.
+  resampler): ``SoftTokens``. Everything downstream (packing, the lower-state cache, cached-prompt
+  generation, export) works for any adapter of this kind.
 
 - ``"cross_attention"``: ``forward`` returns ``(B, M, D_lm)`` image tokens that gated cross-attention
-  blocks, inserted before the LM decoder layers ``adapter.xattn_layers``, read (Flamingo;
-  ``adaptkit.adapters.xattn`` and ``adaptkit.model.cross_attention``). No soft token enters the sequence.
+  blocks, inserted before the LM decoder layers ``adapter.xattn.layers``, read (Flamingo;
+  ``adaptkit.adapters.xattn``): ``CrossAttention``. No soft token enters the sequence.
 
 Whichever the kind, the layers below :meth:`FusionAdapter.entry_layer` never see the image: they carry no
 LoRA, and training computes their states once per distinct text (``adaptkit.model.lower_states``).
+
+Each kind reads its own section of the recipe (``adapter.<kind>.*``, documented in
+``adaptkit/config/adapters.py``; a kind registered from outside reads ``adapter.options``) and checks it in
+:meth:`FusionAdapter.config_problem`.
 
 Every adapter standardizes the frozen features with per-dimension statistics of the training data
 (``set_feature_stats``, saved with its weights): the component all images share otherwise dominates
@@ -33,6 +37,13 @@ if TYPE_CHECKING:
     from adaptkit.config import AdapterConfig
 
 
+def heads_problem(section: str, hidden: int, heads: int) -> str | None:
+    """The problem with an attention width that ``heads`` does not divide, or None."""
+    if hidden % heads:
+        return f"{section}.hidden_size ({hidden}) must be divisible by {section}.num_heads ({heads})"
+    return None
+
+
 class FusionAdapter(nn.Module):
     """Base class of the fusion adapters (see the module docstring).
 
@@ -50,14 +61,17 @@ class FusionAdapter(nn.Module):
     #: "cross_attention" (image tokens read by gated blocks inserted into the LM).
     fusion: ClassVar[str] = "tokens"
 
-    #: whether ``forward`` can read the prompt (``adapter.text_conditioned`` is ignored where it cannot).
-    reads_text: ClassVar[bool] = False
-
     @classmethod
     def config_problem(cls, cfg: AdapterConfig) -> str | None:
         """What is wrong with the recipe's ``adapter`` section for this kind (``load_recipe`` raises it
         with the recipe's name), or None."""
         return None
+
+    @classmethod
+    def reads_prompt(cls, cfg: AdapterConfig) -> bool:
+        """Whether, with these settings, ``forward`` reads the prompt (then its soft tokens differ per
+        question, and several questions cannot share one copy of them: ``pack_questions``)."""
+        return False
 
     @classmethod
     def entry_layer(cls, cfg: AdapterConfig) -> int:

@@ -1,8 +1,9 @@
 """LLaVA-1.5's MLP projector: every image token through a 2-layer GELU MLP into the LM's width.
 
 The LM then sees one soft token per image token (16 for MobileNetV2 at 128 px), or, with
-``adapter.pool_tokens`` n > 0, n tokens: neighbouring image tokens averaged before the MLP (a square grid
-is pooled in 2-D to a sqrt(n) x sqrt(n) grid when n is a square, else the token sequence in 1-D). Fewer
+``adapter.projector.pool_tokens`` n > 0, n tokens: neighbouring image tokens averaged before the MLP (a
+square grid is pooled in 2-D to a sqrt(n) x sqrt(n) grid when n is a square, else the token sequence in
+1-D). Fewer
 tokens make every LM step cheaper; the projector keeps no query or attention of its own.
 """
 
@@ -36,7 +37,7 @@ class Projector(FusionAdapter):
     """Maps image features ``(B, T, D_v)`` to ``(B, T or pool_tokens, D_lm)`` soft tokens.
 
     Args: as :class:`~adaptkit.adapters.base.FusionAdapter`; ``vision_tokens`` (T) is required, sizes from
-    ``adapter.pool_tokens`` (0: keep all T), ``hidden_size`` (0: D_lm, LLaVA's choice) and ``dropout``.
+    ``adapter.projector.*``: ``pool_tokens`` (0: keep all T), ``hidden_size`` (0: D_lm) and ``dropout``.
     """
 
     def __init__(
@@ -48,12 +49,13 @@ class Projector(FusionAdapter):
         vision_tokens: int | None = None,
     ) -> None:
         super().__init__(cfg, vision_dim, lm_dim, output_std, vision_tokens)
+        cfg = cfg.projector
         if vision_tokens is None:
             raise ValueError("the projector needs the vision backbone's number of image tokens")
         if cfg.pool_tokens > vision_tokens:
             raise ValueError(
-                f"adapter.pool_tokens={cfg.pool_tokens} is more than the {vision_tokens} image tokens the "
-                "vision backbone gives; use 0 (all of them) or fewer"
+                f"adapter.projector.pool_tokens={cfg.pool_tokens} is more than the {vision_tokens} image "
+                "tokens the vision backbone gives; use 0 (all of them) or fewer"
             )
         self.pool = cfg.pool_tokens
         self.num_tokens = cfg.pool_tokens or vision_tokens

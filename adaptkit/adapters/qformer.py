@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from adaptkit.adapters.base import FusionAdapter
+from adaptkit.adapters.base import FusionAdapter, heads_problem
 
 if TYPE_CHECKING:
     from adaptkit.config import AdapterConfig
@@ -63,11 +63,16 @@ class QFormerLayer(nn.Module):
 class QFormer(FusionAdapter):
     """Maps image features ``(B, T, D_v)`` to ``(B, num_queries, D_lm)`` soft tokens for the LM.
 
-    Args: as :class:`~adaptkit.adapters.base.FusionAdapter`; sizes from ``adapter.num_queries``,
-    ``num_layers``, ``hidden_size``, ``num_heads``, ``mlp_ratio``, ``dropout``, ``text_conditioned``.
+    Args: as :class:`~adaptkit.adapters.base.FusionAdapter`; sizes from ``adapter.qformer.*``.
     """
 
-    reads_text = True
+    @classmethod
+    def config_problem(cls, cfg: AdapterConfig) -> str | None:
+        return heads_problem("adapter.qformer", cfg.qformer.hidden_size, cfg.qformer.num_heads)
+
+    @classmethod
+    def reads_prompt(cls, cfg: AdapterConfig) -> bool:
+        return cfg.qformer.text_conditioned
 
     def __init__(
         self,
@@ -78,6 +83,7 @@ class QFormer(FusionAdapter):
         vision_tokens: int | None = None,
     ) -> None:
         super().__init__(cfg, vision_dim, lm_dim, output_std, vision_tokens)
+        cfg = cfg.qformer
         hidden = cfg.hidden_size
         self.queries = nn.Parameter(torch.randn(1, cfg.num_queries, hidden) * 0.02)
         self.image_proj = nn.Sequential(nn.LayerNorm(vision_dim), nn.Linear(vision_dim, hidden))

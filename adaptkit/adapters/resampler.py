@@ -4,7 +4,7 @@ Each layer is pre-norm: the latents attend to the image tokens and to themselves
 values are the concatenation, as in Flamingo), then a feed-forward block. The final latents are projected
 to the LM's width: ``num_queries`` soft tokens whatever the number of image tokens. Unlike the Q-Former
 it never reads the prompt; it is also the front of the gated cross-attention adapter
-(``adapter.xattn_resampler``), whose blocks then read its latents instead of every image token.
+(``adapter.xattn.resampler``), whose blocks then read its latents instead of every image token.
 """
 
 from __future__ import annotations
@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
-from adaptkit.adapters.base import FusionAdapter
+from adaptkit.adapters.base import FusionAdapter, heads_problem
 
 if TYPE_CHECKING:
-    from adaptkit.config import AdapterConfig
+    from adaptkit.config import AdapterConfig, ResamplerConfig
 
 
 def feed_forward(hidden: int, mlp_ratio: float, dropout: float) -> nn.Sequential:
@@ -51,9 +51,10 @@ class ResamplerLayer(nn.Module):
 
 
 class Resampler(nn.Module):
-    """The resampler's trunk, ``(B, T, D_v)`` standardized features -> ``(B, num_latents, out_dim)``."""
+    """The resampler's trunk, ``(B, T, D_v)`` standardized features -> ``(B, num_queries, out_dim)``, sized by
+    ``adapter.resampler.*``."""
 
-    def __init__(self, cfg: AdapterConfig, vision_dim: int, out_dim: int, output_std: float | None) -> None:
+    def __init__(self, cfg: ResamplerConfig, vision_dim: int, out_dim: int, output_std: float | None) -> None:
         super().__init__()
         hidden = cfg.hidden_size
         self.latents = nn.Parameter(torch.randn(1, cfg.num_queries, hidden) * 0.02)
@@ -78,9 +79,12 @@ class Resampler(nn.Module):
 class PerceiverResampler(FusionAdapter):
     """Maps image features ``(B, T, D_v)`` to ``(B, num_queries, D_lm)`` soft tokens.
 
-    Args: as :class:`~adaptkit.adapters.base.FusionAdapter`; sizes from ``adapter.num_queries`` (latents),
-    ``num_layers``, ``hidden_size``, ``num_heads``, ``mlp_ratio``, ``dropout``.
+    Args: as :class:`~adaptkit.adapters.base.FusionAdapter`; sizes from ``adapter.resampler.*``.
     """
+
+    @classmethod
+    def config_problem(cls, cfg: AdapterConfig) -> str | None:
+        return heads_problem("adapter.resampler", cfg.resampler.hidden_size, cfg.resampler.num_heads)
 
     def __init__(
         self,
@@ -91,8 +95,8 @@ class PerceiverResampler(FusionAdapter):
         vision_tokens: int | None = None,
     ) -> None:
         super().__init__(cfg, vision_dim, lm_dim, output_std, vision_tokens)
-        self.resampler = Resampler(cfg, vision_dim, lm_dim, output_std)
-        self.num_tokens = cfg.num_queries
+        self.resampler = Resampler(cfg.resampler, vision_dim, lm_dim, output_std)
+        self.num_tokens = cfg.resampler.num_queries
 
     def forward(
         self,

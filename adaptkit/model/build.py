@@ -139,7 +139,7 @@ def build_model(
     embeddings = lm.get_input_embeddings()
     inject = ADAPTERS[recipe.adapter.kind].entry_layer(recipe.adapter)
     if inject >= lm.config.num_hidden_layers:
-        key = f"adapter.inject_layer={inject}" if recipe.adapter.inject_layer else "adapter.xattn_layers"
+        key = f"adapter.inject_layer={inject}" if recipe.adapter.inject_layer else "adapter.xattn.layers"
         raise ValueError(
             f"{key} is outside this LM's decoder layers (0..{lm.config.num_hidden_layers - 1}): choose "
             "layers inside them"

@@ -20,7 +20,8 @@ _SAME_FEATURES = ("family", "name", "weights", "feature_layer", "extra_layers")
 
 def check_init_source(recipe: Recipe, folder: Path) -> None:
     """Refuse an ``init_from`` run whose adapter read other features than this recipe gives it."""
-    from adaptkit.config import RecipeError, load_recipe
+    from adaptkit.config import RecipeError
+    from adaptkit.recipes import load_recipe
 
     if not (folder / RECIPE_FILE).is_file():
         raise RecipeError(

@@ -9,7 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from adaptkit.train.resume import flat, truncate_jsonl
+from adaptkit.config.fields import walk
+from adaptkit.train.resume import truncate_jsonl
 
 log = logging.getLogger("adaptkit")
 METRICS_FILE = "metrics.jsonl"
@@ -55,7 +56,9 @@ class Records:
         self.metrics = (out / METRICS_FILE).open(mode) if main else None
         self.samples = (out / SAMPLES_FILE).open(mode) if main and recipe.log_samples else None
         if self.trackers:
-            hparams = {k: v if isinstance(v, int | float | str | bool) else str(v) for k, v in flat(recipe)}
+            hparams = {
+                k: v if isinstance(v, int | float | str | bool) else str(v) for k, v, _ in walk(recipe)
+            }
             accelerator.init_trackers("tensorboard", config=hparams)
 
     def record(self, obj: dict) -> None:

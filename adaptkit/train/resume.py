@@ -46,28 +46,14 @@ def resume_point(recipe: Recipe, out: Path) -> Path | None:
     return folder
 
 
-def flat(recipe: Recipe) -> list[tuple[str, object]]:
-    """``(dotted key, value)`` for every recipe field."""
-    from omegaconf import OmegaConf
-
-    def walk(d, prefix=""):
-        for k, v in d.items():
-            if isinstance(v, dict):
-                yield from walk(v, f"{prefix}{k}.")
-            else:
-                yield f"{prefix}{k}", v
-
-    return list(walk(OmegaConf.to_container(OmegaConf.structured(recipe))))
-
-
 def check_same_recipe(recipe: Recipe, out: Path) -> None:
     """A resumed run must train the recipe it was started with (only ``resume`` may differ)."""
-    from adaptkit.config import load_recipe
+    from adaptkit.config.docs import diff
+    from adaptkit.recipes import load_recipe
 
-    a, b = dict(flat(load_recipe(out / RECIPE_FILE))), dict(flat(recipe))
-    differ = sorted(k for k in set(a) | set(b) if k != "resume" and a.get(k) != b.get(k))
+    differ = [row for row in diff(load_recipe(out / RECIPE_FILE), recipe) if row[0] != "resume"]
     if differ:
-        shown = ", ".join(f"{k}: {a.get(k)!r} -> {b.get(k)!r}" for k in differ[:6])
+        shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in differ[:6])
         raise ValueError(
             f"resume: the recipe differs from {out / RECIPE_FILE} ({shown}); an exact resume needs the same "
             "recipe — drop those overrides or start a new output_dir"

@@ -1,0 +1,374 @@
+"""The recipe schema: every key a recipe may set, its default, its meaning and the values it allows.
+
+This file is the one place each knob is documented (``adaptkit recipe show RECIPE`` prints a resolved
+recipe with these texts beside its values). The defaults are the embedded default's settings (MobileNetV2 ->
+Q-Former -> SmolLM2 on easy-VQA) wherever a value does not depend on the backbones or on what the data
+allows; what does (the LM layer the image enters, the vision layers read, the augmentations that keep an
+answer true) is set by the recipes, with their reasons.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from adaptkit.config.adapters import AdapterConfig
+from adaptkit.config.fields import knob, section
+
+DTYPES = ("float32", "bfloat16", "float16")
+QUANT = ("none", "8bit", "4bit")
+
+
+@dataclass
+class VisionConfig:
+    """The frozen vision backbone (adaptkit/backbones/vision.py)."""
+
+    family: str = knob(
+        "torchvision",
+        "torchvision | hf (transformers ViT/CLIP/SigLIP) | open_clip",
+        choices=("torchvision", "hf", "open_clip"),
+    )
+    name: str = knob(
+        "mobilenet_v2", "torchvision model name, HF hub id or local folder, or open_clip architecture"
+    )
+    weights: str = knob(
+        "embedded",
+        "embedded (the packaged ImageNet MobileNetV2) | path to .pth/.safetensors | open_clip pretrained tag",
+    )
+    image_size: int = knob(
+        224,
+        "input resolution in pixels (MobileNetV2: 224 -> a 7x7 grid = 49 image tokens; 128 -> 4x4)",
+        low=8,
+    )
+    feature_layer: int = knob(
+        -1, "which trunk layer (torchvision) or hidden state (hf) gives the image tokens"
+    )
+    extra_layers: list[int] = knob(
+        [],
+        """torchvision: earlier trunk layers pooled to the same grid and concatenated to the tokens (colour
+        cues the last ImageNet layer keeps only weakly); []: the last layer alone""",
+    )
+    quant: str = knob(
+        "none",
+        """bitsandbytes quantization of the frozen tower, vision.family=hf only (CNN trunks are convolutions);
+        `adaptkit check-quant` shows what it changes before you train""",
+        choices=QUANT,
+    )
+    compute_dtype: str = knob("float32", "matmul dtype of 4-bit layers", choices=DTYPES)
+
+
+@dataclass
+class LanguageConfig:
+    """The frozen causal LM (adaptkit/backbones/language.py)."""
+
+    name: str = knob("embedded:smollm2", "embedded:smollm2 | HF hub id | local folder of any causal LM")
+    dtype: str = knob("float32", "weights dtype (float32 is the fast path on CPU)", choices=DTYPES)
+    quant: str = knob(
+        "none", "bitsandbytes quantization of the frozen LM (NF4 for 4bit; CPU and CUDA)", choices=QUANT
+    )
+    compute_dtype: str = knob("float32", "matmul dtype of 4-bit layers", choices=DTYPES)
+
+
+@dataclass
+class TextEncoderConfig:
+    """The text encoder of the image-text objectives (adaptkit/backbones/text.py)."""
+
+    name: str = knob(
+        "none",
+        """none (no text side: VQA, captioning) | embedded:minilm (all-MiniLM-L6-v2) | HF hub id | local
+        folder of any encoder; frozen, each distinct text encoded once unless lora_r > 0""",
+    )
+    max_length: int = knob(64, "texts are cut to this many tokens", low=1)
+    lora_r: int = knob(
+        0,
+        """> 0: LoRA of this rank inside the text encoder (peft; its base stays frozen), trained with the
+        image-text heads at lr_adapter; 0: frozen""",
+        low=0,
+    )
+    lora_alpha: int = knob(16, "text-encoder LoRA scale numerator (scale = lora_alpha / lora_r)", low=1)
+    lora_target_modules: list[str] = knob(
+        ["query", "value"], "its linear layers given LoRA (BERT / MiniLM names)"
+    )
+
+
+@dataclass
+class LoraConfig:
+    """LoRA on the frozen LM, through peft (layers from the image's entry layer up)."""
+
+    enabled: bool = knob(True, "false trains the adapter alone on a fully frozen LM")
+    r: int = knob(16, "LoRA rank (the low-rank update's inner width)", low=1)
+    alpha: int = knob(32, "LoRA scale numerator (scale = alpha / r)", low=1)
+    dropout: float = knob(
+        0.0,
+        "dropout on the LoRA branch (0 skips a copy of every LoRA input: ~40% faster on CPU)",
+        low=0.0,
+        below=1.0,
+    )
+    start_step: int = knob(
+        75,
+        """LoRA trains from this optimizer step on; before it the adapter alone learns to feed the frozen LM
+        (LLaVA-style stage 1; LoRA from step 0 learns answer priors first and slows the use of the image)""",
+        low=0,
+    )
+    target_modules: list[str] = knob(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "LM linear layers given LoRA (Llama / Qwen / Gemma names)",
+    )
+
+
+@dataclass
+class AugmentConfig:
+    """Fixed augmented views per training image (adaptkit/data/augment.py). Each view is encoded once and
+    kept in the feature cache; each step shows every image as itself or one of its views, picked from
+    (seed, step, image), so a resumed run stays exact. Off by default: which transforms keep an answer true
+    depends on the data (the easy-VQA recipes rotate shapes by any angle and flip them; a photo's "left"
+    or "upside down" would change), so a recipe turns on the ones its data allows."""
+
+    views: int = knob(
+        0,
+        """augmented views per image besides itself (0: off); each costs one more encoding pass over the
+        training images and N x T x D x 4 bytes of memory and disk (easy-VQA at 224 px: 1.1 GB per view)""",
+        low=0,
+    )
+    scale_min: float = knob(
+        1.0, "content resized by a factor drawn log-uniformly in [scale_min, scale_max]", above=0.0
+    )
+    scale_max: float = knob(
+        1.0, "(below 1 the content shrinks; the canvas around it keeps its border colour)", above=0.0
+    )
+    rotate: float = knob(
+        0.0, "rotation in degrees, uniform in [-rotate, rotate] (180: any angle)", low=0.0, high=180.0
+    )
+    translate: float = knob(
+        0.0, "shift, uniform up to this fraction of the width / height", low=0.0, high=0.5
+    )
+    flip: bool = knob(False, "horizontal and vertical flips, each with probability 1/2")
+    brightness: float = knob(0.0, "brightness factor in [1 - b, 1 + b]", low=0.0, high=0.9)
+    contrast: float = knob(
+        0.0, "contrast factor in [1 - c, 1 + c] around the image's mean", low=0.0, high=0.9
+    )
+    channel_gain: float = knob(
+        0.0,
+        "each RGB channel scaled by a factor in [1 - g, 1] (tinted light; shifts the colours answers name)",
+        low=0.0,
+        below=1.0,
+    )
+    gradient: float = knob(
+        0.0, "a linear illumination ramp of up to +-g across the image", low=0.0, below=1.0
+    )
+    blur: float = knob(
+        0.0, "Gaussian blur sigma up to this fraction of the image side (0: off)", low=0.0, below=1.0
+    )
+    noise: float = knob(
+        0.0, "Gaussian pixel noise, std up to this (pixels in [0, 1]; 0: off)", low=0.0, below=1.0
+    )
+    background: float = knob(
+        0.0,
+        """probability that a view's plain background (pixels near its border colour) is replaced by a
+        gradient between two random soft colours (0: off)""",
+        low=0.0,
+        high=1.0,
+    )
+
+
+@dataclass
+class DataConfig:
+    """What the task trains and evaluates on, and how samples become LM text."""
+
+    train: str = knob(
+        "easyvqa:train",
+        """the training data: an embedded split (easyvqa:train, easyvqa-captions:train), a JSONL / COCO /
+        LLaVA file, or hf:PATH[:SPLIT] (the task's formats: README, "Your own data")""",
+    )
+    eval: str = knob("easyvqa:test", "evaluated every eval_every steps (eval_limit samples) and at the end")
+    prompt_template: str = knob(
+        "{question}",
+        """the LM prompt; VQA fills {question} and the answer follows after a space, then EOS (a longer
+        "Question: {question} Answer:" costs 4 LM tokens per question and did no better in a measured run);
+        captioning: the fixed prompt the caption follows""",
+    )
+    class_template: str = knob(
+        "a {label}", "retrieval: a label's class prompt for classification and predict"
+    )
+    chat_template: bool = knob(
+        False,
+        """true: prompts rendered with the LM tokenizer's chat template (the question in the user turn,
+        earlier turns of LLaVA conversations before it; the answer opens the assistant turn, EOS closes
+        it)""",
+    )
+    on_bad_sample: str = knob(
+        "skip",
+        """skip: drop and count malformed lines and unusable images (missing, empty, truncated, not an image,
+        under 8 px a side, decompression bombs; CMYK / RGBA / grayscale are converted); error: stop at the
+        first one""",
+        choices=("error", "skip"),
+    )
+    max_skip_ratio: float = knob(
+        0.01,
+        "with skip: stop, listing the bad files, when more than this share of samples is bad",
+        low=0.0,
+        high=1.0,
+    )
+    augment: AugmentConfig = section(AugmentConfig, "augmented views of the training images (below)")
+
+
+@dataclass
+class ObjectivesConfig:
+    """The training loss: a weighted sum of these (adaptkit/objectives.py, adaptkit/contrastive.py)."""
+
+    lm: float = knob(1.0, "generative cross-entropy on the answer / caption tokens", low=0.0)
+    classify: float = knob(
+        0.0,
+        """VQA: answer classification from the mean soft token over the training answers (a direct signal to
+        the adapter; the head is not saved)""",
+        low=0.0,
+    )
+    classify_max_answers: int = knob(
+        1000, "classes: the most frequent training answers; rarer ones get no label", low=1
+    )
+    itc: float = knob(0.0, "image-text contrastive (InfoNCE both ways); needs text_encoder.name", low=0.0)
+    itm: float = knob(
+        0.0, "image-text matching with hard negatives sampled by ITC; needs text_encoder.name", low=0.0
+    )
+    triplet: float = knob(
+        0.0, "max-violation triplet hinge on cosine similarity (VSE++); needs text_encoder.name", low=0.0
+    )
+    triplet_margin: float = knob(0.2, "the triplet hinge's margin", low=0.0)
+    embed_dim: int = knob(256, "width of the shared image-text embedding space (itc / itm / triplet)", low=1)
+    temperature: float = knob(
+        0.07, "initial ITC temperature (learned; never below 0.01)", above=0.0, below=1.0
+    )
+
+
+@dataclass
+class Recipe:
+    """A fine-tuning recipe: the task, the parts of the model and every training knob."""
+
+    output_dir: str = knob(
+        "runs/default", "where the run directory is written; an existing run is never overwritten"
+    )
+    seed: int = knob(0, "seeds model init, data order, augmented views and dropout")
+    task: str = knob(
+        "vqa",
+        """what is learned and scored (adaptkit/tasks): vqa (generative, exact-match accuracy) | retrieval
+        (image-text objectives, Recall@K and classification) | caption (BLEU-4 / CIDEr-D / ROUGE-L)""",
+    )
+    vision: VisionConfig = section(VisionConfig, "the frozen vision backbone")
+    language: LanguageConfig = section(LanguageConfig, "the frozen causal LM")
+    text_encoder: TextEncoderConfig = section(
+        TextEncoderConfig, "the text encoder of the image-text objectives"
+    )
+    adapter: AdapterConfig = section(AdapterConfig, "the trained fusion adapter")
+    lora: LoraConfig = section(LoraConfig, "LoRA on the LM")
+    data: DataConfig = section(DataConfig, "training and evaluation data")
+    objectives: ObjectivesConfig = section(ObjectivesConfig, "the loss: a weighted sum of objectives")
+    max_steps: int = knob(1000, "optimizer steps", low=1)
+    batch_size: int = knob(
+        64,
+        """samples per micro-batch per process (N processes train on global batches of N x this, each on its
+        slice). 64 rather than 32: a step's fixed costs spread over twice the samples (~1.18x the questions/s
+        on a 2-core CPU)""",
+        low=1,
+    )
+    grad_accum_steps: int = knob(1, "micro-batches per optimizer step", low=1)
+    length_grouping: int = knob(
+        8,
+        """sort each window of N shuffled batches (or packed rows) by length so a batch pads little (1: plain
+        shuffle; unpacked VQA, 4 cut padding from 18% to 5.5% of text slots)""",
+        low=1,
+    )
+    pack_questions: int = knob(
+        4,
+        """N > 1: up to N questions about one image share one LM sequence behind one copy of its soft tokens,
+        each seeing only the image tokens and itself (a block mask; the loss equals the unpacked one). Needs
+        soft tokens that depend on the image alone (adapter.qformer.text_conditioned=false) and
+        objectives.classify=0; 1: one question per sequence""",
+        low=1,
+    )
+    activation_checkpointing: int = knob(
+        0,
+        """0: off; N: recompute every Nth LM layer's activations in the backward pass (the default recipe on
+        CPU: training peak 4.3 -> 3.0 GB, ~35% slower steps)""",
+        low=0,
+    )
+    compile: bool = knob(
+        True,
+        """torch.compile each LM decoder layer for the training step (one shared graph, compiled in the first
+        step and once more when LoRA starts); evaluation stays eager. Compiled kernels round differently, so a
+        run's curve differs from the eager one's; false: eager""",
+    )
+    lower_state_cache_mb: float = knob(
+        1024.0,
+        """with the image entering at layer k > 0: memory in MB for the text states below k (least recently
+        used dropped beyond it; easy-VQA's 273 distinct texts take 5.5 MB); 0: recompute them every step.
+        Generation (eval, predict, demo) keeps, within its own budget of this size, each prompt's states and
+        its keys/values below k, so prompts run only the upper layers; 0: the whole model""",
+        low=0.0,
+    )
+    lr_adapter: float = knob(2.0e-3, "AdamW learning rate of the adapter and the objectives' heads", low=0.0)
+    lr_lora: float = knob(
+        2.0e-3, "AdamW learning rate of LoRA (its warmup + decay run from lora.start_step)", low=0.0
+    )
+    weight_decay: float = knob(0.0, "AdamW weight decay", low=0.0)
+    warmup_steps: int = knob(15, "linear warmup steps, then cosine decay to 0 at max_steps", low=0)
+    lr_decay_steps: int = knob(
+        0,
+        """0: the cosine decay spans the whole run after warmup; N > 0: the rate holds after warmup and
+        decays (cosine) over the last N steps (warmup-stable-decay)""",
+        low=0,
+    )
+    max_grad_norm: float = knob(1.0, "gradient clipping by global norm (0: off)", low=0.0)
+    mixed_precision: str = knob(
+        "no", "accelerate autocast: no | bf16 | fp16 (bf16 on recent GPUs)", choices=("no", "bf16", "fp16")
+    )
+    cache_features: bool = knob(True, "encode each image once with the frozen backbone (false: every step)")
+    feature_cache_dir: str = knob(
+        "auto",
+        """keep those features on disk for later runs, keyed by backbone + image bytes: auto =
+        $ADAPTKIT_CACHE/features (~/.cache/adaptkit), a path, or none (memory only)""",
+    )
+    log_every: int = knob(10, "steps between metrics.jsonl lines", low=1)
+    report_to: str = knob(
+        "none",
+        """also send metrics to an Accelerate tracker: none | tensorboard (output_dir/tensorboard) | wandb |
+        mlflow | comet_ml | aim | clearml | dvclive | all""",
+        choices=("none", "tensorboard", "wandb", "mlflow", "comet_ml", "aim", "clearml", "dvclive", "all"),
+    )
+    eval_every: int = knob(500, "steps between evaluations during training (0: only at the end)", low=0)
+    eval_limit: int = knob(500, "eval samples used during training (0: the whole eval split)", low=0)
+    eval_batch_size: int = knob(
+        256,
+        """generation batch size (prompts sorted by length into batches); decoding a token reads every LM
+        weight once per batch, so larger batches amortize it (on CPU 256 ran 1.22x faster than 64)""",
+        low=1,
+    )
+    max_new_tokens: int = knob(5, "longest generated answer or caption, in tokens", low=1)
+    checkpoint_every: int = knob(
+        100,
+        """steps between checkpoints in output_dir/checkpoints (0: only the one at the end); each holds the
+        trained weights, optimizer, scheduler, every process's RNG and the data position""",
+        low=0,
+    )
+    keep_checkpoints: int = knob(
+        2, "newest complete checkpoints kept; older ones are deleted after a save", low=1
+    )
+    resume: str = knob(
+        "",
+        """"": a new run | auto: continue output_dir from its newest complete checkpoint (a new run when
+        output_dir does not exist) | PATH: that checkpoint or run directory""",
+    )
+    init_from: str = knob(
+        "",
+        """a run directory whose adapter (and image-text heads) this run starts from, e.g. BLIP-2 stage 2
+        from a stage-1 run; "": fresh""",
+    )
+    log_samples: bool = knob(
+        False,
+        """write every micro-batch's sample indices and exact loss to samples.jsonl (an audit trail: a resumed
+        run's file equals an uninterrupted run's)""",
+    )
+    check_replicas: int = knob(
+        0,
+        """multi-process: every N steps compare a digest of each process's trainable weights (the run stops if
+        they differ); 0: off""",
+        low=0,
+    )
