@@ -99,7 +99,7 @@ class LoraConfig:
     alpha: int = knob(32, "LoRA scale numerator (scale = alpha / r)", low=1)
     dropout: float = knob(
         0.0,
-        "dropout on the LoRA branch (0 skips a copy of every LoRA input: ~40% faster on CPU)",
+        "dropout on the LoRA branch (0 skips a copy of every LoRA input, a faster step)",
         low=0.0,
         below=1.0,
     )
@@ -265,15 +265,15 @@ class Recipe:
     batch_size: int = knob(
         64,
         """samples per micro-batch per process (N processes train on global batches of N x this, each on its
-        slice). 64 rather than 32: a step's fixed costs spread over twice the samples (~1.18x the questions/s
-        on a 2-core CPU)""",
+        slice). 64 rather than 32: a step's fixed costs spread over twice the samples
+        (docs/benchmarks.md)""",
         low=1,
     )
     grad_accum_steps: int = knob(1, "micro-batches per optimizer step", low=1)
     length_grouping: int = knob(
         8,
         """sort each window of N shuffled batches (or packed rows) by length so a batch pads little (1: plain
-        shuffle; unpacked VQA, 4 cut padding from 18% to 5.5% of text slots)""",
+        shuffle)""",
         low=1,
     )
     pack_questions: int = knob(
@@ -286,8 +286,8 @@ class Recipe:
     )
     activation_checkpointing: int = knob(
         0,
-        """0: off; N: recompute every Nth LM layer's activations in the backward pass (the default recipe on
-        CPU: training peak 4.3 -> 3.0 GB, ~35% slower steps)""",
+        """0: off; N: recompute every Nth LM layer's activations in the backward pass: less training memory,
+        slower steps (docs/benchmarks.md, "Memory")""",
         low=0,
     )
     compile: bool = knob(
@@ -338,7 +338,7 @@ class Recipe:
     eval_batch_size: int = knob(
         256,
         """generation batch size (prompts sorted by length into batches); decoding a token reads every LM
-        weight once per batch, so larger batches amortize it (on CPU 256 ran 1.22x faster than 64)""",
+        weight once per batch, so larger batches amortize it (docs/experiments.md)""",
         low=1,
     )
     max_new_tokens: int = knob(5, "longest generated answer or caption, in tokens", low=1)

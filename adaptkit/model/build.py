@@ -31,7 +31,7 @@ def compile_lm_layers(model: MultimodalModel) -> int:
     """``torch.compile`` each LM decoder layer in place (parameter names unchanged).
 
     The layers share one compiled graph (same code, parameters as inputs), with dynamic sequence
-    lengths, so compilation happens once (about half a minute on a 2-core CPU) and fuses the
+    lengths, so compilation happens once (docs/benchmarks.md: its cost and gain) and fuses the
     elementwise work around the matmuls: norms, rotary embeddings, activations and LoRA's
     scale-and-add. Returns the number of layers compiled.
     """

@@ -1,18 +1,17 @@
 """The LM's last decoder layer computed only where the training loss reads a logit.
 
-Training scores the LM at answer positions alone (``MultimodalModel.answer_logits``). Below the last
+Training scores the LM at answer positions alone (``MultimodalModel.answer_logits``, through
+``DecoderRun.at``). Below the last
 decoder layer every position matters (later positions attend to it), but the last layer's output is read
 only at those positions; elsewhere it needs just the keys and values its queries attend to. So the last
 layer runs its norm and key/value projections on the whole sequence and its query, attention, output
 projection and MLP on the answer positions only. In SmolLM2 the key/value projections are 6% of a layer's
-weights, and a question has 1-2 answer positions among its ~14 LM token slots. On this CPU the layer's
-forward and backward took 86 -> 24 ms (eager, SmolLM2, a packed batch's shape: 13 rows of 72 slots, 78
-answer positions), and the projector recipe's training steps ran 1.02x faster (``python
-benchmarks/last_layer.py --adapter projector``; its other 12 trained layers run compiled, this one eagerly).
+weights, and a question has 1-2 answer positions among its ~14 LM token slots (what that saves, measured:
+docs/benchmarks.md, ``python benchmarks/last_layer.py``).
 
 The arithmetic per position is the stock layer's (tested against it); it is written for the Llama layout
 (pre-norm attention with rotary embeddings and grouped key/value heads, then a pre-norm MLP), which
-``supported`` checks for; any other LM, or a last layer with hooks on it (an injection or a
+``supported`` checks for; any other LM, or a last layer with hooks on it (the soft tokens' entry or a
 cross-attention block), runs its stock forward on every position.
 """
 
