@@ -1,6 +1,7 @@
-"""The multimodal model: wiring (``multimodal``), building it from a recipe (``build``), soft tokens at a
-middle LM layer (``injection``, ``lower_states``), packed rows (``packing``) and decoding
-(``generation``)."""
+"""The multimodal model: the data path (``multimodal``: features -> adapter -> LM -> objectives, over a typed
+``batch``), how the image reaches the LM (``fusion``) and which decoder layers a pass runs (``decoder``,
+``lower_states``, ``last_layer``), packed rows (``packing``), decoding (``generation``), what trains saved
+and loaded (``trainables``), and building it all from a recipe (``build``)."""
 
 from adaptkit.model.build import (
     build_model,

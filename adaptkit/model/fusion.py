@@ -69,6 +69,7 @@ class Fusion:
         self.prompt_mb = 256.0
         self._prompts: LowerStateCache | None = None
         self._prompts_on: tuple | None = None  # the LM's (device, dtype) the prompt store was made for
+        self.handles: list = []  # the hooks this strategy put on the LM's layers
 
     @property
     def n_soft(self) -> int:
@@ -155,7 +156,13 @@ class Fusion:
         return self._prompts
 
     def attach(self, layers: nn.ModuleList) -> None:
-        """Put this strategy's hooks on the LM's decoder ``layers``."""
+        """Put this strategy's hooks on the LM's decoder ``layers`` (kept in ``handles``)."""
+
+    def remove(self) -> None:
+        """Take the hooks off the LM's layers (the LM then computes as it did before)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
 
 
 class SoftTokens(Fusion):
@@ -166,7 +173,6 @@ class SoftTokens(Fusion):
     def __init__(self, lm: nn.Module, adapter: nn.Module, entry: int, sink_id: int) -> None:
         super().__init__(lm, adapter, entry, sink_id)
         self.adapter_tokens = adapter.num_tokens
-        self.handles = []
         if entry:
             self.attach(lm.get_decoder().layers)
 
@@ -211,7 +217,6 @@ class CrossAttention(Fusion):
                 f"adapter.xattn.layers {bad} are outside this LM's decoder layers (0..{len(layers) - 1})"
             )
         self.blocks = adapter.blocks
-        self.handles = []
         self.attach(layers)
 
     def carried(self, out: torch.Tensor, in_states: bool) -> torch.Tensor | None:
@@ -224,12 +229,6 @@ class CrossAttention(Fusion):
         for key, block in self.blocks.items():
             hook = partial(self._block, block)
             self.handles.append(layers[int(key)].register_forward_pre_hook(hook, with_kwargs=True))
-
-    def remove(self) -> None:
-        """Take the hooks off the LM's layers (the LM then computes as it did before)."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
 
     @staticmethod
     def _block(block: nn.Module, module, args, kwargs):

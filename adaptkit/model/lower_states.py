@@ -1,10 +1,11 @@
-"""Text-only hidden states below the injection layer, computed once per distinct text.
+"""Text-only hidden states below the image's entry layer, computed once per distinct text.
 
-With ``adapter.inject_layer`` k > 0 the soft tokens enter the LM at decoder layer k, and the layers
-below k see only a fixed lead (the attention-sink token and zero placeholders) and the text: a row's
-hidden states entering layer k depend on its token ids alone, and no gradient flows below k (no
-LoRA there, the LM is frozen). Training therefore computes them once per distinct text, keeps them in
-memory, and runs only layers k.. per step. The result equals the full forward pass (tested).
+When the image enters the LM at decoder layer k > 0 (soft tokens at ``adapter.inject_layer``, or the first
+cross-attention block), the layers below k see only a fixed lead (the attention-sink token and zero
+placeholders, ``adaptkit.model.fusion``) and the text: a row's hidden states entering layer k depend on its
+token ids alone, and no gradient flows below k (no LoRA there, the LM is frozen). Training therefore
+computes them once per distinct text, keeps them in memory, and runs only layers k.. per step. The result
+equals the full forward pass (tested).
 
 Easy-VQA has 273 distinct question + answer texts in 38,575 training samples, so after the first
 steps the layers below k cost nothing. A dataset whose texts rarely repeat gains little and pays the
@@ -28,7 +29,7 @@ class LowerStateCache:
     Args:
         decoder: the LM's decoder (``base_lm.get_decoder()``).
         lead: ``(n_lead, D)`` input embeddings of the lead (sink token, zero placeholders).
-        layer: the injection layer k.
+        layer: the entry layer k.
         max_mb: memory budget of the stored text states.
         keep_kv: also keep each text's attention keys and values in the layers below k (generation:
             decoding a new token attends to them in every layer; about ``2k * kv_dim / D`` times the
