@@ -59,7 +59,7 @@ def test_train_then_eval_end_to_end(tiny_overrides, tiny_vqa, tmp_path, capsys):
     # A second run into the same directory is refused and leaves the first one intact.
     before = (run / "adapter.safetensors").read_bytes()
     assert main(["train", RECIPE, *tiny_overrides]) == 2
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a finished run" in capsys.readouterr().err
     assert (run / "adapter.safetensors").read_bytes() == before
 
 

@@ -219,4 +219,4 @@ def test_resume_refuses_a_changed_recipe_and_a_finished_run(finished, tiny_overr
     assert main(["train", RECIPE, *overrides, "max_steps=4", "resume=auto"]) == 2
     assert "already finished" in capsys.readouterr().err
     assert main(["train", RECIPE, *overrides, "max_steps=4"]) == 2  # no resume: never overwritten
-    assert "already holds a run" in capsys.readouterr().err
+    assert "already holds a finished run" in capsys.readouterr().err

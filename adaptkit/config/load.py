@@ -49,6 +49,9 @@ LEGACY_ADAPTER_KEYS = {
         **{k: [f"resampler.{k}"] for k in ("num_queries", "num_layers", "hidden_size")},
     },
 }
+#: a recipe is a few KB; anything past this is refused before YAML is built from it.
+MAX_RECIPE_BYTES = 1 << 20
+
 _FLAT = {k for keys in LEGACY_ADAPTER_KEYS.values() for k in keys} | {"pool_tokens", "text_conditioned"}
 
 
@@ -85,8 +88,32 @@ def _migrate_adapter(loaded: dict, source: str) -> dict:
     return {**loaded, "adapter": moved}
 
 
-def _key_lines(path: Path) -> dict[str, int]:
-    """Map each dotted key of a YAML mapping to its 1-based line in the file."""
+def _recipe_text(path: Path) -> str:
+    """A recipe file's text, refused before any YAML is built from it when it is too large to be a recipe,
+    not UTF-8, or uses aliases (``*name``): a few hundred bytes of nested aliases expand to gigabytes."""
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:
+        raise RecipeError(
+            f"{path}: {size:,} bytes is not a recipe (at most {MAX_RECIPE_BYTES:,}); pass a recipe YAML file"
+        )
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise RecipeError(f"{path}: not UTF-8 text (byte {err.start}); save the recipe as UTF-8") from None
+    try:
+        for event in yaml.parse(text, Loader=yaml.SafeLoader):
+            if isinstance(event, yaml.AliasEvent):
+                raise RecipeError(
+                    f"{path}:{event.start_mark.line + 1}: YAML aliases (*{event.anchor}) are not allowed in "
+                    "recipes; write the value out"
+                )
+    except yaml.YAMLError:
+        pass  # reported with its position by the parse that follows
+    return text
+
+
+def _key_lines(text: str) -> dict[str, int]:
+    """Map each dotted key of a YAML mapping to its 1-based line in the text."""
     lines: dict[str, int] = {}
 
     def walk(node: yaml.Node, prefix: str) -> None:
@@ -97,7 +124,7 @@ def _key_lines(path: Path) -> dict[str, int]:
                 walk(value_node, dotted + ".")
 
     try:
-        root = yaml.compose(path.read_text())
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
     except yaml.YAMLError:
         return lines
     if root is not None:
@@ -146,14 +173,15 @@ def parse_recipe(path: str | Path | None, overrides: list[str] | tuple[str, ...]
         path = Path(path)
         if not path.is_file():
             raise RecipeError(f"recipe file {path} does not exist; pass a YAML file such as recipes/*.yaml")
+        text = _recipe_text(path)
         try:
-            loaded = yaml.safe_load(path.read_text())
+            loaded = yaml.safe_load(text)
         except yaml.YAMLError as err:
             raise RecipeError(f"{path}: not valid YAML: {err}") from None
         if loaded is not None and not isinstance(loaded, dict):
             raise RecipeError(f"{path}: a recipe must be a YAML mapping of keys to values")
         loaded = _migrate_adapter(loaded or {}, str(path))
-        cfg = _merge(cfg, OmegaConf.create(loaded), str(path), _key_lines(path))
+        cfg = _merge(cfg, OmegaConf.create(loaded), str(path), _key_lines(text))
     for item in _migrate_overrides(cfg, overrides):
         if "=" not in item:
             raise RecipeError(f"override '{item}' must look like key=value (for example max_steps=200)")

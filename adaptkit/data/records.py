@@ -100,19 +100,26 @@ def read_jsonl(path: str | Path, parse, on_bad_sample: str = "error") -> LoadedD
     """Read a JSONL data file whose lines ``parse(row, file, origin)`` turns into a sample or a problem.
 
     ``parse`` returns ``(sample, None)`` or ``(None, "what is wrong")``. Blank lines are ignored; a line
-    that is not JSON, or that ``parse`` rejects, raises :class:`DataError` naming ``file:line`` (or, with
-    ``on_bad_sample="skip"``, is skipped and listed).
+    that is not UTF-8 text, not JSON, or that ``parse`` rejects, raises :class:`DataError` naming
+    ``file:line`` (or, with ``on_bad_sample="skip"``, is skipped and listed).
     """
     file = Path(path)
     if not file.is_file():
         raise DataError(f"data file {file} does not exist")
     samples: list = []
     skipped: list[str] = []
-    with file.open(encoding="utf-8") as handle:
-        for lineno, line in enumerate(handle, start=1):
+    with file.open("rb") as handle:  # decoded line by line: one bad line is one bad sample
+        for lineno, raw in enumerate(handle, start=1):
+            origin = f"{file}:{lineno}"
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as err:
+                byte = f"byte 0x{raw[err.start]:02x} at column {err.start + 1}"
+                problem = f"not UTF-8 text ({byte}); save the file as UTF-8"
+                bad_sample(skipped, origin, problem, on_bad_sample, "line")
+                continue
             if not line.strip():
                 continue
-            origin = f"{file}:{lineno}"
             try:
                 sample, problem = parse(json.loads(line), file, origin)
             except json.JSONDecodeError as err:

@@ -14,11 +14,20 @@ if TYPE_CHECKING:
 
 
 def check_output_dir(out: Path) -> None:
-    """A new run refuses a directory that already holds one."""
-    if (out / ADAPTER_FILE).exists() or (out / LORA_DIR).exists():
-        raise FileExistsError(
-            f"output_dir {out} already holds a run; pass another output_dir=... (nothing was overwritten)"
-        )
+    """A new run starts only in a missing or empty directory: a finished run, a crashed one (checkpoints but
+    no final weights) or anything else a user keeps there is never written over."""
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"output_dir {out} is a file, not a directory; pass another output_dir=...")
+    held = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
+    if not held:
+        return
+    shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
+    finished = (out / ADAPTER_FILE).exists() or (out / LORA_DIR).exists()
+    hint = "pass another output_dir=..."
+    if not finished and ckpt.latest_checkpoint(out) is not None:
+        hint = f"continue it with resume=auto (adaptkit train RECIPE output_dir={out} resume=auto), or {hint}"
+    what = "a finished run" if finished else "files"
+    raise FileExistsError(f"output_dir {out} already holds {what} ({shown}); nothing was overwritten: {hint}")
 
 
 def resume_point(recipe: Recipe, out: Path) -> Path | None:

@@ -1,0 +1,118 @@
+"""Hostile and damaged inputs (issue 30): each is refused with one line naming the file and what to do, and
+exit status 2, or handled as the promise says, without tracebacks, without loading the machine and without
+losing anything a user had. Each case asserts the exit code and the first line of the message."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+from adaptkit.cli import main
+
+RECIPE = "recipes/easyvqa_qformer_lora.yaml"
+
+
+def _first_line(capsys) -> str:
+    """The message: one ``adaptkit CMD: error: ...`` line and no traceback (progress bars of model loading
+    may precede it on stderr)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    lines = [line for line in err.splitlines() if line.startswith("adaptkit ") and ": error: " in line]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def _tree_digest(folder: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+    }
+
+
+# ---- bounded inputs ---------------------------------------------------------------------------------
+
+
+def test_a_yaml_alias_bomb_is_refused_at_once(tmp_path, capsys):
+    """A 300-byte recipe of nested aliases would expand to billions of entries."""
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x]"]
+    for level, name in enumerate("bcdefg"):
+        prev = "abcdefg"[level]
+        lines.append(
+            f"{name}: &{name} [*{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}, *{prev}]"
+        )
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("\n".join(lines) + "\n")
+    assert bomb.stat().st_size < 400
+    start = time.perf_counter()
+    assert main(["train", str(bomb)]) == 2
+    assert time.perf_counter() - start < 5
+    line = _first_line(capsys)
+    assert f"{bomb}:2: YAML aliases (*a) are not allowed in recipes" in line
+    assert main(["recipe", "show", str(bomb)]) == 2
+    assert "YAML aliases" in _first_line(capsys)
+
+
+def test_an_oversized_or_binary_recipe_is_refused(tmp_path, capsys):
+    big = tmp_path / "big.yaml"
+    big.write_text("max_steps: 3\n" + "# padding\n" * 200_000)
+    assert main(["train", str(big)]) == 2
+    assert "bytes is not a recipe" in _first_line(capsys)
+    binary = tmp_path / "binary.yaml"
+    binary.write_bytes(b"max_steps: 3\n\xff\xfe\x00junk\n")
+    assert main(["train", str(binary)]) == 2
+    assert f"{binary}: not UTF-8 text" in _first_line(capsys)
+
+
+# ---- never overwrite a user's run -------------------------------------------------------------------
+
+
+def test_a_crashed_run_directory_is_never_written_over(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"  # the tiny overrides' output_dir
+    (run / "checkpoints" / "checkpoint-2").mkdir(parents=True)
+    (run / "checkpoints" / "checkpoint-2" / "manifest.json").write_text("{}")
+    (run / "recipe.yaml").write_text("max_steps: 4\n")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 2, "loss": 1.0}) + "\n")
+    before = _tree_digest(run)
+    assert main(["train", RECIPE, *tiny_overrides]) == 2
+    line = _first_line(capsys)
+    assert f"output_dir {run} already holds files" in line and "nothing was overwritten" in line
+    assert "checkpoints/" in line and "recipe.yaml" in line
+    assert _tree_digest(run) == before
+
+
+def test_a_folder_of_other_files_is_not_a_run_directory(tiny_overrides, tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "notes.txt").write_text("my notes")
+    assert main(["train", RECIPE, *tiny_overrides]) == 2
+    assert "already holds files (notes.txt)" in _first_line(capsys)
+    assert (run / "notes.txt").read_text() == "my notes"
+    (run / "notes.txt").unlink()  # an empty directory is fine to start in
+    assert main(["recipe", "show", RECIPE, *tiny_overrides]) == 0
+
+
+# ---- bad lines stay bad lines -----------------------------------------------------------------------
+
+
+def test_a_line_that_is_not_utf8_is_one_bad_sample(tiny_overrides, tiny_vqa, tmp_path, capsys):
+    from adaptkit.data.formats import load_vqa
+
+    rows = [json.loads(line) for line in tiny_vqa.read_text().splitlines()]
+    lines = [json.dumps({**r, "image": str(tiny_vqa.parent / r["image"])}).encode() + b"\n" for r in rows]
+    image = str(tiny_vqa.parent / "images" / "0.png")
+    bad = json.dumps({"image": image, "question": "what colour?", "answer": "red"}).encode()
+    bad = bad.replace(b"colour", b"col\xe9ur")  # Latin-1, not UTF-8
+    column = bad.index(b"\xe9") + 1
+    data = tmp_path / "mixed.jsonl"
+    data.write_bytes(b"".join(lines[:3]) + bad + b"\n" + b"".join(lines[3:]))
+    loaded = load_vqa(str(data), "skip")  # the other lines are read; the bad one is skipped and counted
+    assert len(loaded.samples) == len(lines)
+    assert loaded.skipped == [
+        f"{data}:4: not UTF-8 text (byte 0xe9 at column {column}); save the file as UTF-8"
+    ]
+    strict = [*tiny_overrides, f"data.train={data}", "data.on_bad_sample=error"]
+    assert main(["train", RECIPE, *strict]) == 2
+    assert _first_line(capsys).startswith(f"adaptkit train: error: {data}:4: not UTF-8 text (byte 0xe9")
