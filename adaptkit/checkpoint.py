@@ -113,17 +113,31 @@ def write_main(tmp: Path, trainables: dict[str, torch.Tensor], optimizer, schedu
     (tmp / "state.json").write_text(json.dumps(state))
 
 
+def _fsync(path: Path) -> None:
+    """Flush a file (or a directory's entries) to the disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def commit(tmp: Path, keep: int) -> Path:
-    """Write the manifest, rename ``tmp`` into place, then drop all but the newest ``keep`` checkpoints."""
+    """Flush every file to disk, write the manifest, rename ``tmp`` into place (and flush the folder
+    entries), then drop all but the newest ``keep`` checkpoints."""
     files = hash_files(tmp)
+    for name in files:
+        _fsync(tmp / name)
     with (tmp / MANIFEST).open("w") as handle:
         json.dump({"files": files}, handle, indent=1)
         handle.flush()
         os.fsync(handle.fileno())
+    _fsync(tmp)
     final = tmp.with_name(tmp.name.removesuffix(".tmp"))
     if final.exists():  # a checkpoint of the same step from an earlier attempt
         shutil.rmtree(final)
     os.replace(tmp, final)
+    _fsync(final.parent)
     if keep > 0:
         for old in list_checkpoints(tmp.parent.parent)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
@@ -248,8 +262,29 @@ def load_scheduler(folder: Path, scheduler) -> None:
         raise CheckpointError(f"{file} does not fit this scheduler ({err})") from None
 
 
+#: the loop state's counters (state.json): each a non-negative integer.
+STATE_COUNTERS = ("step", "epoch", "batch_in_epoch", "accumulation_counter", "window_n")
+
+
 def load_state(folder: Path) -> dict:
-    return _load_json(folder / "state.json")
+    """The loop state of a checkpoint, its counters checked (``state.json``)."""
+    file = folder / "state.json"
+    state = _load_json(file)
+    bad = [
+        k
+        for k in STATE_COUNTERS
+        if not isinstance(state, dict) or type(state.get(k)) is not int or state.get(k) < 0
+    ]
+    if isinstance(state, dict) and not isinstance(state.get("window_loss"), int | float):
+        bad.append("window_loss")
+    if bad:
+        shown = {k: state.get(k) for k in bad} if isinstance(state, dict) else type(state).__name__
+        raise CheckpointError(
+            f"{file}: {', '.join(bad)} must be non-negative numbers (integers but window_loss), got {shown}; "
+            "resume from another "
+            "checkpoint with resume=PATH, or delete this one"
+        )
+    return state
 
 
 def load_rng(folder: Path, rank: int, loader_generator: torch.Generator | None) -> None:

@@ -21,7 +21,7 @@ import os
 import sys
 from pathlib import Path
 
-from adaptkit.artifacts import ExportError
+from adaptkit.artifacts import ArtifactError
 from adaptkit.assets import AssetError
 from adaptkit.checkpoint import CheckpointError
 from adaptkit.config import RecipeError
@@ -31,7 +31,7 @@ USER_ERRORS = (
     RecipeError,
     DataError,
     AssetError,
-    ExportError,
+    ArtifactError,
     CheckpointError,
     FileNotFoundError,
     FileExistsError,
@@ -67,7 +67,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     from adaptkit.tasks import get_task
 
     device = _device(args)
-    recipe, model = load_run(args.run_dir, device, lm_quant=args.lm_quant)
+    recipe, model = load_run(args.run_dir, device, lm_quant=args.lm_quant, verify=not args.no_verify)
     task = get_task(recipe)
     dataset, features, skipped = prepare_split(
         task,
@@ -157,6 +157,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
         dtype=args.dtype,
         verify_samples=args.verify_samples,
         merge_base=args.merge_base,
+        verify=not args.no_verify,
     )
     ver = manifest["verification"]
     merged_in = manifest["language"]
@@ -181,7 +182,7 @@ def _cmd_export(args: argparse.Namespace) -> int:
 def _cmd_predict(args: argparse.Namespace) -> int:
     from adaptkit.inference import load_for_inference
 
-    predictor = load_for_inference(args.dir, device=_device(args))
+    predictor = load_for_inference(args.dir, device=_device(args), verify=not args.no_verify)
     result = predictor.predict(args.image, args.text, top_k=args.top)
     if args.json:
         print(json.dumps(result.to_dict()))
@@ -204,7 +205,7 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     demo = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(demo)
     logging.getLogger("adaptkit").setLevel(logging.INFO)
-    predictor = load_for_inference(args.dir, device=_device(args))
+    predictor = load_for_inference(args.dir, device=_device(args), verify=not args.no_verify)
     demo.launch(predictor, host=args.host, port=args.port, share=args.share)
     return 0
 
@@ -234,6 +235,12 @@ def _cmd_recipe(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe, args.set)
         print(format_diff(diff(Recipe(), recipe), "schema defaults", args.recipe), end="")
     return 0
+
+
+NO_VERIFY = (
+    "load a folder whose files cannot be checked against its manifest (a run of an earlier adaptkit); links "
+    "out of the folder and pickle-format files are refused all the same"
+)
 
 
 def _add_training_commands(sub) -> None:
@@ -270,6 +277,7 @@ def _add_training_commands(sub) -> None:
         help="load the LM at this quantization instead of the run's (dequantized: the run's 4/8-bit weights "
         "in float32, what its export computes with; none: the original checkpoint)",
     )
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     p.set_defaults(func=_cmd_eval)
 
     p = sub.add_parser("cache", help="encode a recipe's train and eval images into the feature cache")
@@ -309,6 +317,7 @@ def _add_model_commands(sub) -> None:
         "(the base LoRA learned against; default) or into the original float32 checkpoint",
     )
     p.add_argument("--json", action="store_true", help="print the verification as JSON on the last line")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(
@@ -327,6 +336,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--top", type=int, default=3, help="top answers of the answer set to show (0: none)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
     p.add_argument("--json", action="store_true", help="print the answer as one JSON object")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     p.set_defaults(func=_cmd_predict)
 
     p = sub.add_parser("demo", help="serve the Gradio demo for a run or an export")
@@ -335,6 +345,7 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (default off)")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda when present)")
+    p.add_argument("--no-verify", action="store_true", help=NO_VERIFY)
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("assets", help="verify the embedded assets and convert SmolLM2 to safetensors once")

@@ -139,7 +139,9 @@ def _outputs(
     return greedy, logits[mask.bool()].double()
 
 
-def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: str) -> tuple[dict, str]:
+def _verify(
+    recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: str, verify: bool = True
+) -> tuple[dict, str]:
     """Compare the export (loaded back from disk) with the unmerged adapter model on held samples; returns
     the report and the adapter's description.
 
@@ -156,7 +158,11 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
     started = time.perf_counter()
     _, merged = load_run(out, "cpu")
     if task.compares_exports:  # the task's own outputs (e.g. retrieval's similarities), not generation
-        report = {"data": spec, "dtype": dtype, **task.compare_export(load_run(run, "cpu")[1], merged, held)}
+        report = {
+            "data": spec,
+            "dtype": dtype,
+            **task.compare_export(load_run(run, "cpu", verify=verify)[1], merged, held),
+        }
         report["seconds"] = round(time.perf_counter() - started, 2)
         return report, merged.adapter.describe()
     base, tokenizer = full_precision_base(recipe, merge_base)
@@ -181,7 +187,7 @@ def _verify(recipe, run: Path, out: Path, dtype: str, samples: int, merge_base: 
         f"max_abs_logit_diff_{dtype}_compute": float((ref_native - got_native).abs().max()),
     }
     if recipe.language.quant != "none":
-        _, trained = load_run(run, "cpu")
+        _, trained = load_run(run, "cpu", verify=verify)
         trained_answers, _ = _outputs(trained, task, held, new)
         report["answers_identical_to_trained_" + recipe.language.quant] = sum(
             a == b for a, b in zip(trained_answers, got_answers)
@@ -298,6 +304,7 @@ def export_run(
     dtype: str = "float32",
     verify_samples: int = 32,
     merge_base: str = "dequantized",
+    verify: bool = True,
 ) -> dict:
     """Export a run directory into ``out_dir`` (which must not exist); returns the manifest.
 
@@ -310,7 +317,7 @@ def export_run(
     run, out = Path(run_dir), Path(out_dir)
     if out.exists():
         raise FileExistsError(f"{out} exists; exports are never overwritten, choose another --out")
-    recipe = check_run(run)  # fails early, with a clear message, on an incomplete run directory
+    recipe = check_run(run, verify)  # fails early, naming the file, on an incomplete or damaged run
     partial = out.with_name(out.name + ".partial")
     if partial.exists():
         shutil.rmtree(partial)
@@ -347,7 +354,9 @@ def export_run(
     # Hash before verifying: the verification loads the folder the way users will.
     manifest["files"] = hash_files(partial, skip=EXPORT_FILE)
     (partial / EXPORT_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    report, manifest["adapter"]["summary"] = _verify(recipe, run, partial, dtype, verify_samples, merge_base)
+    report, manifest["adapter"]["summary"] = _verify(
+        recipe, run, partial, dtype, verify_samples, merge_base, verify
+    )
     manifest["verification"] = report
     (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
     (partial / "README.md").write_text(_model_card(manifest, get_task(recipe)))

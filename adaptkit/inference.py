@@ -58,12 +58,12 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
     """The task's predictor for a run directory (``adaptkit train``) or an export (``adaptkit export``).
 
     Args:
-        verify: for an export, check every file's sha256 against its manifest first.
+        verify: check every file's sha256 against the folder's manifest first (a run's or an export's).
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     root = Path(path)
-    manifest = read_manifest(root, verify=verify) if is_export(root) else None
-    recipe, model = load_run(root, device)
+    manifest = read_manifest(root, verify=False) if is_export(root) else None  # load_run verifies it
+    recipe, model = load_run(root, device, verify=verify)
     task = get_task(recipe)
     info = describe(recipe, model, root, manifest)
     return task.predictor(model, root, manifest, info, device)

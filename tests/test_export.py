@@ -125,7 +125,7 @@ def test_tampered_export_is_detected(tiny_run, tmp_path):
     data = bytearray(weights.read_bytes())
     data[-10] ^= 0xFF  # one flipped byte in the last tensor
     weights.write_bytes(bytes(data))
-    with pytest.raises(ExportError, match=r"model\.safetensors was changed after export"):
+    with pytest.raises(ExportError, match=r"model\.safetensors was changed after the export was written"):
         load_for_inference(out, "cpu")
     (out / "adapter.safetensors").unlink()
     with pytest.raises(ExportError, match=r"adapter\.safetensors is missing"):

@@ -228,5 +228,5 @@ def test_export_carries_heads_and_text_encoder_and_verifies_itself(overrides, ti
         run, "cpu"
     ).rank_texts(image, texts)
     (out / "heads.safetensors").write_bytes(b"changed")
-    with pytest.raises(Exception, match="heads.safetensors was changed after export"):
+    with pytest.raises(Exception, match="heads.safetensors was changed after the export was written"):
         load_for_inference(out, "cpu")

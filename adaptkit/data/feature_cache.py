@@ -79,18 +79,34 @@ def backbone_key(backbone, device: torch.device | str, dtype: torch.dtype = torc
     return info
 
 
+def unwritable(root: str | Path, err: OSError):
+    """The error for a feature cache folder that cannot be written (read-only, full disk)."""
+    from adaptkit.data.records import DataError
+
+    return DataError(
+        f"feature_cache_dir {root}: cannot write there ({err.strerror or err}); set feature_cache_dir to a "
+        "writable folder with room, or to none to keep the features in memory only"
+    )
+
+
 class FeatureCache:
     """The cache folder of one backbone. ``get`` looks up image keys, ``put`` appends a shard."""
 
     def __init__(self, root: str | Path, info: dict) -> None:
         self.info = info
         self.dir = Path(root).expanduser() / info["key"]
-        self.dir.mkdir(parents=True, exist_ok=True)
-        info_file = self.dir / "info.json"
-        if not info_file.exists():
-            tmp = info_file.with_name(f".info.{uuid.uuid4().hex}.tmp")
-            tmp.write_text(json.dumps(info, indent=2) + "\n")
-            tmp.replace(info_file)
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            info_file = self.dir / "info.json"
+            if not info_file.exists():
+                tmp = info_file.with_name(f".info.{uuid.uuid4().hex}.tmp")
+                tmp.write_text(json.dumps(info, indent=2) + "\n")
+                tmp.replace(info_file)
+            probe = self.dir / f".writable.{uuid.uuid4().hex}"
+            probe.touch()
+            probe.unlink()
+        except OSError as err:
+            raise unwritable(root, err) from None
         self._index: dict[str, tuple[Path, int]] = {}
         self._seen: set[Path] = set()
 
@@ -157,8 +173,14 @@ class FeatureCache:
         name = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         final = self.dir / name
         tmp = self.dir / f".{name}.tmp"
-        save_file(
-            {"features": features.detach().cpu().contiguous()}, str(tmp), metadata={"keys": json.dumps(keys)}
-        )
-        os.replace(tmp, final)
+        try:
+            save_file(
+                {"features": features.detach().cpu().contiguous()},
+                str(tmp),
+                metadata={"keys": json.dumps(keys)},
+            )
+            os.replace(tmp, final)
+        except OSError as err:  # a full disk: nothing partial is left, the shards written so far stay
+            tmp.unlink(missing_ok=True)
+            raise unwritable(self.dir.parent, err) from None
         return final

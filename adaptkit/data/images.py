@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from adaptkit.data.records import DataError
+from adaptkit.data.records import DataError, not_a_regular_file
 
 #: what the Python API and ``predict`` accept as an image.
 ImageInput = str | Path | bytes | Image.Image | np.ndarray
@@ -84,6 +84,9 @@ def open_image(path: str, origin: str = "") -> Image.Image:
             origin, the file and the reason.
     """
     try:
+        problem = not_a_regular_file(path)
+        if problem:
+            raise UnusableImage(problem)
         if os.path.getsize(path) == 0:
             raise UnusableImage("is empty (0 bytes)")
         return decode_image(path)

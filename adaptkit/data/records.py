@@ -5,6 +5,8 @@ reader the line-based formats share (``adaptkit.data.formats`` for VQA, ``adaptk
 from __future__ import annotations
 
 import json
+import os
+import stat
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -76,13 +78,35 @@ def vqa_fields(row: dict) -> tuple[tuple[str, str, tuple[str, ...]] | None, str 
     return (question, answer if answer is not None else most_common(list(answers)), answers or ()), None
 
 
+def not_a_regular_file(path: str | os.PathLike) -> str | None:
+    """Why ``path`` is not a file to read an image from (a FIFO, a device such as /dev/zero, a folder, a
+    symbolic-link loop), or None; a missing path raises ``FileNotFoundError``."""
+    try:
+        mode = os.stat(path).st_mode
+    except FileNotFoundError:
+        if os.path.islink(path):
+            return "is a symbolic link to a missing file"
+        raise
+    except OSError as err:  # ELOOP: a link loop
+        return f"is not a regular file ({err.strerror or err})"
+    if not stat.S_ISREG(mode):
+        return "is not a regular file (a FIFO, device or folder); give an image file"
+    return None
+
+
 def resolve_image(file: Path, name: str) -> tuple[Path, str | None]:
     """An image path from a data file (relative to the file, or absolute) and the problem, if it is
     not there."""
     image = Path(name)
     image = image if image.is_absolute() else file.parent / image
-    if not image.is_file():
+    if not os.path.lexists(image):
         return image, f"image '{name}' not found (looked for {image})"
+    try:
+        problem = not_a_regular_file(image)
+    except FileNotFoundError:
+        problem = "not found"
+    if problem:
+        return image, f"image '{name}' ({image}) {problem}"
     return image.resolve(), None
 
 

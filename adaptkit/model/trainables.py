@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from adaptkit.artifacts import ADAPTER_FILE, HEADS_FILE, LORA_DIR, TEXT_LORA_FILE
+from adaptkit.artifacts import ADAPTER_FILE, HEADS_FILE, LORA_DIR, TEXT_LORA_FILE, ArtifactError
 
 #: heads of ``Objectives`` saved with a run (used at inference): image-text embedding and matching.
 SAVED_HEADS = ("embed", "itm")
@@ -41,17 +41,28 @@ def save_trainables(model, directory: str | Path) -> None:
         save_file(model.text_encoder.lora_state(), str(directory / TEXT_LORA_FILE))
 
 
+def _read(path: Path) -> dict[str, torch.Tensor]:
+    """A safetensors file's tensors, or an error naming it (truncated, not safetensors, unreadable)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as err:
+        raise ArtifactError(
+            f"{path} is not a readable safetensors file ({err}); retrain or restore it"
+        ) from None
+
+
 def load_trainables(model, directory: str | Path, heads: bool = True) -> None:
     """Load the adapter (and, with ``heads``, the saved heads and a text encoder's LoRA) written by
     :func:`save_trainables` (strict: shapes and keys must match). LoRA itself is loaded by peft when the
     model is built (``build_model(lora_dir=...)``)."""
-    from safetensors.torch import load_file
-
     path = Path(directory) / ADAPTER_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; is {directory} a run directory of `adaptkit train`?")
     try:
-        model.adapter.load_state_dict(load_file(str(path)), strict=True)
+        model.adapter.load_state_dict(_read(path), strict=True)
     except RuntimeError as err:
         raise ValueError(f"{path} does not fit this recipe's adapter: {err}") from None
     expected = saved_heads(model)
@@ -60,7 +71,7 @@ def load_trainables(model, directory: str | Path, heads: bool = True) -> None:
     path = Path(directory) / HEADS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; the recipe's image-text heads were not saved")
-    state = load_file(str(path))
+    state = _read(path)
     if set(state) != set(expected) or any(state[k].shape != expected[k].shape for k in state):
         raise ValueError(f"{path} does not fit this recipe's heads (keys or shapes differ)")
     for name, head in model.objectives.heads.items():
@@ -72,12 +83,10 @@ def load_trainables(model, directory: str | Path, heads: bool = True) -> None:
 
 def load_text_lora(model, directory: str | Path) -> bool:
     """Load ``text_lora.safetensors`` into a text encoder whose LoRA trains (False: it has none)."""
-    from safetensors.torch import load_file
-
     if model.text_encoder is None or not model.text_encoder.trainable:
         return False
     path = Path(directory) / TEXT_LORA_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path} is missing; the run's text-encoder LoRA was not saved")
-    model.text_encoder.load_lora_state(load_file(str(path)), str(path))
+    model.text_encoder.load_lora_state(_read(path), str(path))
     return True

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from adaptkit.artifacts import read_json, write_json
+from adaptkit.artifacts import read_list, write_json
 from adaptkit.backbones.text import TextBank
 from adaptkit.contrastive import similarity
 from adaptkit.data.captions import load_captions
@@ -233,9 +233,8 @@ class RetrievalTask(Task):
         write_json(run_dir / TEXTS_FILE, {"candidates": self.candidates(dataset.samples)})
 
     def run_candidates(self, run_dir: Path) -> list[str]:
-        saved = read_json(run_dir / TEXTS_FILE)
-        if saved is not None:
-            return saved.get("candidates") or []
+        if (run_dir / TEXTS_FILE).exists():
+            return read_list(run_dir / TEXTS_FILE, "candidates") or []
         try:
             return self.candidates(load_captions(self.recipe.data.train, "skip").samples)
         except (DataError, OSError) as err:

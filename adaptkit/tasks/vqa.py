@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from adaptkit.artifacts import read_json, write_json
+from adaptkit.artifacts import read_list, write_json
 from adaptkit.data.collate import (
     VQADataset,
     answer_text,
@@ -132,9 +132,8 @@ class VQATask(GenerativeTask):
 
     def run_answers(self, run_dir: Path) -> list[str] | None:
         """The answer set a run was trained on: its ``answers.json``, else read from its training data."""
-        saved = read_json(run_dir / ANSWERS_FILE)
-        if saved is not None:
-            return saved.get("answers")
+        if (run_dir / ANSWERS_FILE).exists():
+            return read_list(run_dir / ANSWERS_FILE, "answers")
         try:
             data = load_vqa(self.recipe.data.train, "skip")
         except (DataError, FileNotFoundError, OSError) as err:

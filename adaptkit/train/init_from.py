@@ -7,7 +7,7 @@ import logging
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from adaptkit.artifacts import RECIPE_FILE, TEXT_LORA_FILE
+from adaptkit.artifacts import RECIPE_FILE, TEXT_LORA_FILE, verify_run
 
 if TYPE_CHECKING:
     from adaptkit.config import Recipe
@@ -27,6 +27,7 @@ def check_init_source(recipe: Recipe, folder: Path) -> None:
         raise RecipeError(
             f"init_from: {folder / RECIPE_FILE} is missing; give a run directory of `adaptkit train`"
         )
+    verify_run(folder)  # the files this run starts from are the ones that run saved
     source = load_recipe(folder / RECIPE_FILE)
     differ = [
         f"vision.{k}: {getattr(source.vision, k)!r} there, {getattr(recipe.vision, k)!r} here"

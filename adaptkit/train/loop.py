@@ -9,6 +9,7 @@ Freezing is asserted, not assumed: the optimizer holds exactly the trainable par
 from __future__ import annotations
 
 import logging
+import shutil
 import time
 from typing import TYPE_CHECKING
 
@@ -16,7 +17,7 @@ import torch
 from tqdm.auto import tqdm
 
 from adaptkit import checkpoint as ckpt
-from adaptkit.artifacts import write_json
+from adaptkit.artifacts import seal_run, write_json
 from adaptkit.data.feature_cache import tensor_digest
 from adaptkit.model.build import frozen_fingerprint
 from adaptkit.model.trainables import save_trainables
@@ -84,7 +85,23 @@ def evaluate(run: TrainingRun) -> dict:
 
 
 def save_checkpoint(run: TrainingRun, epoch: int, batch_in_epoch: int) -> None:
-    """Every process writes its RNG states; the main process the rest; then one atomic rename."""
+    """Every process writes its RNG states; the main process the rest; then one atomic rename. A failed
+    write (a full disk) removes the partial folder and stops the run, the earlier checkpoints intact."""
+    try:
+        _write_checkpoint(run, epoch, batch_in_epoch)
+    except OSError as err:
+        folder = ckpt.staging_dir(run.out, run.step)
+        shutil.rmtree(folder, ignore_errors=True)
+        kept = ckpt.latest_checkpoint(run.out)
+        intact = f"{kept.name} is intact" if kept else "no earlier checkpoint exists"
+        raise ckpt.CheckpointError(
+            f"could not write the checkpoint of step {run.step} under {folder.parent} "
+            f"({err.strerror or err}); nothing partial was left and {intact}: free space, then continue with "
+            "resume=auto"
+        ) from None
+
+
+def _write_checkpoint(run: TrainingRun, epoch: int, batch_in_epoch: int) -> None:
     accelerator = run.accelerator
     folder = ckpt.staging_dir(run.out, run.step)
     if run.main:
@@ -166,7 +183,7 @@ def run_loop(run: TrainingRun) -> float:
 
 def finish(run: TrainingRun, train_seconds: float, setup_peak_mb: float) -> dict:
     """Check the frozen weights, evaluate, and (main process) save the trainables, the task's run files,
-    ``eval.json``, ``summary.json`` and ``curves.png``; returns the summary."""
+    ``eval.json``, ``summary.json``, ``curves.png`` and, last, the run's manifest; returns the summary."""
     recipe, model = run.recipe, run.unwrapped()
     if frozen_fingerprint(model) != run.frozen_before:
         raise RuntimeError("frozen backbone weights changed during training; this is a bug, please report it")
@@ -193,6 +210,7 @@ def finish(run: TrainingRun, train_seconds: float, setup_peak_mb: float) -> dict
         write_json(out / "summary.json", summary)
         run.records.close()
         _finish_log(run, summary)
+        seal_run(out)  # last: the run directory is complete and every model file is hashed
     run.accelerator.wait_for_everyone()
     run.accelerator.end_training()
     return summary

@@ -70,12 +70,18 @@ def check_same_recipe(recipe: Recipe, out: Path) -> None:
 
 
 def truncate_jsonl(path: Path, step: int) -> None:
-    """Keep the lines of a metrics file up to ``step`` (a crashed run may have logged past its checkpoint)."""
+    """Keep the lines of a metrics file up to ``step`` (a crashed run may have logged past its checkpoint,
+    or been killed in the middle of a line: a line that does not parse is dropped)."""
     if not path.exists():
         return
-    keep = [
-        line for line in path.read_text().splitlines() if line and json.loads(line).get("step", 0) <= step
-    ]
+    keep = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # torn by the crash
+        if isinstance(row, dict) and row.get("step", 0) <= step:
+            keep.append(line)
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     tmp.replace(path)

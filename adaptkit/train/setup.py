@@ -143,6 +143,7 @@ def open_run_dir(recipe: Recipe, accelerator: Accelerator) -> tuple[Path | None,
     resume_from, start_state = resume_point(recipe, out), None
     if resume_from is not None:
         check_same_recipe(recipe, out)
+        ckpt.verify(resume_from)  # its files are the ones the checkpoint wrote
         start_state = ckpt.load_state(resume_from)
         if start_state["step"] >= recipe.max_steps:
             raise FileExistsError(f"{out}: the run already finished ({resume_from.name}); nothing to resume")
