@@ -5,8 +5,10 @@
 
 One process: the model lives in this process and a queue (at most ``QUEUE_SIZE`` waiting requests, one
 running at a time) feeds it. Hardened for showing on a network: no public share link unless asked,
-bound to 127.0.0.1 unless another host is given, uploads capped at ``MAX_FILE_SIZE``, and a file that
-is not a decodable image (or a decompression bomb) gets a readable message instead of a traceback.
+bound to 127.0.0.1 unless another host is given, uploads capped at ``MAX_FILE_SIZE`` and kept in a folder
+of the demo's own (old ones deleted while it runs, the folder when it exits), and a file that is not a
+decodable image (or is over the pixel limit training applies: a decompression bomb) gets a readable message
+instead of a traceback, before its pixels are decoded.
 The API endpoint is ``/answer`` (``gradio_client.Client(url).predict(handle_file(img), question,
 api_name="/answer")`` returns ``(answer_text, top_answers)``).
 """
@@ -22,6 +24,7 @@ import signal
 import sys
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no usage pings from a demo of your model
@@ -31,6 +34,7 @@ from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 MAX_FILE_SIZE = "10mb"
 QUEUE_SIZE = 16
+UPLOAD_MAX_AGE_S = 600  # uploads older than this are deleted while the demo runs
 EMPTY_ANSWER = "(no answer: the model ended its reply at once)"
 NOT_AN_IMAGE = "This file is not an image I can read ({why}). Upload a PNG, JPEG, WebP, GIF or BMP image."
 
@@ -49,8 +53,16 @@ def tolerant_image(**kwargs) -> gr.Image:
 
     def preprocess(payload):
         try:
-            return strict(payload)
-        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as err:
+            with warnings.catch_warnings():  # the pixel limit training applies: a bomb is refused at open
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                return strict(payload)
+        except (
+            UnidentifiedImageError,
+            OSError,
+            ValueError,
+            Image.DecompressionBombError,
+            Image.DecompressionBombWarning,
+        ) as err:
             name = getattr(payload, "orig_name", None) or "the upload"
             return _BadUpload(f"{name}: {type(err).__name__}: {err}".strip())
 
@@ -82,6 +94,16 @@ def _facts_markdown(facts: dict) -> str:
         ("prompt", f"`{facts.get('prompt_template')}`"),
     ]
     return "| | |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def private_upload_folder() -> Path:
+    """A fresh folder for this demo's uploads and Gradio's cache (``GRADIO_TEMP_DIR``), removed when the
+    demo exits; uploads older than ``UPLOAD_MAX_AGE_S`` are deleted while it runs."""
+    folder = Path(tempfile.mkdtemp(prefix="adaptkit-demo-uploads-"))
+    os.environ["GRADIO_TEMP_DIR"] = str(folder)
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    log.info("uploads kept in %s (removed when the demo exits)", folder)
+    return folder
 
 
 def example_rows(predictor, count: int = 4) -> list[list[str]]:
@@ -131,7 +153,7 @@ def build_demo(predictor, examples: list[list[str]] | None = None) -> gr.Blocks:
     def answer(image, question: str):
         return respond(predictor, image, question)
 
-    with gr.Blocks(title="adaptkit demo") as demo:
+    with gr.Blocks(title="adaptkit demo", delete_cache=(UPLOAD_MAX_AGE_S, UPLOAD_MAX_AGE_S)) as demo:
         gr.Markdown(f"# adaptkit demo\n{spec.intro}")
         with gr.Row():
             with gr.Column():
@@ -158,6 +180,7 @@ def launch(predictor, host: str = "127.0.0.1", port: int = 7860, share: bool = F
     if block and threading.current_thread() is threading.main_thread():
         # SIGTERM (a service manager, `kill`) exits like Ctrl-C, so exit handlers (temp files) run.
         signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+    private_upload_folder()
     demo = build_demo(predictor, example_rows(predictor))
     if host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("the demo is bound to %s: anyone who reaches this address can use it", host)

@@ -78,6 +78,20 @@ def tiny_mobilenet_pth(tmp_path_factory) -> Path:
     return out
 
 
+def bomb_png(path: Path, side: int = 12_000) -> None:
+    """A valid PNG header declaring ``side`` x ``side`` grayscale pixels (144 MP by default, over PIL's
+    decompression-bomb limit) with almost no data: a few hundred bytes that would decode to gigabytes."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
+    body = chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + body)
+
+
 def draw_sample(path: Path, color: str, shape: str) -> None:
     img = Image.new("RGB", (64, 64), "white")
     draw = ImageDraw.Draw(img)

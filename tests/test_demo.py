@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import bomb_png
+
 CHROMIUM = "/usr/bin/chromium"
 EMPTY_ANSWER = "(no answer: the model ended its reply at once)"  # what app/demo.py shows for an empty reply
 CHROMIUM_FLAGS = [
@@ -74,6 +76,11 @@ def demo(tiny_run, tmp_path_factory):
     assert logged, log_path.read_text()[-3000:]
     folder = Path(logged[-1].split("copied to ")[1].split(" (removed")[0])
     assert folder.name.startswith("adaptkit-demo-") and not folder.exists()
+    # ... and so does the folder of its uploads (every image a client sent, the decompression bomb included).
+    logged = [line for line in log_path.read_text().splitlines() if "uploads kept in" in line]
+    assert logged, log_path.read_text()[-3000:]
+    uploads = Path(logged[-1].split("kept in ")[1].split(" (removed")[0])
+    assert uploads.name.startswith("adaptkit-demo-uploads-") and not uploads.exists()
 
 
 def _sample(tiny_vqa):
@@ -106,6 +113,12 @@ def test_gradio_client_answers_and_rejects_non_images(demo, tiny_vqa, tmp_path):
 
     text, _ = client.predict(handle_file(image), "   ", api_name="/answer")
     assert text == "Type a question about the image."
+
+    bomb = tmp_path / "bomb.png"  # 300 bytes that declare 12,000 x 12,000 pixels
+    bomb_png(bomb)
+    text, top = client.predict(handle_file(str(bomb)), question, api_name="/answer")
+    assert text.startswith("This file is not an image I can read") and "decompression bomb" in text
+    assert not top and "Traceback" not in log_path.read_text()
 
 
 def test_demo_is_local_only_and_caps_uploads(demo, tmp_path):

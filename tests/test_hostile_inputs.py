@@ -116,3 +116,26 @@ def test_a_line_that_is_not_utf8_is_one_bad_sample(tiny_overrides, tiny_vqa, tmp
     strict = [*tiny_overrides, f"data.train={data}", "data.on_bad_sample=error"]
     assert main(["train", RECIPE, *strict]) == 2
     assert _first_line(capsys).startswith(f"adaptkit train: error: {data}:4: not UTF-8 text (byte 0xe9")
+
+
+def test_a_decompression_bomb_is_refused_by_predict_and_the_api(tiny_run, tmp_path, capsys):
+    """The pixel limit training applies holds for predict and the Python API, before any pixel is decoded
+    (the demo's is tested in tests/test_demo.py)."""
+    import pytest
+    from PIL import Image
+
+    from adaptkit.data.records import DataError
+    from adaptkit.inference import load_for_inference
+    from tests.conftest import bomb_png
+
+    bomb = tmp_path / "bomb.png"
+    bomb_png(bomb)
+    assert bomb.stat().st_size < 1000
+    assert main(["predict", str(tiny_run), "--image", str(bomb), "--question", "what is it?"]) == 2
+    assert f"image {bomb} is a decompression bomb" in _first_line(capsys)
+    predictor = load_for_inference(tiny_run, "cpu")
+    with pytest.raises(DataError, match="is a decompression bomb"):
+        predictor.predict(bomb.read_bytes(), "what is it?")
+    # Opened by the caller, not decoded: its size alone refuses it.
+    with Image.open(bomb) as lazy, pytest.raises(DataError, match="12000x12000 pixels is more than"):
+        predictor.predict(lazy, "what is it?")

@@ -102,6 +102,18 @@ def image_error(path: str, origin: str, reason: str) -> DataError:
     return DataError(f"{where}image {path} {reason}")
 
 
+def _check_pixels(size: tuple[int, int], name: str) -> None:
+    """Images already in memory get the limit files get from :func:`decode_image` (PIL's
+    ``MAX_IMAGE_PIXELS``, the decompression-bomb guard training applies)."""
+    width, height = (int(v) for v in size)
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit and width * height > limit:
+        raise DataError(
+            f"{name}: {width}x{height} pixels is more than the {limit:,} an image may have (the "
+            "decompression-bomb guard training applies); resize it first"
+        )
+
+
 def to_image(image: ImageInput, name: str = "image") -> Image.Image:
     """Decode any supported image input to RGB, exactly as training images are (:func:`decode_image`).
 
@@ -109,8 +121,10 @@ def to_image(image: ImageInput, name: str = "image") -> Image.Image:
         DataError: the input is not an image PIL can decode (message names ``name`` or the file).
     """
     if isinstance(image, Image.Image):
+        _check_pixels(image.size, name)
         return to_rgb(image)
     if isinstance(image, np.ndarray):
+        _check_pixels(image.shape[1::-1] if image.ndim >= 2 else (image.size, 1), name)
         try:
             return to_rgb(Image.fromarray(image))
         except (TypeError, ValueError) as err:
