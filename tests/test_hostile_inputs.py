@@ -139,3 +139,62 @@ def test_a_decompression_bomb_is_refused_by_predict_and_the_api(tiny_run, tmp_pa
     # Opened by the caller, not decoded: its size alone refuses it.
     with Image.open(bomb) as lazy, pytest.raises(DataError, match="12000x12000 pixels is more than"):
         predictor.predict(lazy, "what is it?")
+
+
+# ---- bounded texts -----------------------------------------------------------------------------------
+
+
+def _with_a_huge_question(tiny_vqa: Path, tmp_path: Path, words: int = 200_000) -> tuple[Path, int]:
+    rows = [json.loads(line) for line in tiny_vqa.read_text().splitlines()]
+    rows = [{**r, "image": str(tiny_vqa.parent / r["image"])} for r in rows]
+    huge = {**rows[0], "question": "what is the shape " * (words // 4)}  # ~1 MB, ~200k LM tokens
+    data = tmp_path / "huge.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in [*rows[:5], huge, *rows[5:]]))
+    return data, 6
+
+
+def test_an_oversized_text_is_a_bad_sample(tiny_overrides, tiny_vqa, tmp_path, capsys):
+    data, line = _with_a_huge_question(tiny_vqa, tmp_path)
+    strict = [*tiny_overrides, f"data.train={data}", "data.on_bad_sample=error"]
+    assert main(["train", RECIPE, *strict]) == 2
+    message = _first_line(capsys)
+    assert f"{data}:{line}: its text is " in message and "more than data.max_text_tokens=1024" in message
+    # The failed start left only its recipe and log: the same output_dir may start again.
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [
+        "metrics.jsonl",
+        "recipe.yaml",
+        "train.log",
+    ] or sorted(p.name for p in (tmp_path / "run").iterdir()) == ["recipe.yaml", "train.log"]
+    skip = [*tiny_overrides, f"data.train={data}", "data.max_skip_ratio=0.1", "max_steps=2"]
+    assert main(["train", RECIPE, *skip]) == 0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["skipped_samples"] == 1 and "max_text_tokens" in summary["skipped"]["train"][0]
+
+
+def test_long_texts_can_be_cut_to_fit_instead(tiny_overrides, tiny_vqa, tmp_path):
+    from adaptkit.data.collate import fit
+    from adaptkit.recipes import load_recipe
+    from adaptkit.tasks import get_task
+
+    assert fit([1, 2, 3, 4], [7, 8, 9], 5) == ([3, 4], [7, 8, 9])  # the prompt's start goes first
+    assert fit([1, 2, 3, 4], [7, 8, 9, 2], 3) == ([4], [7, 2])  # then the target's end, EOS kept
+    assert fit([1, 2], [7, 2], 9) == ([1, 2], [7, 2])
+    data, _ = _with_a_huge_question(tiny_vqa, tmp_path, words=400)
+    recipe = load_recipe(
+        RECIPE, [*tiny_overrides, f"data.train={data}", "data.long_text=truncate", "data.max_text_tokens=12"]
+    )
+    task = get_task(recipe)
+    from transformers import AutoTokenizer
+
+    from adaptkit.data.splits import bound_text_length
+
+    tokenizer = AutoTokenizer.from_pretrained(recipe.language.name)
+    samples = task.load(str(data)).samples
+    kept, skipped = bound_text_length(task, samples, tokenizer, "error")
+    assert len(kept) == len(samples) and not skipped
+    rows = {s.image: 0 for s in samples}
+    dataset = task.dataset(samples, rows, tokenizer)
+    lengths = [len(dataset[i]["prompt"]) + len(dataset[i]["target"]) for i in range(len(dataset))]
+    assert max(lengths) <= 12 and all(
+        dataset[i]["target"][-1] == tokenizer.eos_token_id for i in range(len(dataset))
+    )

@@ -202,6 +202,19 @@ class DataConfig:
         first one""",
         choices=("error", "skip"),
     )
+    max_text_tokens: int = knob(
+        1024,
+        """the most LM tokens one sample's text may take (prompt, earlier turns, target and EOS): a longer one
+        is a bad sample (data.long_text), so one oversized line cannot make a batch ask for gigabytes""",
+        low=8,
+    )
+    long_text: str = knob(
+        "skip",
+        """what a text over max_text_tokens is: skip (a bad sample: skipped and counted, or an error with
+        on_bad_sample=error) | truncate (kept, cut to fit with a warning: the prompt from its start, then the
+        target from its end)""",
+        choices=("skip", "truncate"),
+    )
     max_skip_ratio: float = knob(
         0.01,
         "with skip: stop, listing the bad files, when more than this share of samples is bad",

@@ -55,6 +55,19 @@ def answer_text(answer: str, chat: bool = False) -> str:
     return answer.strip() if chat else " " + answer.strip()
 
 
+def fit(prompt: list[int], target: list[int], max_tokens: int | None) -> tuple[list[int], list[int]]:
+    """``prompt + target`` cut to ``max_tokens`` (``data.long_text=truncate``): the prompt from its start,
+    down to one token, then the target from its end, its last token (EOS) kept."""
+    if max_tokens is None or len(prompt) + len(target) <= max_tokens:
+        return prompt, target
+    keep = max(1, max_tokens - len(target))
+    prompt = prompt[len(prompt) - keep :]
+    room = max_tokens - len(prompt)
+    if len(target) > room:
+        target = target[: max(0, room - 1)] + target[-1:]
+    return prompt, target
+
+
 class VQADataset(Dataset):
     """Pre-tokenized samples whose images are rows of a feature source.
 
@@ -64,6 +77,7 @@ class VQADataset(Dataset):
         tokenizer: the LM's tokenizer.
         prompt_template: a format string with ``{question}``.
         chat: render prompts with the tokenizer's chat template (:func:`question_prompt`).
+        max_tokens: cut each prompt + target to this many tokens (``data.long_text=truncate``).
     """
 
     def __init__(
@@ -73,6 +87,7 @@ class VQADataset(Dataset):
         tokenizer,
         prompt_template: str,
         chat: bool = False,
+        max_tokens: int | None = None,
     ) -> None:
         self.samples = [s for s in samples if s.image in image_rows]
         # Index of each sample's answer in an answer vocabulary (set_answer_vocab), for objectives.classify.
@@ -89,6 +104,9 @@ class VQADataset(Dataset):
             if answers
             else []
         )
+        if max_tokens is not None:
+            fitted = [fit(p, t, max_tokens) for p, t in zip(self.prompt_ids, self.target_ids)]
+            self.prompt_ids, self.target_ids = [p for p, _ in fitted], [t for _, t in fitted]
 
     def set_answer_vocab(self, vocab: Sequence[str]) -> int:
         """Label each sample with its answer's index in ``vocab`` (-100 when absent); returns how many

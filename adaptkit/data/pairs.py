@@ -10,7 +10,15 @@ from __future__ import annotations
 import torch
 
 from adaptkit.backbones.text import TextBank
-from adaptkit.data.collate import collate_train
+from adaptkit.data.collate import collate_train, fit
+
+
+def caption_lengths(samples, tokenizer, prompt: str) -> list[int]:
+    """Each caption sample's LM tokens: the prompt, its longest caption and EOS."""
+    prompt_len = len(tokenizer([prompt], add_special_tokens=False)["input_ids"][0])
+    texts = [" " + " ".join(c.split()) for s in samples for c in s.captions]
+    ids = iter(tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else [])
+    return [prompt_len + max((len(next(ids)) for _ in s.captions), default=0) + 1 for s in samples]
 
 
 class PairDataset(torch.utils.data.Dataset):
@@ -24,7 +32,12 @@ class PairDataset(torch.utils.data.Dataset):
     """
 
     def __init__(
-        self, samples, image_rows: dict[str, int], tokenizer=None, prompt: str | None = None
+        self,
+        samples,
+        image_rows: dict[str, int],
+        tokenizer=None,
+        prompt: str | None = None,
+        max_tokens: int | None = None,
     ) -> None:
         self.samples, self.image_rows, self.text_ids, self.groups = [], [], [], []
         self.texts: list[str] = []
@@ -52,7 +65,7 @@ class PairDataset(torch.utils.data.Dataset):
             self.prompt_ids = tokenizer([prompt], add_special_tokens=False)["input_ids"][0]
             eos = [tokenizer.eos_token_id]
             targets = tokenizer([" " + c for c in captions], add_special_tokens=False)["input_ids"]
-            self.target_ids = [ids + eos for ids in targets]
+            self.target_ids = [fit(self.prompt_ids, ids + eos, max_tokens)[1] for ids in targets]
 
     def __len__(self) -> int:
         return len(self.samples)

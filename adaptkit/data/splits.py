@@ -15,6 +15,7 @@ from adaptkit.assets import cache_dir
 from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
 from adaptkit.data.formats import DataError
+from adaptkit.data.records import bad_sample
 
 log = logging.getLogger("adaptkit")
 
@@ -77,6 +78,32 @@ def build_features(
     )
 
 
+def bound_text_length(task, samples: list, tokenizer, on_bad_sample: str) -> tuple[list, list[str]]:
+    """``samples`` whose LM text fits ``data.max_text_tokens``, and the others as bad samples (``origin:
+    reason``; with ``data.long_text=truncate`` they are all kept and the dataset cuts them)."""
+    data = task.recipe.data
+    limit = data.max_text_tokens
+    lengths = task.text_lengths(samples, tokenizer)
+    over = {i: n for i, n in enumerate(lengths) if n > limit}
+    if not over:
+        return samples, []
+    if data.long_text == "truncate":
+        log.warning(
+            "%d samples have texts over data.max_text_tokens=%d LM tokens (the longest %d): cut to fit "
+            "(data.long_text=truncate)",
+            len(over),
+            limit,
+            max(over.values()),
+        )
+        return samples, []
+    skipped: list[str] = []
+    for i, n in over.items():
+        problem = f"its text is {n} LM tokens, more than data.max_text_tokens={limit}"
+        what = "sample (or raise data.max_text_tokens, or set data.long_text=truncate)"
+        bad_sample(skipped, samples[i].origin, problem, on_bad_sample, what)
+    return [s for i, s in enumerate(samples) if i not in over], skipped
+
+
 def prepare_split(
     task,
     model,
@@ -103,7 +130,7 @@ def prepare_split(
         see :func:`build_features`) where ``skipped`` lists ``origin: reason`` of dropped samples.
     """
     data = task.load(spec, on_bad_sample)
-    samples = subset(data.samples, limit)
+    samples, too_long = bound_text_length(task, subset(data.samples, limit), model.tokenizer, on_bad_sample)
     features = build_features(
         model.vision,
         samples,
@@ -116,8 +143,10 @@ def prepare_split(
         augment,
         seed,
     )
-    skipped = list(data.skipped) + [features.bad[s.image] for s in samples if s.image in features.bad]
-    total = len(samples) + len(data.skipped)
+    skipped = (
+        list(data.skipped) + too_long + [features.bad[s.image] for s in samples if s.image in features.bad]
+    )
+    total = len(samples) + len(data.skipped) + len(too_long)
     if skipped and len(skipped) > max_skip_ratio * total:
         shown = "\n  ".join(skipped[:20]) + (
             f"\n  ... and {len(skipped) - 20} more" if len(skipped) > 20 else ""

@@ -86,6 +86,14 @@ class Task(ABC):
         """The tokenized dataset of ``samples`` whose images are rows ``image_rows[path]`` of a feature
         source (samples whose image has no row are dropped)."""
 
+    def text_lengths(self, samples: Sequence, tokenizer) -> list[int]:
+        """Each sample's LM tokens (its prompt, target and EOS, as :meth:`text_pairs` renders them), for
+        ``data.max_text_tokens``; one pair per sample (tasks with several texts per sample override it)."""
+        pairs = self.text_pairs(samples, tokenizer)
+        prompts = tokenizer([p for p, _ in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+        targets = tokenizer([t for _, t in pairs], add_special_tokens=False)["input_ids"] if pairs else []
+        return [len(p) + len(t) + 1 for p, t in zip(prompts, targets)]
+
     def lengths(self, dataset) -> list[int]:
         """Each sample's LM token count (length grouping and packing sort by it)."""
         return [len(dataset[i]["prompt"]) + len(dataset[i]["target"]) for i in range(len(dataset))]

@@ -21,7 +21,7 @@ from torch.utils.data import Subset
 
 from adaptkit.data.captions import load_captions
 from adaptkit.data.collate import collate_prompts
-from adaptkit.data.pairs import PairDataset, collate_pairs
+from adaptkit.data.pairs import PairDataset, caption_lengths, collate_pairs
 from adaptkit.model.batch import Batch
 from adaptkit.predictor import ImageInput, Predictor
 from adaptkit.tasks.base import DemoSpec, eval_examples
@@ -58,7 +58,12 @@ class CaptionTask(GenerativeTask):
         return load_captions(spec, on_bad_sample)
 
     def dataset(self, samples, image_rows, tokenizer) -> PairDataset:
-        return PairDataset(samples, image_rows, tokenizer, self.recipe.data.prompt_template)
+        data = self.recipe.data
+        cut = data.max_text_tokens if data.long_text == "truncate" else None
+        return PairDataset(samples, image_rows, tokenizer, data.prompt_template, cut)
+
+    def text_lengths(self, samples, tokenizer) -> list[int]:
+        return caption_lengths(samples, tokenizer, self.recipe.data.prompt_template)
 
     def text_pairs(self, samples, tokenizer=None) -> list[tuple[str, str]]:
         prompt = self.recipe.data.prompt_template

@@ -32,7 +32,7 @@ from adaptkit.backbones.text import TextBank
 from adaptkit.contrastive import similarity
 from adaptkit.data.captions import load_captions
 from adaptkit.data.formats import DataError
-from adaptkit.data.pairs import PairDataset, collate_pairs
+from adaptkit.data.pairs import PairDataset, caption_lengths, collate_pairs
 from adaptkit.model.batch import Batch
 from adaptkit.predictor import ImageInput, Predictor
 from adaptkit.tasks.base import DemoSpec, Task, eval_examples
@@ -106,9 +106,17 @@ class RetrievalTask(Task):
         return load_captions(spec, on_bad_sample)
 
     def dataset(self, samples, image_rows, tokenizer) -> PairDataset:
-        with_lm = self.recipe.objectives.lm > 0
-        prompt = self.recipe.data.prompt_template if with_lm else None
-        return PairDataset(samples, image_rows, tokenizer if with_lm else None, prompt)
+        data, with_lm = self.recipe.data, self.recipe.objectives.lm > 0
+        prompt = data.prompt_template if with_lm else None
+        cut = data.max_text_tokens if data.long_text == "truncate" else None
+        return PairDataset(samples, image_rows, tokenizer if with_lm else None, prompt, cut)
+
+    def text_lengths(self, samples, tokenizer) -> list[int]:
+        """LM tokens only where the LM reads the captions (objectives.lm > 0); the text encoder cuts its
+        texts at text_encoder.max_length itself."""
+        if self.recipe.objectives.lm <= 0:
+            return [0] * len(samples)
+        return caption_lengths(samples, tokenizer, self.recipe.data.prompt_template)
 
     def lengths(self, dataset) -> list[int]:
         if dataset.target_ids is None:

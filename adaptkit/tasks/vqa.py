@@ -66,7 +66,8 @@ class VQATask(GenerativeTask):
 
     def dataset(self, samples, image_rows, tokenizer) -> VQADataset:
         data = self.recipe.data
-        return VQADataset(samples, image_rows, tokenizer, data.prompt_template, data.chat_template)
+        cut = data.max_text_tokens if data.long_text == "truncate" else None
+        return VQADataset(samples, image_rows, tokenizer, data.prompt_template, data.chat_template, cut)
 
     def text_pairs(self, samples, tokenizer=None) -> list[tuple[str, str]]:
         data = self.recipe.data

@@ -14,12 +14,13 @@ if TYPE_CHECKING:
 
 
 def check_output_dir(out: Path) -> None:
-    """A new run starts only in a missing or empty directory: a finished run, a crashed one (checkpoints but
-    no final weights) or anything else a user keeps there is never written over."""
+    """A new run starts only in a missing or empty directory, or over a start that failed in its set-up
+    (:func:`_failed_start`): a finished run, a crashed one (metrics, checkpoints but no final weights) or
+    anything else a user keeps there is never written over."""
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"output_dir {out} is a file, not a directory; pass another output_dir=...")
     held = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir()) if out.is_dir() else []
-    if not held:
+    if not held or _failed_start(out, held):
         return
     shown = ", ".join(held[:5]) + (f" and {len(held) - 5} more" if len(held) > 5 else "")
     finished = (out / ADAPTER_FILE).exists() or (out / LORA_DIR).exists()
@@ -28,6 +29,28 @@ def check_output_dir(out: Path) -> None:
         hint = f"continue it with resume=auto (adaptkit train RECIPE output_dir={out} resume=auto), or {hint}"
     what = "a finished run" if finished else "files"
     raise FileExistsError(f"output_dir {out} already holds {what} ({shown}); nothing was overwritten: {hint}")
+
+
+#: what a start that failed in its set-up (bad data, a wrong model name) leaves: nothing trained.
+FAILED_START = {RECIPE_FILE, "train.log", "metrics.jsonl"}
+
+
+def _failed_start(out: Path, held: list[str]) -> bool:
+    """Whether ``out`` holds only what a start that failed before its first step wrote (its recipe, its log
+    and no metrics row past step 0), which a new start may replace."""
+    if not set(held) <= FAILED_START:
+        return False
+    metrics = out / "metrics.jsonl"
+    if not metrics.exists():
+        return True
+    for line in metrics.read_text(errors="replace").splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            return False
+        if not isinstance(row, dict) or row.get("step", 0) != 0:
+            return False
+    return True
 
 
 def resume_point(recipe: Recipe, out: Path) -> Path | None:
