@@ -40,11 +40,11 @@ def check_registered(recipe: Recipe, source: str = "recipe") -> None:
     for problem in (task.config_problem(recipe), adapter.config_problem(recipe.adapter)):
         if problem:
             raise RecipeError(f"{source}: {problem}")
-    if recipe.pack_questions > 1 and adapter.reads_prompt(recipe.adapter):
+    reads_prompt = adapter.reads_prompt(recipe.adapter)
+    if recipe.pack_questions > 1 and reads_prompt:
         raise RecipeError(
             f"{source}: pack_questions={recipe.pack_questions} needs soft tokens that depend on the image "
-            f"alone, but adapter.kind={recipe.adapter.kind} reads the prompt with these settings (or set "
-            "pack_questions=1)"
+            f"alone: set {reads_prompt}=false (or pack_questions=1)"
         )
     field_name = task.prompt_field
     if field_name and "{" + field_name + "}" not in recipe.data.prompt_template:

@@ -68,10 +68,11 @@ class FusionAdapter(nn.Module):
         return None
 
     @classmethod
-    def reads_prompt(cls, cfg: AdapterConfig) -> bool:
-        """Whether, with these settings, ``forward`` reads the prompt (then its soft tokens differ per
-        question, and several questions cannot share one copy of them: ``pack_questions``)."""
-        return False
+    def reads_prompt(cls, cfg: AdapterConfig) -> str | None:
+        """The recipe key (set true) that makes ``forward`` read the prompt with these settings, or None:
+        its soft tokens then differ per question, and several questions cannot share one copy of them
+        (``pack_questions``)."""
+        return None
 
     @classmethod
     def entry_layer(cls, cfg: AdapterConfig) -> int:

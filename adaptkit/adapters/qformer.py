@@ -71,8 +71,8 @@ class QFormer(FusionAdapter):
         return heads_problem("adapter.qformer", cfg.qformer.hidden_size, cfg.qformer.num_heads)
 
     @classmethod
-    def reads_prompt(cls, cfg: AdapterConfig) -> bool:
-        return cfg.qformer.text_conditioned
+    def reads_prompt(cls, cfg: AdapterConfig) -> str | None:
+        return "adapter.qformer.text_conditioned" if cfg.qformer.text_conditioned else None
 
     def __init__(
         self,

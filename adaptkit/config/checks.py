@@ -64,12 +64,6 @@ def _combinations(recipe: Recipe):
     if "{label}" not in recipe.data.class_template:
         yield "data.class_template must contain '{label}'"
     yield from _objective_problems(recipe)
-    qformer = recipe.adapter.qformer
-    if recipe.adapter.kind == "qformer" and qformer.text_conditioned and recipe.pack_questions > 1:
-        yield (
-            f"pack_questions={recipe.pack_questions} needs soft tokens that depend on the image alone: set "
-            "adapter.qformer.text_conditioned=false (or pack_questions=1)"
-        )
     if recipe.pack_questions > 1 and recipe.objectives.classify > 0:
         yield f"pack_questions={recipe.pack_questions} needs objectives.classify=0 (or pack_questions=1)"
 

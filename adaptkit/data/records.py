@@ -101,10 +101,7 @@ def resolve_image(file: Path, name: str) -> tuple[Path, str | None]:
     image = image if image.is_absolute() else file.parent / image
     if not os.path.lexists(image):
         return image, f"image '{name}' not found (looked for {image})"
-    try:
-        problem = not_a_regular_file(image)
-    except FileNotFoundError:
-        problem = "not found"
+    problem = not_a_regular_file(image)  # it exists: a dangling link is the one way it can be missing
     if problem:
         return image, f"image '{name}' ({image}) {problem}"
     return image.resolve(), None

@@ -86,6 +86,12 @@ class Task(ABC):
         """The tokenized dataset of ``samples`` whose images are rows ``image_rows[path]`` of a feature
         source (samples whose image has no row are dropped)."""
 
+    @property
+    def cut_texts_to(self) -> int | None:
+        """The LM tokens a dataset cuts each sample's text to (``data.long_text=truncate``), else None."""
+        data = self.recipe.data
+        return data.max_text_tokens if data.long_text == "truncate" else None
+
     def text_lengths(self, samples: Sequence, tokenizer) -> list[int]:
         """Each sample's LM tokens (its prompt, target and EOS, as :meth:`text_pairs` renders them), for
         ``data.max_text_tokens``; one pair per sample (tasks with several texts per sample override it)."""

@@ -58,9 +58,9 @@ class CaptionTask(GenerativeTask):
         return load_captions(spec, on_bad_sample)
 
     def dataset(self, samples, image_rows, tokenizer) -> PairDataset:
-        data = self.recipe.data
-        cut = data.max_text_tokens if data.long_text == "truncate" else None
-        return PairDataset(samples, image_rows, tokenizer, data.prompt_template, cut)
+        return PairDataset(
+            samples, image_rows, tokenizer, self.recipe.data.prompt_template, self.cut_texts_to
+        )
 
     def text_lengths(self, samples, tokenizer) -> list[int]:
         return caption_lengths(samples, tokenizer, self.recipe.data.prompt_template)

@@ -106,10 +106,9 @@ class RetrievalTask(Task):
         return load_captions(spec, on_bad_sample)
 
     def dataset(self, samples, image_rows, tokenizer) -> PairDataset:
-        data, with_lm = self.recipe.data, self.recipe.objectives.lm > 0
-        prompt = data.prompt_template if with_lm else None
-        cut = data.max_text_tokens if data.long_text == "truncate" else None
-        return PairDataset(samples, image_rows, tokenizer if with_lm else None, prompt, cut)
+        with_lm = self.recipe.objectives.lm > 0
+        prompt = self.recipe.data.prompt_template if with_lm else None
+        return PairDataset(samples, image_rows, tokenizer if with_lm else None, prompt, self.cut_texts_to)
 
     def text_lengths(self, samples, tokenizer) -> list[int]:
         """LM tokens only where the LM reads the captions (objectives.lm > 0); the text encoder cuts its

@@ -66,8 +66,9 @@ class VQATask(GenerativeTask):
 
     def dataset(self, samples, image_rows, tokenizer) -> VQADataset:
         data = self.recipe.data
-        cut = data.max_text_tokens if data.long_text == "truncate" else None
-        return VQADataset(samples, image_rows, tokenizer, data.prompt_template, data.chat_template, cut)
+        return VQADataset(
+            samples, image_rows, tokenizer, data.prompt_template, data.chat_template, self.cut_texts_to
+        )
 
     def text_pairs(self, samples, tokenizer=None) -> list[tuple[str, str]]:
         data = self.recipe.data
