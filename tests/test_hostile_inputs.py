@@ -198,3 +198,20 @@ def test_long_texts_can_be_cut_to_fit_instead(tiny_overrides, tiny_vqa, tmp_path
     assert max(lengths) <= 12 and all(
         dataset[i]["target"][-1] == tokenizer.eos_token_id for i in range(len(dataset))
     )
+
+
+def test_cut_captions_fit_beside_their_fixed_prompt(tiny_lm_dir):
+    """Caption pairs share one prompt, so truncation cuts the caption alone: prompt + caption fit."""
+    from transformers import AutoTokenizer
+
+    from adaptkit.data.captions import CaptionSample
+    from adaptkit.data.pairs import PairDataset
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_lm_dir)
+    sample = CaptionSample("a.png", ("a red circle " * 20, "a blue circle"), None, "x.jsonl:1")
+    prompt = "what is the color of the shape ?"  # 8 tokens of the tiny word-level vocabulary
+    data = PairDataset([sample], {"a.png": 0}, tokenizer, prompt, max_tokens=12)
+    assert len(data.prompt_ids) == 8
+    for target in data.target_ids:
+        assert len(data.prompt_ids) + len(target) <= 12 and target[-1] == tokenizer.eos_token_id
+    assert len(data.target_ids[1]) == 4  # " a blue circle" + EOS fitted as it was

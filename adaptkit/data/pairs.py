@@ -65,7 +65,9 @@ class PairDataset(torch.utils.data.Dataset):
             self.prompt_ids = tokenizer([prompt], add_special_tokens=False)["input_ids"][0]
             eos = [tokenizer.eos_token_id]
             targets = tokenizer([" " + c for c in captions], add_special_tokens=False)["input_ids"]
-            self.target_ids = [fit(self.prompt_ids, ids + eos, max_tokens)[1] for ids in targets]
+            # The prompt is one for every pair: with max_tokens the captions alone are cut to fit beside it.
+            room = None if max_tokens is None else max_tokens - len(self.prompt_ids)
+            self.target_ids = [fit([], ids + eos, room)[1] for ids in targets]
 
     def __len__(self) -> int:
         return len(self.samples)
