@@ -78,6 +78,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cache=recipe.cache_features,
         on_bad_sample=recipe.data.on_bad_sample,
         cache_root=feature_cache_root(recipe.feature_cache_dir),
+        feature_dtype=recipe.feature_dtype,
     )
     metrics, records = task.evaluate(model, dataset, features, args.batch_size)
     result = {"data": args.data, "limit": args.limit, "skipped": len(skipped), **metrics}
@@ -107,7 +108,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     logging.getLogger("adaptkit").setLevel(logging.INFO)
     device = _device(args)
     vision = build_vision_backbone(recipe.vision, device)
-    disk_cache = FeatureCache.for_backbone(root, vision, device)
+    disk_cache = FeatureCache.for_backbone(root, vision, device, recipe.feature_dtype)
     specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
     task = get_task(recipe)
     views = recipe.data.augment.views
@@ -124,7 +125,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             cache_root=disk_cache,
             augment=recipe.data.augment if train_views else None,
         )
-        shape = tuple(bank.features.shape[1:])
+        shape = bank.shape
         extra = f" (+ {train_views} augmented views each)" if train_views else ""
         print(f"{spec}: {len(bank.rows)} images cached{extra}, features {shape}, {len(bank.bad)} undecodable")
     return 0

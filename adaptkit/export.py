@@ -173,6 +173,7 @@ def _verify(
     reference = MultimodalModel(
         merged.vision, merged.adapter, base, tokenizer, entry_layer=merged.entry_layer
     ).eval()
+    reference.feature_dtype = merged.feature_dtype
     new = recipe.max_new_tokens
     ref_answers, ref_native = _outputs(reference, task, held, new)
     got_answers, got_native = _outputs(merged, task, held, new)

@@ -72,7 +72,12 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     start = time.perf_counter()
     origins = {s.image: s.origin for s in samples}
     bank = FeatureBank.compute(
-        model.vision, [s.image for s in samples], origins, device, disable_progress=True
+        model.vision,
+        [s.image for s in samples],
+        origins,
+        device,
+        disable_progress=True,
+        dtype=model.feature_dtype,
     )
     encode_s = time.perf_counter() - start
     model.adapter.set_feature_stats(*bank.stats())

@@ -127,27 +127,27 @@ def test_bank_holds_each_view_encoded_once_and_cached(tiny_mobilenet_pth, images
     cache = FeatureCache.for_backbone(tmp_path / "cache", backbone, "cpu")
     bank = FeatureBank.compute(backbone, images, {}, cpu, cache=cache, augment=CFG, seed=5)
     memory = FeatureBank.compute(backbone, images, {}, cpu, augment=CFG, seed=5)
-    assert bank.features.shape[0] == 4 * len(images) and bank.views == 3
-    torch.testing.assert_close(memory.features, bank.features, rtol=1e-5, atol=1e-6)
+    assert bank.all().shape[0] == 4 * len(images) and bank.views == 3
+    torch.testing.assert_close(memory.all(), bank.all(), rtol=1e-5, atol=1e-6)
     for path in images:
         row = bank.rows[path]
         for view in range(4):
             img = make_view(open_image(path), file_key(path), CFG, view)
             expected = encode_images(backbone, [img], cpu)[0]
-            got = bank.features[view * len(images) + row]
+            got = bank.all()[view * len(images) + row]
             torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     # Reading again encodes nothing; the unaugmented bank reads view 0 from the same cache.
     shards = sorted(cache.dir.glob("shard-*"))
     again = FeatureBank.compute(backbone, images, {}, cpu, cache=cache, augment=CFG, seed=5)
     plain = FeatureBank.compute(backbone, images, {}, cpu, cache=cache)
     assert sorted(cache.dir.glob("shard-*")) == shards
-    assert torch.equal(again.features, bank.features)
-    assert torch.equal(plain.features, bank.features[: len(images)])
+    assert torch.equal(again.all(), bank.all())
+    assert torch.equal(plain.all(), bank.all()[: len(images)])
     # Lookups: no step means the images themselves (evaluation); a step picks each row's view.
     rows = torch.tensor([2, 0, 1])
     assert torch.equal(bank.lookup(rows), plain.lookup(rows))
     views = view_choice(5, 9, 3, rows)
-    assert torch.equal(bank.lookup(rows, step=9), bank.features[rows + views * len(images)])
+    assert torch.equal(bank.lookup(rows, step=9), bank.all()[rows + views * len(images)])
     assert torch.equal(bank.stats()[0], plain.stats()[0])
     # The per-step encoder (cache_features=false) shows the same views.
     on_the_fly = OnTheFlyFeatures(backbone, images, cpu, augment=CFG, seed=5)

@@ -48,14 +48,14 @@ def test_cached_features_equal_encoded_features_bit_for_bit(tiny_mobilenet_pth, 
     assert len(_shards(cache)) == 1
     reread, _ = _bank(backbone, images, tmp_path / "cache")
     assert len(_shards(cache)) == 1  # nothing encoded the second time
-    assert torch.equal(plain.features, filled.features)
-    assert torch.equal(plain.features, reread.features)
+    assert torch.equal(plain.all(), filled.all())
+    assert torch.equal(plain.all(), reread.all())
     assert reread.rows == plain.rows
     # Also equal to the per-step encoder used when caching is off, given the same batches (CPU conv
     # kernels may round differently for another batch composition: that is the backbone, not the cache).
     on_the_fly = OnTheFlyFeatures(backbone, images, torch.device("cpu"))
     per_step = torch.cat([on_the_fly.lookup(torch.tensor([0, 1])), on_the_fly.lookup(torch.tensor([2]))])
-    assert torch.equal(per_step, reread.features)
+    assert torch.equal(per_step, reread.all())
     other_batches = on_the_fly.lookup(torch.tensor([2, 0]))
     torch.testing.assert_close(other_batches, reread.lookup(torch.tensor([2, 0])), rtol=1e-5, atol=1e-6)
 
@@ -67,7 +67,7 @@ def test_preprocessing_change_uses_another_cache(tiny_mobilenet_pth, images, tmp
     assert cache48.dir != cache64.dir
     assert len(_shards(cache48)) == 1
     plain48, _ = _bank(_backbone(tiny_mobilenet_pth, 48), images)
-    assert torch.equal(bank48.features, plain48.features)
+    assert torch.equal(bank48.all(), plain48.all())
 
 
 def test_weight_change_uses_another_cache(tiny_mobilenet_pth, images, tmp_path):
@@ -87,20 +87,24 @@ def test_changed_image_is_recomputed(tiny_mobilenet_pth, images, tmp_path):
     after, _ = _bank(backbone, images, tmp_path / "cache")
     assert len(_shards(cache)) == 2  # only the changed image was encoded again
     alone = encode_images(backbone, [open_image(images[1])], torch.device("cpu"))
-    assert torch.equal(after.features[1:2], alone)
-    assert not torch.equal(after.features[1], before.features[1])
-    assert torch.equal(after.features[0], before.features[0])
+    assert torch.equal(after.all()[1:2], alone)
+    assert not torch.equal(after.all()[1], before.all()[1])
+    assert torch.equal(after.all()[0], before.all()[0])
 
 
 def test_damaged_shard_is_ignored_and_recomputed(tiny_mobilenet_pth, images, tmp_path, caplog):
     backbone = _backbone(tiny_mobilenet_pth)
     good, cache = _bank(backbone, images, tmp_path / "cache")
+    expected = good.all()
     shard = _shards(cache)[0]
     shard.write_bytes(shard.read_bytes()[:100])  # truncated
     with caplog.at_level("WARNING"):
         again, _ = _bank(backbone, images, tmp_path / "cache")
     assert "unreadable shard" in caplog.text and shard.name in caplog.text
-    assert torch.equal(again.features, good.features)
+    assert torch.equal(again.all(), expected)
+    # The bank that was reading that shard when it was cut short says so, naming it, at its next lookup.
+    with pytest.raises(DataError, match=f"feature cache shard .*{shard.name} cannot be read .*short read"):
+        good.lookup(torch.tensor([0]))
 
 
 def test_missing_and_broken_images_with_cache(tiny_mobilenet_pth, images, tmp_path):
@@ -151,4 +155,58 @@ def test_cache_dir_can_be_copied(tiny_mobilenet_pth, images, tmp_path):
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     second, cache_b = _bank(backbone, images, tmp_path / "b")
     assert len(_shards(cache_b)) == 1
-    assert torch.equal(first.features, second.features)
+    assert torch.equal(first.all(), second.all())
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_storage_dtype_rounds_the_same_on_disk_in_memory_and_fresh(
+    tiny_mobilenet_pth, images, tmp_path, dtype
+):
+    backbone = _backbone(tiny_mobilenet_pth)
+    storage = getattr(torch, dtype)
+    exact, _ = _bank(backbone, images)
+    cache = FeatureCache.for_backbone(tmp_path / "cache", backbone, "cpu", dtype)
+    assert cache.dir != FeatureCache.for_backbone(tmp_path / "cache", backbone, "cpu").dir  # keyed by dtype
+    cpu = torch.device("cpu")
+    disk = FeatureBank.compute(backbone, images, {}, cpu, batch_size=2, cache=cache)
+    memory = FeatureBank.compute(backbone, images, {}, cpu, batch_size=2, dtype=storage)
+    shard = _shards(cache)[0]
+    assert shard.stat().st_size < exact.all().numel() * 4 * 0.6  # 2 bytes a value, not 4
+    rounded = exact.all().to(storage).float()
+    assert not torch.equal(rounded, exact.all())
+    assert torch.equal(disk.all(), rounded) and torch.equal(memory.all(), rounded)
+    assert disk.lookup(torch.tensor([2, 0])).dtype == torch.float32
+    on_the_fly = OnTheFlyFeatures(backbone, images, cpu, dtype=storage)
+    assert torch.equal(on_the_fly.lookup(torch.tensor([0, 1])), rounded[:2])
+
+
+def test_stats_accumulated_in_chunks_equal_the_whole(tiny_mobilenet_pth, images, tmp_path):
+    backbone = _backbone(tiny_mobilenet_pth)
+    bank, _ = _bank(backbone, images, tmp_path / "cache")
+    flat = bank.all().reshape(-1, bank.shape[-1]).double()
+    for chunk in (1, 2, 256):
+        mean, std = bank.stats(chunk=chunk)
+        torch.testing.assert_close(mean, flat.mean(0).float(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(std, flat.std(0).float(), rtol=1e-5, atol=1e-7)
+
+
+def _read_rows(args):
+    cache_dir, info, keys, rows = args
+    return FeatureCache(cache_dir, info).stored(keys).read(torch.tensor(rows))
+
+
+def test_stored_rows_are_read_on_demand_by_several_processes(tiny_mobilenet_pth, images, tmp_path):
+    import multiprocessing
+
+    backbone = _backbone(tiny_mobilenet_pth)
+    bank, cache = _bank(backbone, images, tmp_path / "cache")
+    assert not isinstance(bank.source, torch.Tensor)  # nothing held: rows are read per lookup
+    expected = bank.all()
+    keys = list(cache._index)  # every cached key, in the order they were written
+    store = cache.stored(keys)
+    rows = [[2, 0, 2], [1], []]
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        got = pool.map(_read_rows, [(tmp_path / "cache", cache.info, keys, r) for r in rows])
+    for r, tensor in zip(rows, got):
+        assert torch.equal(tensor, store.read(torch.tensor(r, dtype=torch.int64)))
+    assert torch.equal(store.read(torch.arange(3)), expected[[bank.rows[p] for p in images]])

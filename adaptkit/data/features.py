@@ -1,10 +1,16 @@
 """Image features from the frozen vision backbone: computed once per image, or on the fly.
 
-A frozen backbone in eval mode maps an image to the same features every time, so with no image
-augmentation each distinct image is encoded once per run (``FeatureBank``) instead of once per
-question per epoch; easy-VQA asks about 10 questions per image. With a ``FeatureCache`` the features
-also persist on disk across runs (see ``feature_cache.py``). ``OnTheFlyFeatures`` encodes at every
-step and is what ``cache_features: false`` selects.
+A frozen backbone in eval mode maps an image to the same features every time, so each distinct image
+(and each fixed augmented view of it) is encoded once (``FeatureBank``) instead of once per question per
+epoch; easy-VQA asks about 10 questions per image. With a ``FeatureCache`` the features persist on disk
+across runs and stay there: each batch reads its rows (see ``feature_cache.py``), so memory does not grow
+with the number of images. Without one (``feature_cache_dir: none``) they are held in memory.
+``OnTheFlyFeatures`` encodes at every step and is what ``cache_features: false`` selects.
+
+Features are kept in a storage dtype (``feature_dtype``: float16 by default) and handed to the model as
+float32; every path that gives the model features (the bank, the per-step encoder, and
+:meth:`MultimodalModel.encode_images` for predict, export and the demo) rounds them the same way, so a
+run sees the same numbers however its features were made.
 """
 
 from __future__ import annotations
@@ -19,7 +25,7 @@ from tqdm.auto import tqdm
 
 from adaptkit.backbones.vision import VisionBackbone
 from adaptkit.data.augment import make_view, view_choice, view_key
-from adaptkit.data.feature_cache import SHARD_IMAGES, FeatureCache, file_key
+from adaptkit.data.feature_cache import SHARD_IMAGES, FeatureCache, StoredFeatures, file_key
 from adaptkit.data.formats import DataError
 from adaptkit.data.images import image_error, open_image
 
@@ -30,10 +36,16 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def encode_images(backbone: VisionBackbone, images: list[Image.Image], device: torch.device) -> torch.Tensor:
-    """Preprocess and encode a list of PIL images to ``(B, T, D)`` float32 features on ``device``."""
+def encode_images(
+    backbone: VisionBackbone,
+    images: list[Image.Image],
+    device: torch.device,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Preprocess and encode a list of PIL images to ``(B, T, D)`` float32 features on ``device``, rounded
+    through the storage ``dtype`` (float32: as computed)."""
     pixels = backbone.preprocess(images).to(device)
-    return backbone(pixels).float()
+    return backbone(pixels).to(dtype).float()
 
 
 def _encode(
@@ -91,26 +103,41 @@ def _keys(
 
 
 class FeatureBank:
-    """Features of a fixed set of images, held in one tensor and looked up by row.
+    """Features of a fixed set of images, looked up by row: read from the disk cache per lookup, or held
+    in memory when there is no cache.
 
     With augmented views (``augment.views = K``), row ``r`` of view ``v`` sits at ``v * len(rows) + r``:
     view 0 is the image itself, views 1..K its fixed augmented copies (``augment.py``).
 
     Attributes:
-        rows: image path → row of ``features``.
-        features: ``((K + 1) N, T, D)`` float32.
+        rows: image path → row.
+        source: the ``((K + 1) N, T, D)`` features in the storage dtype: a tensor in memory, or
+            :class:`~adaptkit.data.feature_cache.StoredFeatures` read on demand.
         bad: image path → reason, for images that could not be decoded (only with ``skip_bad``).
         views: K, the augmented views per image (0: none).
+        device: where lookups put their float32 features.
     """
 
     def __init__(
-        self, features: torch.Tensor, rows: dict[str, int], bad: dict[str, str], views: int = 0, seed: int = 0
+        self,
+        source: torch.Tensor | StoredFeatures,
+        rows: dict[str, int],
+        bad: dict[str, str],
+        views: int = 0,
+        seed: int = 0,
+        device: torch.device | None = None,
     ) -> None:
-        self.features = features
+        self.source = source
         self.rows = rows
         self.bad = bad
         self.views = views
         self.seed = seed
+        self.device = device or torch.device("cpu")
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        """``(T, D)`` of one image's features."""
+        return tuple(self.source.shape[1:]) if isinstance(self.source, torch.Tensor) else self.source.shape
 
     @classmethod
     def compute(
@@ -126,6 +153,7 @@ class FeatureBank:
         cache: FeatureCache | None = None,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> FeatureBank:
         """Encode each distinct image (and each of its augmented views) once, with a progress bar; with
         ``cache``, only the ones it lacks.
@@ -134,13 +162,16 @@ class FeatureBank:
             origins: image path → the ``file:line`` of a sample that uses it (for errors).
             skip_bad: record undecodable images in ``bad`` instead of raising.
             cache: a disk cache for this backbone; cached images are read, the others encoded and added.
+                Its storage dtype wins over ``dtype``.
             augment: with ``augment.views = K > 0``, also K fixed augmented views of every image.
             seed: the run's seed, which (with the step) picks the view each image shows.
+            dtype: storage dtype of features held in memory (no ``cache``).
         """
         unique = list(dict.fromkeys(paths))
         views = augment.views if augment is not None else 0
         bad: dict[str, str] = {}
         keys = _keys(unique, origins, skip_bad, bad) if cache is not None or views else {}
+        source: torch.Tensor | StoredFeatures | None = None
         if cache is None:
             readable = [p for p in unique if p not in bad]
             items = [(p, v) for v in range(views + 1) for p in readable]
@@ -151,7 +182,7 @@ class FeatureBank:
             done = [p for p in readable if p not in bad]
             # Items run view-major, so an undecodable image is found in view 0 and skipped in every later
             # view: the chunks are already in the bank's order (view * len(done) + row).
-            features = torch.cat(feats) if feats else None
+            source = torch.cat([f.to(dtype) for f in feats]) if feats else None
         else:
             item_key = {(p, v): view_key(keys[p], augment, v) for v in range(views + 1) for p in keys}
             with cache.lock():
@@ -169,7 +200,7 @@ class FeatureBank:
                             cache.put([item_key[item] for item in good], torch.cat(feats))
                 done = [path for path in keys if path not in bad]
                 wanted = [item_key[(p, v)] for v in range(views + 1) for p in done]
-                features = cache.get(wanted).to(device) if done else None
+                source = cache.stored(wanted) if done else None
             log.info(
                 "feature cache %s: %d images%s read, %d encoded and added",
                 cache.dir,
@@ -177,23 +208,50 @@ class FeatureBank:
                 f" and views (x{views + 1})" if views else "",
                 len(todo) - sum(p in bad for p, _ in todo),
             )
-        if features is None:
+        if source is None:
             raise DataError("no image could be decoded")
         rows = {path: i for i, path in enumerate(done)}
-        return cls(features, rows, bad, views, seed)
+        return cls(source, rows, bad, views, seed, device)
+
+    def _read(self, index: torch.Tensor) -> torch.Tensor:
+        if isinstance(self.source, torch.Tensor):
+            picked = self.source[index.to(self.source.device)]
+        else:
+            picked = self.source.read(index)
+        return picked.to(self.device, torch.float32, non_blocking=True)
 
     def lookup(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """Features of image ``rows``; with ``step`` (training) each row shows the view
-        :func:`view_choice` picks for that step, otherwise the image itself."""
+        """Float32 features of image ``rows`` on the bank's device; with ``step`` (training) each row shows
+        the view :func:`view_choice` picks for that step, otherwise the image itself."""
         index = rows.to(torch.int64).cpu()
         if step is not None and self.views:
             index = index + view_choice(self.seed, step, self.views, index) * len(self.rows)
-        return self.features[index.to(self.features.device)]
+        return self._read(index)
 
-    def stats(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and std over every token of every image (the images themselves, not views)."""
-        flat = self.features[: len(self.rows)].reshape(-1, self.features.shape[-1])
-        return flat.mean(0), flat.std(0)
+    def all(self) -> torch.Tensor:
+        """Every row, views included, as one float32 tensor in memory (for small sets and tests)."""
+        return self._read(torch.arange(len(self.source)))
+
+    def stats(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std over every token of every image (the images themselves, not views),
+        accumulated chunk by chunk in float64 (Chan et al.'s pairwise update), so no more than ``chunk``
+        images are in memory at once."""
+        count, mean, m2 = 0, None, None
+        for start in range(0, len(self.rows), chunk):
+            feats = self._read(torch.arange(start, min(start + chunk, len(self.rows))))
+            flat = feats.reshape(-1, feats.shape[-1]).double()
+            n, m = flat.shape[0], flat.mean(0)
+            s = ((flat - m) ** 2).sum(0)
+            if mean is None:
+                count, mean, m2 = n, m, s
+                continue
+            delta = m - mean
+            total = count + n
+            mean = mean + delta * (n / total)
+            m2 = m2 + s + delta**2 * (count * n / total)
+            count = total
+        std = (m2 / max(count - 1, 1)).sqrt()
+        return mean.float(), std.float()
 
 
 class OnTheFlyFeatures:
@@ -209,10 +267,13 @@ class OnTheFlyFeatures:
         skip_bad: bool = False,
         augment: AugmentConfig | None = None,
         seed: int = 0,
+        dtype: torch.dtype = torch.float32,
     ) -> None:
-        """Every image is decoded once up front, so a bad one is known (skipped or raised) before training."""
+        """Every image is decoded once up front, so a bad one is known (skipped or raised) before training.
+        ``dtype``: the storage dtype features are rounded through, as a bank would store them."""
         self.backbone = backbone
         self.device = device
+        self.dtype = dtype
         self.augment = augment
         self.views = augment.views if augment is not None else 0
         self.seed = seed
@@ -239,7 +300,7 @@ class OnTheFlyFeatures:
         for r, v in zip(rows.tolist(), views.tolist()):
             path = self.paths[r]
             images.append(make_view(open_image(path), self.keys.get(path, ""), self.augment, v))
-        return encode_images(self.backbone, images, self.device)
+        return encode_images(self.backbone, images, self.device, self.dtype)
 
     def stats(self, max_images: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and std estimated from the first ``max_images`` images."""

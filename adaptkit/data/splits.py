@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from adaptkit.assets import cache_dir
-from adaptkit.data.feature_cache import FeatureCache
+from adaptkit.data.feature_cache import STORAGE_DTYPES, FeatureCache
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
 from adaptkit.data.formats import DataError
 from adaptkit.data.records import bad_sample
@@ -48,22 +48,25 @@ def build_features(
     cache_root: Path | FeatureCache | None = None,
     augment=None,
     seed: int = 0,
+    dtype: str = "float32",
 ):
     """Feature source for the images of ``samples``: encoded once (cache) or at every lookup; with
     ``augment`` (a :class:`~adaptkit.config.AugmentConfig` with views > 0), also its augmented views.
 
     With ``cache_root`` (a cache folder, or a :class:`FeatureCache` already keyed for ``vision``, which
     saves hashing the backbone again), features persist on disk, keyed by backbone and image content.
+    ``dtype``: the storage dtype (recipe key ``feature_dtype``); a given ``FeatureCache`` has its own.
     """
     paths = [s.image for s in samples]
     origins: dict[str, str] = {}
     for s in samples:
         origins.setdefault(s.image, s.origin)
+    storage = STORAGE_DTYPES[dtype]
     if not cache:
-        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad, augment, seed)
+        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad, augment, seed, storage)
     disk = cache_root
     if cache_root is not None and not isinstance(cache_root, FeatureCache):
-        disk = FeatureCache.for_backbone(cache_root, vision, device)
+        disk = FeatureCache.for_backbone(cache_root, vision, device, dtype)
     return FeatureBank.compute(
         vision,
         paths,
@@ -75,6 +78,7 @@ def build_features(
         cache=disk,
         augment=augment,
         seed=seed,
+        dtype=storage,
     )
 
 
@@ -118,6 +122,7 @@ def prepare_split(
     max_skip_ratio: float = 1.0,
     augment=None,
     seed: int = 0,
+    feature_dtype: str = "float32",
 ):
     """Load a data spec with ``task``'s formats, encode its images and build the task's dataset.
 
@@ -142,6 +147,7 @@ def prepare_split(
         cache_root,
         augment,
         seed,
+        feature_dtype,
     )
     skipped = (
         list(data.skipped) + too_long + [features.bad[s.image] for s in samples if s.image in features.bad]

@@ -17,7 +17,7 @@ from torch import nn
 from adaptkit.adapters import ADAPTERS, build_adapter
 from adaptkit.backbones.language import load_language_model
 from adaptkit.backbones.vision import build_vision_backbone
-from adaptkit.data.feature_cache import tensor_digest
+from adaptkit.data.feature_cache import STORAGE_DTYPES, tensor_digest
 from adaptkit.model.multimodal import MultimodalModel
 
 if TYPE_CHECKING:
@@ -168,6 +168,7 @@ def build_model(
         lm = get_peft_model(lm, lora)
     model = MultimodalModel(vision, adapter, lm, tokenizer, entry_layer=inject)
     model.fusion.prompt_mb = recipe.lower_state_cache_mb
+    model.feature_dtype = STORAGE_DTYPES[recipe.feature_dtype]
     attach_text_side(model, recipe, device)
     if recipe.activation_checkpointing:
         # Recompute each checkpointed LM layer's activations in the backward pass instead of keeping them:

@@ -53,6 +53,9 @@ class MultimodalModel(nn.Module):
         self.objectives = Objectives()
         #: the frozen text encoder of the image-text objectives (``adaptkit.backbones.text``), or None.
         self.text_encoder: nn.Module | None = None
+        #: the storage dtype the run's features went through (recipe key ``feature_dtype``); fresh features
+        #: are rounded through it too, so predict, export and the demo see what training saw.
+        self.feature_dtype = torch.float32
 
     @property
     def base_lm(self) -> nn.Module:
@@ -74,10 +77,11 @@ class MultimodalModel(nn.Module):
     @torch.no_grad()
     def encode_images(self, images: list) -> torch.Tensor:
         """Frozen-backbone features ``(B, T, D_v)`` of decoded RGB images (``adaptkit.data.images``), on the
-        LM's device."""
+        LM's device, float32 rounded through :attr:`feature_dtype`."""
         from adaptkit.data.features import encode_images
 
-        return encode_images(self.vision, images, self.base_lm.get_input_embeddings().weight.device)
+        device = self.base_lm.get_input_embeddings().weight.device
+        return encode_images(self.vision, images, device, self.feature_dtype)
 
     def read_image(self, features: torch.Tensor, input_ids: torch.Tensor, read: torch.Tensor):
         """The LM's input embedding module, the text's embeddings and the adapter's output for it (a

@@ -202,7 +202,9 @@ def prepare_data(recipe: Recipe, task, model, device, main: bool) -> tuple[Split
     root = feature_cache_root(recipe.feature_cache_dir)
     # Keyed once (weights digest + probe preprocessing) for both splits.
     disk_cache = (
-        FeatureCache.for_backbone(root, model.vision, device) if root and recipe.cache_features else None
+        FeatureCache.for_backbone(root, model.vision, device, recipe.feature_dtype)
+        if root and recipe.cache_features
+        else None
     )
     split = functools.partial(
         prepare_split,
@@ -214,6 +216,7 @@ def prepare_data(recipe: Recipe, task, model, device, main: bool) -> tuple[Split
         progress=main,
         cache_root=disk_cache,
         max_skip_ratio=data.max_skip_ratio,
+        feature_dtype=recipe.feature_dtype,
     )
     views = data.augment.views
     train = Split(
