@@ -78,7 +78,6 @@ def _cmd_eval(args: argparse.Namespace) -> int:
         cache=recipe.cache_features,
         on_bad_sample=recipe.data.on_bad_sample,
         cache_root=feature_cache_root(recipe.feature_cache_dir),
-        feature_dtype=recipe.feature_dtype,
     )
     metrics, records = task.evaluate(model, dataset, features, args.batch_size)
     result = {"data": args.data, "limit": args.limit, "skipped": len(skipped), **metrics}

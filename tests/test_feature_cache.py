@@ -183,11 +183,17 @@ def test_storage_dtype_rounds_the_same_on_disk_in_memory_and_fresh(
 def test_stats_accumulated_in_chunks_equal_the_whole(tiny_mobilenet_pth, images, tmp_path):
     backbone = _backbone(tiny_mobilenet_pth)
     bank, _ = _bank(backbone, images, tmp_path / "cache")
-    flat = bank.all().reshape(-1, bank.shape[-1]).double()
+    everything = bank.all()
+    flat = everything.reshape(-1, bank.shape[-1]).double()
     for chunk in (1, 2, 256):
         mean, std = bank.stats(chunk=chunk)
         torch.testing.assert_close(mean, flat.mean(0).float(), rtol=1e-6, atol=1e-7)
         torch.testing.assert_close(std, flat.std(0).float(), rtol=1e-5, atol=1e-7)
+    # Beyond `limit` images, evenly spaced ones (here the first and the last of three).
+    mean, std = bank.stats(limit=2)
+    some = everything[[0, 2]].reshape(-1, bank.shape[-1]).double()
+    torch.testing.assert_close(mean, some.mean(0).float(), rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(std, some.std(0).float(), rtol=1e-5, atol=1e-7)
 
 
 def _read_rows(args):

@@ -149,3 +149,25 @@ def test_every_input_kind_is_decoded_like_training_images(tiny_run, tiny_vqa, tm
     for given in (Image.open(path), np.asarray(Image.open(path)), path.read_bytes()):
         assert torch.equal(predictor.encode([given]), reference)
     assert not torch.equal(predictor.encode([rgba.convert("RGB")]), reference)  # black background differs
+
+
+def test_features_are_rounded_as_the_run_stored_them(tiny_run, tmp_path):
+    import shutil
+
+    import torch
+
+    from adaptkit.runs import check_run
+
+    predictor = load_for_inference(tiny_run, "cpu")
+    assert predictor.model.feature_dtype == torch.float16  # the default feature_dtype, as training stored
+    image = Image.new("RGB", (64, 64), (200, 40, 90))
+    fresh = predictor.model.encode_images([image])
+    assert torch.equal(fresh, fresh.half().float())
+    # A run saved before feature_dtype existed trained on float32 features and is read that way.
+    old = tmp_path / "old"
+    shutil.copytree(tiny_run, old)
+    text = (old / "recipe.yaml").read_text()
+    assert "\nfeature_dtype: float16\n" in text
+    (old / "recipe.yaml").write_text(text.replace("\nfeature_dtype: float16\n", "\n"))
+    assert check_run(old, verify=False).feature_dtype == "float32"
+    assert check_run(tiny_run).feature_dtype == "float16"

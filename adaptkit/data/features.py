@@ -34,6 +34,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+#: images the adapter's feature statistics are taken from at most (evenly spaced beyond that): plenty for a
+#: per-dimension mean and std, and a one-time cost that does not grow with the store.
+STATS_IMAGES = 8192
+
 
 @torch.no_grad()
 def encode_images(
@@ -232,16 +236,21 @@ class FeatureBank:
         """Every row, views included, as one float32 tensor in memory (for small sets and tests)."""
         return self._read(torch.arange(len(self.source)))
 
-    def stats(self, chunk: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and std over every token of every image (the images themselves, not views),
-        accumulated chunk by chunk in float64 (Chan et al.'s pairwise update), so no more than ``chunk``
-        images are in memory at once."""
+    def stats(self, chunk: int = 64, limit: int = STATS_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-dimension mean and std over every token of the images themselves (not views): of all of them
+        up to ``limit`` images, else of ``limit`` images evenly spaced over the set. Read ``chunk`` images
+        at a time and merged in float64 (Chan et al.'s pairwise update), so memory stays flat and a store
+        of any size costs at most ``limit`` images' reading."""
+        n_images = len(self.rows)
+        rows = torch.arange(n_images)
+        if n_images > limit:
+            rows = torch.linspace(0, n_images - 1, limit).round().to(torch.int64)
         count, mean, m2 = 0, None, None
-        for start in range(0, len(self.rows), chunk):
-            feats = self._read(torch.arange(start, min(start + chunk, len(self.rows))))
-            flat = feats.reshape(-1, feats.shape[-1]).double()
-            n, m = flat.shape[0], flat.mean(0)
-            s = ((flat - m) ** 2).sum(0)
+        for part in rows.split(chunk):
+            feats = self._read(part)
+            flat = feats.reshape(-1, feats.shape[-1])
+            var, m = torch.var_mean(flat, dim=0, correction=0)
+            n, m, s = flat.shape[0], m.double(), var.double() * flat.shape[0]
             if mean is None:
                 count, mean, m2 = n, m, s
                 continue

@@ -122,7 +122,6 @@ def prepare_split(
     max_skip_ratio: float = 1.0,
     augment=None,
     seed: int = 0,
-    feature_dtype: str = "float32",
 ):
     """Load a data spec with ``task``'s formats, encode its images and build the task's dataset.
 
@@ -147,7 +146,7 @@ def prepare_split(
         cache_root,
         augment,
         seed,
-        feature_dtype,
+        str(model.feature_dtype).removeprefix("torch."),  # the run's feature_dtype: what it trained on
     )
     skipped = (
         list(data.skipped) + too_long + [features.bad[s.image] for s in samples if s.image in features.bad]

@@ -216,7 +216,6 @@ def prepare_data(recipe: Recipe, task, model, device, main: bool) -> tuple[Split
         progress=main,
         cache_root=disk_cache,
         max_skip_ratio=data.max_skip_ratio,
-        feature_dtype=recipe.feature_dtype,
     )
     views = data.augment.views
     train = Split(
