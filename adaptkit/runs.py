@@ -37,9 +37,6 @@ def check_run(run: Path, verify: bool = True) -> Recipe:
     else:
         verify_run(run, verify)
     recipe = load_recipe(recipe_path)
-    if not any(line.startswith("feature_dtype:") for line in recipe_path.read_text().splitlines()):
-        # saved before the key existed: that run's features were float32 throughout
-        recipe = dataclasses.replace(recipe, feature_dtype="float32")
     if export:  # an `adaptkit export` folder: paths are relative to it
         recipe = resolve_export_recipe(recipe, run)
     lora_dir = run / LORA_DIR

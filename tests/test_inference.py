@@ -159,15 +159,19 @@ def test_features_are_rounded_as_the_run_stored_them(tiny_run, tmp_path):
     from adaptkit.runs import check_run
 
     predictor = load_for_inference(tiny_run, "cpu")
-    assert predictor.model.feature_dtype == torch.float16  # the default feature_dtype, as training stored
+    # float32 by default, which is also what runs saved before the key existed used.
+    assert predictor.model.feature_dtype == torch.float32
+    assert "\nfeature_dtype: float32\n" in (tiny_run / "recipe.yaml").read_text()
     image = Image.new("RGB", (64, 64), (200, 40, 90))
-    fresh = predictor.model.encode_images([image])
-    assert torch.equal(fresh, fresh.half().float())
-    # A run saved before feature_dtype existed trained on float32 features and is read that way.
+    exact = predictor.model.encode_images([image])
     old = tmp_path / "old"
     shutil.copytree(tiny_run, old)
     text = (old / "recipe.yaml").read_text()
-    assert "\nfeature_dtype: float16\n" in text
-    (old / "recipe.yaml").write_text(text.replace("\nfeature_dtype: float16\n", "\n"))
+    (old / "recipe.yaml").write_text(text.replace("\nfeature_dtype: float32\n", "\n"))
     assert check_run(old, verify=False).feature_dtype == "float32"
-    assert check_run(tiny_run).feature_dtype == "float16"
+    # A run whose features were stored as float16 rounds fresh ones (predict, export, the demo) the same way.
+    (old / "recipe.yaml").write_text(text.replace("\nfeature_dtype: float32\n", "\nfeature_dtype: float16\n"))
+    half = load_for_inference(old, "cpu", verify=False)
+    assert half.model.feature_dtype == torch.float16
+    rounded = half.model.encode_images([image])
+    assert torch.equal(rounded, exact.half().float()) and not torch.equal(rounded, exact)
