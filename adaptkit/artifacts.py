@@ -29,6 +29,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,6 +94,23 @@ def read_list(path: Path, key: str) -> list[str] | None:
             "strings); retrain the run, or restore the file"
         )
     return value
+
+
+def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, with its I/O failures (a full disk, a read-only folder) raised as the
+    ``OSError`` they are: safetensors reports them as ``SafetensorError``, which the callers' "cannot write"
+    handling (checkpoints, the feature cache, run files) would otherwise miss."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
+
+    try:
+        save_file(tensors, str(path), metadata=metadata)
+    except SafetensorError as err:
+        code = re.search(r"os error (\d+)", str(err))
+        if code is None:
+            raise
+        number = int(code.group(1))
+        raise OSError(number, os.strerror(number), str(path)) from err
 
 
 def write_json(path: Path, obj: dict) -> None:

@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
+from adaptkit.artifacts import save_safetensors as save_file
 from adaptkit.assets import first_mismatch, hash_files
 
 log = logging.getLogger("adaptkit")

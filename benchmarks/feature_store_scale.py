@@ -14,10 +14,11 @@ Reported per size: the process's peak RSS before the store is opened (the model)
 one-time statistics pass, samples/s over the timed steps and the share of step time spent reading
 features. The last stdout line is one JSON object.
 
-    python benchmarks/feature_store_scale.py compile=false --images 10000 100000
+    python benchmarks/feature_store_scale.py compile=false feature_dtype=float16 --images 10000 100000
 
-Writing the stores takes disk space (N x tokens x dim x 2 bytes: 30 GB at 100,000 images of 196 x 768);
-``--keep`` keeps them under ``--store`` for a second run, otherwise they are removed.
+Writing the stores takes disk space (N x tokens x dim x the dtype's bytes: 30 GB at 100,000 images of
+196 x 768 in float16, 60 GB in float32); a store that would not fit is refused before writing. ``--keep``
+keeps them under ``--store`` for a second run, otherwise they are removed.
 """
 
 from __future__ import annotations
@@ -62,6 +63,13 @@ def write_store(root: Path, images: int, tokens: int, dim: int, dtype: str) -> t
     cache = FeatureCache(root, _info(tokens, dim, dtype, images))
     if (cache.dir / "complete").exists():
         return cache.dir, 0.0
+    need = images * tokens * dim * STORAGE_DTYPES[dtype].itemsize
+    free = shutil.disk_usage(cache.dir).free
+    if need > 0.95 * free:
+        shutil.rmtree(cache.dir)
+        sys.exit(
+            f"a store of {images} images needs {need / 1e9:.1f} GB and {root} has {free / 1e9:.1f} GB free"
+        )
     start = time.perf_counter()
     block = torch.rand(SHARD_IMAGES, tokens, dim, generator=torch.Generator().manual_seed(0)) * 4
     block = block.to(STORAGE_DTYPES[dtype])

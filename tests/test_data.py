@@ -102,3 +102,13 @@ def test_undecodable_image_error_and_skip(tiny_vqa, tiny_mobilenet_pth, tmp_path
     # A cached feature equals encoding the image on the fly.
     direct = backbone(backbone.preprocess([open_image(good)]))
     torch.testing.assert_close(bank.lookup(torch.tensor([0])), direct)
+
+
+def test_token_ids_share_their_int_objects():
+    from adaptkit.data.collate import share_ints
+
+    rows = [[int("1000"), int("70000"), 5], [int("70000")], []]  # int() of a str: a new object each time
+    assert rows[0][1] is not rows[1][0]
+    shared = share_ints(rows)
+    assert shared == rows and all(type(r) is list for r in shared)
+    assert shared[0][1] is shared[1][0]  # one object for one id, whichever row it is in

@@ -265,3 +265,37 @@ def test_an_unwritable_feature_cache_is_one_line(tiny_overrides, tmp_path, capsy
     assert main(["train", RECIPE, *overrides, f"feature_cache_dir={blocker / 'cache'}"]) == 2
     line = _first_line(capsys)
     assert f"feature_cache_dir {blocker / 'cache'}: cannot write there" in line and "none" in line
+
+
+def test_a_full_disk_reported_by_safetensors_is_an_oserror(tiny_mobilenet_pth, tmp_path, monkeypatch):
+    """safetensors reports a failed write as SafetensorError (this message is the one a real full disk gave
+    while writing a feature store); adaptkit's writers turn it into the OSError it is, so the full-disk
+    handling of checkpoints, run files and the feature cache applies."""
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from adaptkit.artifacts import save_safetensors
+    from adaptkit.backbones.vision import build_vision_backbone
+    from adaptkit.config import VisionConfig
+    from adaptkit.data.feature_cache import FeatureCache
+    from adaptkit.data.formats import DataError
+
+    def full(tensors, path, metadata=None):
+        Path(path).write_bytes(b"partial")
+        raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError) as err:
+        save_safetensors({"x": torch.zeros(4)}, tmp_path / "x.safetensors")
+    assert err.value.errno == errno.ENOSPC
+    backbone = build_vision_backbone(VisionConfig(weights=str(tiny_mobilenet_pth), image_size=64))
+    cache = FeatureCache.for_backbone(tmp_path / "cache", backbone, "cpu")
+    with pytest.raises(DataError, match="cannot write there .*No space left on device"):
+        cache.put(["k"], torch.zeros(1, 2, 3))
+    assert not list(cache.dir.glob("*.safetensors*")) and not list(cache.dir.glob(".*.tmp"))
+    # Any other safetensors error is not disguised as a disk error.
+    monkeypatch.setattr(
+        safetensors.torch, "save_file", lambda *a, **k: (_ for _ in ()).throw(SafetensorError("bad"))
+    )
+    with pytest.raises(SafetensorError):
+        save_safetensors({"x": torch.zeros(4)}, tmp_path / "y.safetensors")

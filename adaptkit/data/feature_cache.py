@@ -170,7 +170,7 @@ class FeatureCache:
 
     def put(self, keys: list[str], features: torch.Tensor) -> Path:
         """Write one shard atomically (temporary file, then rename)."""
-        from safetensors.torch import save_file
+        from adaptkit.artifacts import save_safetensors as save_file
 
         name = f"shard-{time.strftime('%Y%m%d%H%M%S')}-{os.getpid()}-{uuid.uuid4().hex[:8]}.safetensors"
         final = self.dir / name

@@ -16,7 +16,7 @@ class DataError(ValueError):
     """A data file or sample is malformed; the message names the file and line."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class VQASample:
     """One question about one image.
 

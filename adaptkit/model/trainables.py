@@ -26,7 +26,7 @@ def saved_heads(model) -> dict[str, torch.Tensor]:
 
 def save_trainables(model, directory: str | Path) -> None:
     """Write the adapter and the saved heads (safetensors) and LoRA (peft format) into ``directory``."""
-    from safetensors.torch import save_file
+    from adaptkit.artifacts import save_safetensors as save_file
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
