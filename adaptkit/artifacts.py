@@ -113,10 +113,15 @@ def save_safetensors(tensors: dict, path: str | Path, metadata: dict[str, str] |
         raise OSError(number, os.strerror(number), str(path)) from err
 
 
-def write_json(path: Path, obj: dict) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
+def write_json(path: Path, obj: dict, durable: bool = False) -> None:
+    """Write JSON atomically (temporary file, then rename); ``durable``: flushed to the disk before the
+    rename."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    with tmp.open("w") as handle:
+        handle.write(json.dumps(obj, indent=2) + "\n")
+        if durable:
+            handle.flush()
+            os.fsync(handle.fileno())
     tmp.replace(path)
 
 
@@ -135,15 +140,14 @@ def read_manifest(root: str | Path, verify: bool = True) -> dict:
     root = Path(root)
     path = root / EXPORT_FILE
     try:
-        files = _manifest_files(path, "adaptkit-export")
-        check_files(
-            root, files, "export", "re-export, or load with verify=False if you changed it on purpose", verify
-        )
+        manifest = _read_manifest(path, "adaptkit-export")
+        fix = "re-export, or load with verify=False if you changed it on purpose"
+        check_files(root, manifest["files"], "export", fix, verify)
     except ExportError:
         raise
     except ArtifactError as err:
         raise ExportError(str(err)) from None
-    return json.loads(path.read_text())
+    return manifest
 
 
 def resolve_export_recipe(recipe: Recipe, root: Path) -> Recipe:
@@ -175,18 +179,12 @@ def seal_run(root: str | Path) -> dict:
         if p.is_file() and p.relative_to(root).parts[0] not in UNSEALED
     }
     manifest = {"format": "adaptkit-run", "version": 1, "files": files}
-    tmp = root / (RUN_FILE + ".tmp")
-    with tmp.open("w") as handle:
-        json.dump(manifest, handle, indent=2)
-        handle.write("\n")
-        handle.flush()
-        os.fsync(handle.fileno())
-    tmp.replace(root / RUN_FILE)
+    write_json(root / RUN_FILE, manifest, durable=True)
     return manifest
 
 
-def _manifest_files(path: Path, fmt: str) -> dict[str, str]:
-    """The ``files`` of a manifest, its shape checked (an object with ``format`` and path -> sha256)."""
+def _read_manifest(path: Path, fmt: str) -> dict:
+    """A manifest, its shape checked (an object with ``format`` and ``files``: path -> sha256)."""
     try:
         manifest = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -197,7 +195,7 @@ def _manifest_files(path: Path, fmt: str) -> dict[str, str]:
     bad = [k for k, v in files.items() if not isinstance(v, str) or len(v) != 64 or ".." in Path(k).parts]
     if bad:
         raise ArtifactError(f"{path}: malformed entries for {bad[:3]}")
-    return files
+    return manifest
 
 
 def check_files(root: Path, files: dict[str, str], what: str, fix: str, hashes: bool = True) -> None:
@@ -250,5 +248,5 @@ def verify_run(root: str | Path, verify: bool = True) -> None:
             )
         check_files(root, {}, "run directory", "", hashes=False)
         return
-    files = _manifest_files(path, "adaptkit-run")
+    files = _read_manifest(path, "adaptkit-run")["files"]
     check_files(root, files, "run directory", "retrain the run, or restore the file", hashes=verify)

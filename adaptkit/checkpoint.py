@@ -282,8 +282,7 @@ def load_state(folder: Path) -> dict:
         shown = {k: state.get(k) for k in bad} if isinstance(state, dict) else type(state).__name__
         raise CheckpointError(
             f"{file}: {', '.join(bad)} must be non-negative numbers (integers but window_loss), got {shown}; "
-            "resume from another "
-            "checkpoint with resume=PATH, or delete this one"
+            "resume from another checkpoint with resume=PATH, or delete this one"
         )
     return state
 

@@ -92,7 +92,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 def _cmd_cache(args: argparse.Namespace) -> int:
     from adaptkit.backbones.vision import build_vision_backbone
-    from adaptkit.data.feature_cache import FeatureCache
+    from adaptkit.data.feature_cache import STORAGE_DTYPES, FeatureCache
     from adaptkit.data.splits import build_features, feature_cache_root
     from adaptkit.recipes import load_recipe
     from adaptkit.tasks import get_task
@@ -107,7 +107,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     logging.getLogger("adaptkit").setLevel(logging.INFO)
     device = _device(args)
     vision = build_vision_backbone(recipe.vision, device)
-    disk_cache = FeatureCache.for_backbone(root, vision, device, recipe.feature_dtype)
+    disk_cache = FeatureCache.for_backbone(root, vision, device, STORAGE_DTYPES[recipe.feature_dtype])
     specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
     task = get_task(recipe)
     views = recipe.data.augment.views

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from adaptkit.artifacts import is_export, read_json, read_manifest
+from adaptkit.artifacts import EXPORT_FILE, is_export, read_json
 from adaptkit.model.build import count_parameters
 from adaptkit.runs import load_run
 from adaptkit.tasks import get_task
@@ -62,8 +62,8 @@ def load_for_inference(path: str | Path, device: str | torch.device | None = Non
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     root = Path(path)
-    manifest = read_manifest(root, verify=False) if is_export(root) else None  # load_run verifies it
-    recipe, model = load_run(root, device, verify=verify)
+    recipe, model = load_run(root, device, verify=verify)  # checks the folder against its manifest
+    manifest = read_json(root / EXPORT_FILE) if is_export(root) else None
     task = get_task(recipe)
     info = describe(recipe, model, root, manifest)
     return task.predictor(model, root, manifest, info, device)

@@ -64,7 +64,7 @@ def main() -> None:
     task = get_task(recipe)
     model = build_model(recipe)
     root = feature_cache_root(recipe.feature_cache_dir)
-    cache = FeatureCache.for_backbone(root, model.vision, "cpu") if root else None
+    cache = FeatureCache.for_backbone(root, model.vision, "cpu", model.feature_dtype) if root else None
     split = functools.partial(
         prepare_split,
         task,

@@ -35,6 +35,7 @@ def _median_ms(bank, rows_per_batch: int, batches: int) -> float:
 
 def main() -> None:
     from adaptkit.backbones.vision import build_vision_backbone
+    from adaptkit.data.feature_cache import STORAGE_DTYPES
     from adaptkit.data.features import FeatureBank
     from adaptkit.data.splits import build_features, feature_cache_root
     from adaptkit.recipes import load_recipe
@@ -63,7 +64,7 @@ def main() -> None:
         desc="feature store",
         cache_root=root,
         augment=recipe.data.augment if recipe.data.augment.views else None,
-        dtype=recipe.feature_dtype,
+        dtype=STORAGE_DTYPES[recipe.feature_dtype],
     )
     memory = FeatureBank(store.all(), store.rows, {}, store.views, store.seed)
     row = {

@@ -165,7 +165,7 @@ def test_storage_dtype_rounds_the_same_on_disk_in_memory_and_fresh(
     backbone = _backbone(tiny_mobilenet_pth)
     storage = getattr(torch, dtype)
     exact, _ = _bank(backbone, images)
-    cache = FeatureCache.for_backbone(tmp_path / "cache", backbone, "cpu", dtype)
+    cache = FeatureCache.for_backbone(tmp_path / "cache", backbone, "cpu", storage)
     assert cache.dir != FeatureCache.for_backbone(tmp_path / "cache", backbone, "cpu").dir  # keyed by dtype
     cpu = torch.device("cpu")
     disk = FeatureBank.compute(backbone, images, {}, cpu, batch_size=2, cache=cache)

@@ -100,7 +100,7 @@ def unwritable(root: str | Path, err: OSError):
 
 
 class FeatureCache:
-    """The cache folder of one backbone. ``get`` looks up image keys, ``put`` appends a shard."""
+    """The cache folder of one backbone. ``stored`` looks up image keys, ``put`` appends a shard."""
 
     def __init__(self, root: str | Path, info: dict) -> None:
         self.info = info
@@ -123,10 +123,12 @@ class FeatureCache:
         self._seen: set[Path] = set()
 
     @classmethod
-    def for_backbone(cls, root: str | Path, backbone, device, dtype: str = "float32") -> FeatureCache:
-        """The cache folder of ``backbone`` whose shards store features as ``dtype`` (a
-        :data:`STORAGE_DTYPES` name)."""
-        return cls(root, backbone_key(backbone, device, STORAGE_DTYPES[dtype]))
+    def for_backbone(
+        cls, root: str | Path, backbone, device, dtype: torch.dtype = torch.float32
+    ) -> FeatureCache:
+        """The cache folder of ``backbone`` whose shards store features as ``dtype`` (one of
+        :data:`STORAGE_DTYPES`)."""
+        return cls(root, backbone_key(backbone, device, dtype))
 
     def lock(self):
         from filelock import FileLock
@@ -163,11 +165,6 @@ class FeatureCache:
         where = np.array([self._index[key] for key in keys], dtype=np.int64)
         return StoredFeatures(self._shards, where[:, 0], where[:, 1])
 
-    def get(self, keys: list[str]) -> torch.Tensor:
-        """Features of ``keys`` (all must be cached), stacked in that order, in memory."""
-        store = self.stored(keys)
-        return store.read(torch.arange(len(store)))
-
     def put(self, keys: list[str], features: torch.Tensor) -> Path:
         """Write one shard atomically (temporary file, then rename)."""
         from adaptkit.artifacts import save_safetensors as save_file
@@ -191,10 +188,8 @@ class FeatureCache:
 class _Shard:
     """Where one shard's feature rows lie in its file: a safetensors header, then ``(N, T, D)`` rows."""
 
-    def __init__(
-        self, path: Path, offset: int, rows: int, shape: tuple[int, ...], dtype: torch.dtype
-    ) -> None:
-        self.path, self.offset, self.rows, self.shape, self.dtype = path, offset, rows, shape, dtype
+    def __init__(self, path: Path, offset: int, shape: tuple[int, ...], dtype: torch.dtype) -> None:
+        self.path, self.offset, self.shape, self.dtype = path, offset, shape, dtype
         self.row_bytes = int(np.prod(shape)) * dtype.itemsize
 
     @classmethod
@@ -215,7 +210,7 @@ class _Shard:
             raise ValueError(f"features stored as {entry['dtype']}, this cache holds {dtype}")
         rows, *shape = entry["shape"]
         begin, end = entry["data_offsets"]
-        shard = cls(path, 8 + size + begin, rows, tuple(shape), dtype)
+        shard = cls(path, 8 + size + begin, tuple(shape), dtype)
         if len(keys) != rows:
             raise ValueError(f"{len(keys)} keys for {rows} rows")
         if end - begin != rows * shard.row_bytes or path.stat().st_size < 8 + size + end:
@@ -226,14 +221,16 @@ class _Shard:
 class StoredFeatures:
     """Feature rows that stay on disk: ``read(index)`` reads just those rows, grouped by shard, into one
     tensor (storage dtype, CPU). Nothing is mapped or kept between reads, so reading does not grow the
-    process's memory, and a forked or spawned process reads the same files independently."""
+    process's memory, and a forked or spawned process reads the same files independently. ``shape`` and
+    ``dtype`` are those of the whole ``(N, T, D)`` tensor it stands for."""
 
     def __init__(self, shards: list[_Shard], shard_of: np.ndarray, row_of: np.ndarray) -> None:
         used = {shards[s].shape for s in set(shard_of.tolist())}
         if len(used) != 1:
             raise ValueError(f"cached features of different shapes {sorted(used)}")
         self.shards, self.shard_of, self.row_of = shards, shard_of, row_of
-        self.shape: tuple[int, ...] = used.pop()
+        self.row_shape: tuple[int, ...] = used.pop()
+        self.shape = (len(row_of), *self.row_shape)
         self.dtype = shards[int(shard_of[0])].dtype
 
     def __len__(self) -> int:
@@ -242,7 +239,7 @@ class StoredFeatures:
     def read(self, index: torch.Tensor) -> torch.Tensor:
         """Rows ``index`` (any order, repeats allowed) as ``(len(index), *shape)``."""
         index_np = index.to(torch.int64).cpu().numpy()
-        out = torch.empty((len(index_np), *self.shape), dtype=self.dtype)
+        out = torch.empty((len(index_np), *self.row_shape), dtype=self.dtype)
         if not len(index_np):
             return out
         flat = out.view(torch.uint8).reshape(len(index_np), -1).numpy()

@@ -7,7 +7,7 @@ across runs and stay there: each batch reads its rows (see ``feature_cache.py``)
 with the number of images. Without one (``feature_cache_dir: none``) they are held in memory.
 ``OnTheFlyFeatures`` encodes at every step and is what ``cache_features: false`` selects.
 
-Features are kept in a storage dtype (``feature_dtype``: float16 by default) and handed to the model as
+Features are kept in a storage dtype (``feature_dtype``: float32 by default) and handed to the model as
 float32; every path that gives the model features (the bank, the per-step encoder, and
 :meth:`MultimodalModel.encode_images` for predict, export and the demo) rounds them the same way, so a
 run sees the same numbers however its features were made.
@@ -141,7 +141,7 @@ class FeatureBank:
     @property
     def shape(self) -> tuple[int, ...]:
         """``(T, D)`` of one image's features."""
-        return tuple(self.source.shape[1:]) if isinstance(self.source, torch.Tensor) else self.source.shape
+        return tuple(self.source.shape[1:])
 
     @classmethod
     def compute(

@@ -11,8 +11,10 @@ import logging
 import random
 from pathlib import Path
 
+import torch
+
 from adaptkit.assets import cache_dir
-from adaptkit.data.feature_cache import STORAGE_DTYPES, FeatureCache
+from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
 from adaptkit.data.formats import DataError
 from adaptkit.data.records import bad_sample
@@ -48,7 +50,7 @@ def build_features(
     cache_root: Path | FeatureCache | None = None,
     augment=None,
     seed: int = 0,
-    dtype: str = "float32",
+    dtype: torch.dtype = torch.float32,
 ):
     """Feature source for the images of ``samples``: encoded once (cache) or at every lookup; with
     ``augment`` (a :class:`~adaptkit.config.AugmentConfig` with views > 0), also its augmented views.
@@ -61,9 +63,8 @@ def build_features(
     origins: dict[str, str] = {}
     for s in samples:
         origins.setdefault(s.image, s.origin)
-    storage = STORAGE_DTYPES[dtype]
     if not cache:
-        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad, augment, seed, storage)
+        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad, augment, seed, dtype)
     disk = cache_root
     if cache_root is not None and not isinstance(cache_root, FeatureCache):
         disk = FeatureCache.for_backbone(cache_root, vision, device, dtype)
@@ -78,7 +79,7 @@ def build_features(
         cache=disk,
         augment=augment,
         seed=seed,
-        dtype=storage,
+        dtype=dtype,
     )
 
 
@@ -146,7 +147,7 @@ def prepare_split(
         cache_root,
         augment,
         seed,
-        str(model.feature_dtype).removeprefix("torch."),  # the run's feature_dtype: what it trained on
+        model.feature_dtype,  # the run's feature_dtype: what it trained on
     )
     skipped = (
         list(data.skipped) + too_long + [features.bad[s.image] for s in samples if s.image in features.bad]

@@ -202,7 +202,7 @@ def prepare_data(recipe: Recipe, task, model, device, main: bool) -> tuple[Split
     root = feature_cache_root(recipe.feature_cache_dir)
     # Keyed once (weights digest + probe preprocessing) for both splits.
     disk_cache = (
-        FeatureCache.for_backbone(root, model.vision, device, recipe.feature_dtype)
+        FeatureCache.for_backbone(root, model.vision, device, model.feature_dtype)
         if root and recipe.cache_features
         else None
     )
