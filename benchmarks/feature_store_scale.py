@@ -112,7 +112,6 @@ def child(args, overrides: list[str]) -> dict:
     )
     model.fusion = make_fusion(lm, model.adapter, model.tokenizer, inject)
     model.train()
-    lower_states = prepare_for_training(model, recipe)
     model_mb = peak_memory_mb(device)
 
     images = args.child
@@ -136,6 +135,8 @@ def child(args, overrides: list[str]) -> dict:
     task = get_task(recipe)
     ds = task.dataset(samples, bank.rows, model.tokenizer)
     task.setup_objectives(model, ds)
+    lookups = (args.warmup + args.steps) * recipe.batch_size
+    lower_states = prepare_for_training(model, recipe, task.texts(ds), lookups)
     collate = task.collate(model.tokenizer.pad_token_id, recipe.pack_questions)
     batches = ImagePackedBatches(
         ds.image_rows,
@@ -144,6 +145,7 @@ def child(args, overrides: list[str]) -> dict:
         recipe.seed,
         task.lengths(ds),
         recipe.length_grouping,
+        recipe.pack_max_tokens,
     ).batches(0)
     optimizer = build_optimizer(
         [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-5}], 0.0

@@ -1,7 +1,7 @@
 """Training throughput: adaptkit's step against the plain way, same backbones and batches, one process.
 
 Two ways to train the same trainable parts (the recipe's Q-Former + LoRA on the frozen LM) on the
-same questions, batch for batch:
+same questions, batch for batch, each in a fresh process of its own (its peak memory its own):
 
 - **adaptkit**: features of each image looked up from the frozen-feature cache (filled once, timed
   separately), pre-tokenized short prompts, batches grouped by length as the recipe's
@@ -20,6 +20,19 @@ stdout line is one JSON object.
     python benchmarks/train_throughput.py                   # the default recipe's sizes, 20 timed steps
     python benchmarks/train_throughput.py --steps 20 language.quant=4bit
     python benchmarks/train_throughput.py --adapter xattn   # recipes/easyvqa_xattn_lora.yaml
+    python benchmarks/train_throughput.py --data instruct   # distinct 100-300-token instruction texts
+
+**What a run pays once** is counted too: encoding every training image (and its augmented views) into
+the feature cache, the lower-layer states of every distinct text where the run keeps them
+(``lower_states``), and compiling. Each is measured on the benchmark's samples and scaled to one epoch
+of the training data; ``adaptkit_samples_per_s_epoch`` is one epoch's samples over those costs plus the
+epoch's steps at the warm rate, and ``ratio_epoch`` compares it with the reference (which pays nothing
+once: it decodes and encodes its images in every step).
+
+``--data instruct`` trains on instruction-style data (``benchmarks/instruction_data.py``: easy-VQA's
+images and answers behind distinct contexts of 100-300 LM tokens; ``--instruct-questions`` of them form
+the epoch). The reference then accumulates gradients over micro-batches of ``--ref-micro`` samples, as
+a practitioner makes such batches fit; adaptkit runs as ``adaptkit train`` would (``max_batch_tokens``).
 
 ``--adapter KIND`` takes that adapter's shipped recipe (``recipes/easyvqa_<KIND>_lora.yaml``); the
 reference side then trains the same adapter the plain way: soft tokens in front of the prompt, or, for
@@ -29,13 +42,13 @@ reference side then trains the same adapter the plain way: soft tokens in front 
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
 import subprocess
 import sys
 import time
 from dataclasses import replace
+from pathlib import Path
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
@@ -53,6 +66,7 @@ from adaptkit.perf import matmul_peak, peak_memory_mb, significant, sync
 from adaptkit.recipes import load_recipe
 from adaptkit.tasks import get_task
 from adaptkit.train import build_optimizer
+from adaptkit.train.loop import token_chunks
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,14 +75,14 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ---- the two ways ----------------------------------------------------------------------------
 
 
-def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, count_flops=True):
-    """adaptkit's step; returns timings, tokens and useful FLOPs per step."""
+def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, count_flops=True, epoch=None):
+    """adaptkit's step; returns timings, tokens, one-time costs and (``count_flops``) useful FLOPs per
+    step. ``epoch``: the training set's texts (one per sample), for ``lower_states`` to decide as
+    ``adaptkit train`` does over one epoch."""
     model = build_model(recipe, device)
     model.train()
     model.lora_active = True  # the slower phase: LoRA on
-    # As `adaptkit train` does: compile (the first, untimed warm-up step compiles) and the lower-layer
-    # state cache (filled below, before timing).
-    lower_states = prepare_for_training(model, recipe)
+    task = get_task(recipe)
     start = time.perf_counter()
     origins = {s.image: s.origin for s in samples}
     bank = FeatureBank.compute(
@@ -81,15 +95,20 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     )
     encode_s = time.perf_counter() - start
     model.adapter.set_feature_stats(*bank.stats())
-    task = get_task(recipe)
     ds = task.dataset(samples, bank.rows, model.tokenizer)
     task.setup_objectives(model, ds)  # the recipe's objectives, as `adaptkit train` sets them up
+    # As `adaptkit train` does: the lower-layer states kept or recomputed (decided over one epoch of the
+    # training texts; kept ones filled below, before timing) and compile (the first warm-up step compiles).
+    texts = [tuple(p + t) for p, t in zip(ds.prompt_ids, ds.target_ids)]
+    if epoch is not None:  # the whole training set's texts
+        epoch = task.texts(task.dataset(epoch, {s.image: 0 for s in epoch}, model.tokenizer))
+    epoch = texts if epoch is None else epoch
+    lower_states = prepare_for_training(model, recipe, epoch, len(epoch))
     lower_s, misses_before = 0.0, 0
     if lower_states is not None:
         # Training computes each distinct text's lower-layer states once, in its first steps (easy-VQA:
         # 273 texts); computed here before timing, like the image features, so steps are timed warm.
         start = time.perf_counter()
-        texts = [p + t for p, t in zip(ds.prompt_ids, ds.target_ids)]
         lower_states.fill(texts, model.base_lm.get_input_embeddings())
         lower_s, misses_before = time.perf_counter() - start, lower_states.misses
     # The same samples, batched the way `adaptkit train` batches them.
@@ -98,7 +117,13 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     collate = task.collate(model.tokenizer.pad_token_id, pack)
     if pack > 1:
         packed = ImagePackedBatches(
-            ds.image_rows, len(batches[0]), pack, recipe.seed, lengths, recipe.length_grouping
+            ds.image_rows,
+            len(batches[0]),
+            pack,
+            recipe.seed,
+            lengths,
+            recipe.length_grouping,
+            recipe.pack_max_tokens,
         )
         batches = packed.batches(0)
     else:
@@ -110,18 +135,17 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-5}], 0.0
     )
 
+    budget = recipe.max_batch_tokens if model.objectives.active() == ["lm"] else 0
+
     def step(batch_ids):
         batch = collate([ds[i] for i in batch_ids])
         feats = bank.lookup(batch["image"])
-        packing = {k: batch[k].to(device) for k in ("segment_ids", "positions") if k in batch}
-        with autocast():
-            lm = {
-                k: batch[k].to(device)
-                for k in ("input_ids", "attention_mask", "labels", "answer_class")
-                if k in batch
-            }
-            loss = model(Batch.of(feats, lm, **packing)).loss
-        loss.backward()
+        for rows, part, weight in token_chunks(batch, budget):  # as `adaptkit train` runs a batch
+            with autocast():
+                keys = ("input_ids", "attention_mask", "labels", "answer_class", "segment_ids", "positions")
+                lm = {k: part[k].to(device) for k in keys if k in part}
+                loss = model(Batch.of(feats[rows], lm)).loss * weight
+            loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return batch
@@ -129,8 +153,20 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     first = time.perf_counter()
     times, tokens, padded = _timed(step, batches, device, steps, warmup, model.adapter.num_tokens)
     warmup_s = time.perf_counter() - first - sum(times)
+    one_time = {
+        "times": times,
+        "peak_mem_mb": peak_memory_mb(device),  # before the FLOP counting below
+        "encode_s_per_image": encode_s / len(origins),
+        "lower_states_s_per_text": lower_s / max(len(set(texts)), 1),
+        "lower_states_kept": lower_states is not None,
+        # compiling: the warm-up steps' time beyond what warm steps take
+        "compile_s": max(0.0, warmup_s - warmup * sum(times) / len(times)) if recipe.compile else 0.0,
+        "warmup_s": round(warmup_s, 2),
+        # Texts whose kept lower-layer states the timed steps still had to compute: 0 when kept.
+        "lower_state_misses": None if lower_states is None else lower_states.misses - misses_before,
+    }
     if not count_flops:
-        return {"times": times}
+        return one_time
     timed = batches[warmup : warmup + steps]
     # Useful FLOPs: every timed sample as if alone (no padding at all), counted by torch; with packing,
     # every packed row alone (its image's soft tokens once, its questions, no padding). The FLOPs of
@@ -157,21 +193,18 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
         executed = counter.get_total_flops()
     useful_per_step, executed_per_step = useful / steps, executed / steps
     return {
-        "times": times,
+        **one_time,
         "tokens_per_sample": tokens / (steps * len(batches[0])),
         "padded_tokens_per_sample": padded / (steps * len(batches[0])),
         "useful_flops_per_step": useful_per_step,
         "executed_flops_per_step": executed_per_step,
-        "one_time_encode_s": round(encode_s, 2),
-        "one_time_lower_states_s": round(lower_s, 2),
-        # Texts whose lower-layer states the timed (and FLOP-counted) steps still had to compute: 0 here.
-        "lower_state_misses": None if lower_states is None else lower_states.misses - misses_before,
-        "warmup_s": round(warmup_s, 2),
     }
 
 
-def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
-    """The plain way with stock transformers + peft (see the module docstring)."""
+def reference_side(recipe, samples, batches, device, steps, warmup, autocast, micro=0):
+    """The plain way with stock transformers + peft (see the module docstring); ``micro`` > 0: each batch
+    as micro-batches of that many samples, their losses divided by their number and gradients
+    accumulated, then one AdamW step."""
     from peft import LoraConfig, get_peft_model
 
     # The plain way puts the soft tokens at the LM's input (no adapter.inject_layer); a cross-attention
@@ -200,7 +233,7 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
         [p for p in list(adapter.parameters()) + list(lm.parameters()) if p.requires_grad], lr=1e-5
     )
 
-    def step(batch_ids):
+    def micro_step(batch_ids, scale):
         batch = [samples[i] for i in batch_ids]
         with torch.no_grad():
             feats = encode_images(vision, [open_image(s.image) for s in batch], device)
@@ -233,14 +266,25 @@ def reference_side(recipe, samples, batches, device, steps, warmup, autocast):
             out = lm(
                 inputs_embeds=embeds, attention_mask=mask, labels=torch.cat([soft_labels, labels], 1), **image
             )
-        out.loss.backward()
+        (out.loss * scale).backward()
+        return mask[:, soft.shape[1] :]
+
+    def step(batch_ids):
+        size = micro or len(batch_ids)
+        parts = [batch_ids[i : i + size] for i in range(0, len(batch_ids), size)]
+        masks = [micro_step(part, 1 / len(parts)) for part in parts]
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return {"attention_mask": mask[:, soft.shape[1] :], "labels": labels}
+        width = max(m.shape[1] for m in masks)  # token counts: each micro-batch as padded
+        return {
+            "attention_mask": torch.cat([torch.nn.functional.pad(m, (0, width - m.shape[1])) for m in masks]),
+            "padded_slots": sum(m.numel() for m in masks),
+        }
 
     times, tokens, padded = _timed(step, batches, device, steps, warmup, adapter.num_tokens)
     return {
         "times": times,
+        "peak_mem_mb": peak_memory_mb(device),
         "tokens_per_sample": tokens / (steps * len(batches[0])),
         "padded_tokens_per_sample": padded / (steps * len(batches[0])),
     }
@@ -258,7 +302,7 @@ def _timed(step, batches, device, steps, warmup, n_soft):
             times.append(time.perf_counter() - start)
             soft = n_soft * batch["attention_mask"].shape[0]
             tokens += int(batch["attention_mask"].sum()) + soft
-            padded += batch["attention_mask"].numel() + soft
+            padded += batch.get("padded_slots", batch["attention_mask"].numel()) + soft
     return times, tokens, padded
 
 
@@ -272,12 +316,54 @@ def _image_subset(data, n: int, seed: int) -> list:
     return [s for k in order for s in by_image[images[k]]][:n]
 
 
-def _peak_memory_of(side: str, args: argparse.Namespace) -> float:
-    """Run one side for a few steps in a subprocess; its peak RSS (CPU) or allocator peak (CUDA)."""
-    cmd = [sys.executable, __file__, *args.overrides, "--recipe", args.recipe, "--memory-only", side]
-    cmd += ["--steps", "3", "--warmup", "1"] + (["--device", args.device] if args.device else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])["peak_mem_mb"]
+def instruction_file(questions: int, seed: int = 0) -> Path:
+    """The instruction-style data of ``--data instruct``, generated once into the cache."""
+    from adaptkit.assets import cache_dir
+
+    path = cache_dir() / "benchmarks" / f"instruct_{questions}_{seed}" / "questions.jsonl"
+    if not path.exists():
+        subprocess.run(
+            [sys.executable, str(Path(__file__).with_name("instruction_data.py")), str(path.parent)]
+            + ["--questions", str(questions), "--seed", str(seed), "--tokenizer", "embedded"],
+            check=True,
+        )
+    return path
+
+
+def epoch_costs(ours: dict, data, recipe, warm_rate: float) -> dict:
+    """adaptkit's one-time costs scaled to one epoch of ``data`` (every image encoded with its augmented
+    views, every distinct text's lower-layer states where kept, compiling) and the epoch's samples/s."""
+    images = len({s.image for s in data})
+    encode = ours["encode_s_per_image"] * images * (1 + recipe.data.augment.views)
+    lower = 0.0
+    if ours["lower_states_kept"]:
+        lower = ours["lower_states_s_per_text"] * len({(s.question, s.answer) for s in data})
+    one_time = encode + lower + ours["compile_s"]
+    seconds = one_time + len(data) / warm_rate
+    return {
+        "epoch_samples": len(data),
+        "one_time_s": round(one_time, 1),
+        "one_time_encode_s": round(encode, 1),
+        "one_time_lower_states_s": round(lower, 1),
+        "one_time_compile_s": round(ours["compile_s"], 1),
+        "adaptkit_lower_states": "kept" if ours["lower_states_kept"] else "recomputed",
+        "adaptkit_samples_per_s_epoch": round(len(data) / seconds, 2),
+    }
+
+
+def _run_side(side: str, args: argparse.Namespace) -> dict:
+    """One side, timed in a fresh process of its own, so that each side's peak memory (RSS on CPU, the
+    allocator's peak on CUDA) is its own and the two never hold memory at once; its log shows as it runs."""
+    cmd = [sys.executable, __file__, *args.overrides, "--recipe", args.recipe, "--side", side]
+    cmd += ["--ref-micro", str(args.ref_micro), "--flops", args.flops, "--steps", str(args.steps)]
+    cmd += ["--warmup", str(args.warmup)] + (["--device", args.device] if args.device else [])
+    out = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)
+    if out.returncode:
+        raise SystemExit(f"the {side} side failed (exit {out.returncode}); its log is above")
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    rate = len(args.batch_ids[0]) * len(result["times"]) / sum(result["times"])
+    print(f"{side}: {rate:.2f} samples/s, peak mem {result['peak_mem_mb']} MB", file=sys.stderr, flush=True)
+    return result
 
 
 def warmup_warning(compiled: bool, warmup: int) -> str | None:
@@ -306,18 +392,46 @@ def main() -> None:
         help="untimed steps per side first; with compile at least 2 (the first compiles, the second "
         "batch's new length recompiles with dynamic shapes)",
     )
+    parser.add_argument(
+        "--data",
+        choices=["recipe", "instruct"],
+        default="recipe",
+        help="recipe: the recipe's data.train (easy-VQA by default); instruct: generated instruction-style "
+        "data with distinct texts (benchmarks/instruction_data.py)",
+    )
+    parser.add_argument("--instruct-questions", type=int, default=4000, help="--data instruct: its size")
+    parser.add_argument(
+        "--ref-micro",
+        type=int,
+        default=None,
+        help="reference micro-batch size, gradients accumulated to the batch (default: 8 with --data "
+        "instruct, else the whole batch)",
+    )
+    parser.add_argument(
+        "--flops",
+        choices=["auto", "on", "off"],
+        default="auto",
+        help="count useful FLOPs (every sample shape run alone; auto: off with --data instruct, whose "
+        "distinct lengths make that a step per sample)",
+    )
     parser.add_argument("--device", default=None, help="cpu or cuda (default: cuda when present)")
     parser.add_argument("--peak-seconds", type=float, default=3.0, help="time spent measuring matmul peak")
     parser.add_argument(
-        "--memory-only",
+        "--side",
         choices=["adaptkit", "reference"],
         default=None,
-        help="(internal) run one side alone and print its process's peak memory",
+        help="(internal) run one side alone and print its figures",
     )
     args = parser.parse_args()
     args.recipe = args.recipe or f"recipes/easyvqa_{args.adapter}_lora.yaml"
+    instruct = args.data == "instruct"
+    if instruct:
+        args.overrides = [*args.overrides, f"data.train={instruction_file(args.instruct_questions)}"]
+    if args.ref_micro is None:
+        args.ref_micro = 8 if instruct else 0
+    count_flops = args.flops == "on" or (args.flops == "auto" and not instruct)
     recipe = load_recipe(args.recipe, args.overrides)
-    warning = None if args.memory_only else warmup_warning(recipe.compile, args.warmup)
+    warning = None if args.side else warmup_warning(recipe.compile, args.warmup)
     if warning:
         print(warning, file=sys.stderr)
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -337,11 +451,14 @@ def main() -> None:
     order = torch.randperm(len(samples), generator=torch.Generator().manual_seed(recipe.seed)).tolist()
     batches = [order[i * recipe.batch_size : (i + 1) * recipe.batch_size] for i in range(n_batches)]
 
-    if args.memory_only:
-        side = adaptkit_side if args.memory_only == "adaptkit" else reference_side
-        kwargs = {"count_flops": False} if args.memory_only == "adaptkit" else {}
-        side(recipe, samples, batches, device, args.steps, args.warmup, autocast, **kwargs)
-        print(json.dumps({"side": args.memory_only, "peak_mem_mb": peak_memory_mb(device)}))
+    if args.side:
+        side = adaptkit_side if args.side == "adaptkit" else reference_side
+        kwargs = (
+            {"count_flops": count_flops, "epoch": data}
+            if side is adaptkit_side
+            else {"micro": args.ref_micro}
+        )
+        print(json.dumps(side(recipe, samples, batches, device, args.steps, args.warmup, autocast, **kwargs)))
         return
 
     peak, peak_shape = matmul_peak(device, dtype, args.peak_seconds)
@@ -351,19 +468,16 @@ def main() -> None:
         flush=True,
     )
 
-    ours = adaptkit_side(recipe, samples, batches, device, args.steps, args.warmup, autocast)
-    gc.collect()
-    ref = reference_side(recipe, samples, batches, device, args.steps, args.warmup, autocast)
-    # Peak memory: each side alone in a fresh process (a process's heap keeps what one side freed,
-    # so measuring the second side in the same process would flatter it).
-    mem = {side: _peak_memory_of(side, args) for side in ("adaptkit", "reference")}
+    args.batch_ids = batches
+    ours, ref = _run_side("adaptkit", args), _run_side("reference", args)
+    mem = {"adaptkit": ours["peak_mem_mb"], "reference": ref["peak_mem_mb"]}
 
     def rate(side):
         return recipe.batch_size * len(side["times"]) / sum(side["times"])
 
     ours_rate, ref_rate = rate(ours), rate(ref)
+    epoch = epoch_costs(ours, data, recipe, ours_rate)
     step_s = sum(ours["times"]) / len(ours["times"])
-    useful_rate = ours["useful_flops_per_step"] / step_s
     result = {
         "device": str(device),
         "recipe": args.recipe,
@@ -375,32 +489,44 @@ def main() -> None:
         "adaptkit_samples_per_s": round(ours_rate, 2),
         "reference_samples_per_s": round(ref_rate, 2),
         "ratio": round(ours_rate / ref_rate, 2),
+        "data": args.data if not instruct else f"instruct ({args.instruct_questions} questions)",
+        "reference_micro_batch": args.ref_micro or recipe.batch_size,
+        **epoch,
+        "ratio_epoch": round(epoch["adaptkit_samples_per_s_epoch"] / ref_rate, 2),
         "adaptkit_tokens_per_sample": round(ours["tokens_per_sample"], 1),
         "adaptkit_padded_tokens_per_sample": round(ours["padded_tokens_per_sample"], 1),
         "reference_tokens_per_sample": round(ref["tokens_per_sample"], 1),
         "reference_padded_tokens_per_sample": round(ref["padded_tokens_per_sample"], 1),
-        "adaptkit_one_time_encode_s": ours["one_time_encode_s"],
-        "adaptkit_one_time_lower_states_s": ours["one_time_lower_states_s"],
         "adaptkit_lower_state_misses": ours["lower_state_misses"],
         "adaptkit_compiled": recipe.compile,
         "adaptkit_warmup_s": ours["warmup_s"],
         "matmul_peak_gflops": round(peak / 1e9, 1),
-        "useful_gflops_per_step": significant(ours["useful_flops_per_step"] / 1e9),
-        "executed_gflops_per_step": significant(ours["executed_flops_per_step"] / 1e9),
-        "useful_gflops_per_s": significant(useful_rate / 1e9),
-        "useful_flops_fraction": significant(useful_rate / peak),
         "adaptkit_peak_mem_mb": mem["adaptkit"],
         "reference_peak_mem_mb": mem["reference"],
     }
+    if count_flops:
+        useful_rate = ours["useful_flops_per_step"] / step_s
+        result |= {
+            "useful_gflops_per_step": significant(ours["useful_flops_per_step"] / 1e9),
+            "executed_gflops_per_step": significant(ours["executed_flops_per_step"] / 1e9),
+            "useful_gflops_per_s": significant(useful_rate / 1e9),
+            "useful_flops_fraction": significant(useful_rate / peak),
+        }
     print(
         f"adaptkit  {ours_rate:6.2f} samples/s  ({result['adaptkit_tokens_per_sample']} tokens/sample, "
         f"peak mem {mem['adaptkit']} MB)\n"
         f"reference {ref_rate:6.2f} samples/s  ({result['reference_tokens_per_sample']} tokens/sample, "
         f"peak mem {mem['reference']} MB)\n"
-        f"ratio {result['ratio']}x; adaptkit useful {result['useful_gflops_per_s']} GFLOP/s = "
-        f"{100 * result['useful_flops_fraction']:.1f}% of the measured matmul peak",
+        f"ratio {result['ratio']}x warm; {result['ratio_epoch']}x over one epoch of "
+        f"{epoch['epoch_samples']} samples with adaptkit's one-time costs ({epoch['one_time_s']} s)",
         flush=True,
     )
+    if count_flops:
+        print(
+            f"adaptkit useful {result['useful_gflops_per_s']} GFLOP/s = "
+            f"{100 * result['useful_flops_fraction']:.1f}% of the measured matmul peak",
+            flush=True,
+        )
     print(json.dumps(result))
 
 

@@ -57,11 +57,20 @@ def test_cold_and_warm_feature_caches_give_the_same_run(tiny_overrides, tmp_path
     _assert_identical(tmp_path / "cold", tmp_path / "memory")
 
 
+# The layers below the entry layer kept per text, or recomputed in each step with batches cut into token
+# slices (max_batch_tokens: the tiny packed batches take ~60 LM slots).
+VARIANTS = {"kept": ["lower_states=keep"], "sliced": ["lower_states=recompute", "max_batch_tokens=24"]}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 @pytest.mark.parametrize("checkpoint", [1, 2, 3, 4, 5])
-def test_resume_from_every_step_is_the_uninterrupted_run(checkpoint, tiny_overrides, tmp_path_factory):
-    root = tmp_path_factory.getbasetemp() / "exactness"
+def test_resume_from_every_step_is_the_uninterrupted_run(
+    checkpoint, variant, tiny_overrides, tmp_path_factory
+):
+    root = tmp_path_factory.getbasetemp() / f"exactness-{variant}"
     common = [
         *_common(tiny_overrides),
+        *VARIANTS[variant],
         "checkpoint_every=1",
         "keep_checkpoints=10",
         f"feature_cache_dir={root / 'f'}",
@@ -69,7 +78,7 @@ def test_resume_from_every_step_is_the_uninterrupted_run(checkpoint, tiny_overri
     ref = root / "ref"
     if not (ref / RUN_FILE).exists():
         assert main(["train", RECIPE, *common, f"output_dir={ref}"]) == 0
-    run = tmp_path_factory.mktemp(f"from{checkpoint}") / "run"
+    run = tmp_path_factory.mktemp(f"{variant}-from{checkpoint}") / "run"
     shutil.copytree(ref, run)
     for name in ("adapter.safetensors", "summary.json", "eval.json", "answers.json", "curves.png", RUN_FILE):
         (run / name).unlink(missing_ok=True)

@@ -15,10 +15,9 @@ from adaptkit.config.adapters import (
     XAttnConfig,
 )
 from adaptkit.config.checks import RecipeError
+from adaptkit.config.data import AugmentConfig, DataConfig
 from adaptkit.config.load import parse_recipe, recipe_to_yaml
 from adaptkit.config.schema import (
-    AugmentConfig,
-    DataConfig,
     LanguageConfig,
     LoraConfig,
     ObjectivesConfig,

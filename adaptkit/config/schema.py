@@ -1,10 +1,10 @@
 """The recipe schema: every key a recipe may set, its default, its meaning and the values it allows.
 
-This file is the one place each knob is documented (``adaptkit recipe show RECIPE`` prints a resolved
-recipe with these texts beside its values). The defaults are the embedded default's settings (MobileNetV2 ->
-Q-Former -> SmolLM2 on easy-VQA) wherever a value does not depend on the backbones or on what the data
-allows; what does (the LM layer the image enters, the vision layers read, the augmentations that keep an
-answer true) is set by the recipes, with their reasons.
+This file (with its sections ``adapters.py`` and ``data.py``) is the one place each knob is documented
+(``adaptkit recipe show RECIPE`` prints a resolved recipe with these texts beside its values). The defaults
+are the embedded default's settings (MobileNetV2 -> Q-Former -> SmolLM2 on easy-VQA) wherever a value does
+not depend on the backbones or on what the data allows; what does (the LM layer the image enters, the
+vision layers read, the augmentations that keep an answer true) is set by the recipes, with their reasons.
 """
 
 from __future__ import annotations
@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from adaptkit.config.adapters import AdapterConfig
+from adaptkit.config.data import DataConfig
 from adaptkit.config.fields import knob, section
 
 DTYPES = ("float32", "bfloat16", "float16")
@@ -116,115 +117,6 @@ class LoraConfig:
 
 
 @dataclass
-class AugmentConfig:
-    """Fixed augmented views per training image (adaptkit/data/augment.py). Each view is encoded once and
-    kept in the feature cache; each step shows every image as itself or one of its views, picked from
-    (seed, step, image), so a resumed run stays exact. Off by default: which transforms keep an answer true
-    depends on the data (the easy-VQA recipes rotate shapes by any angle and flip them; a photo's "left"
-    or "upside down" would change), so a recipe turns on the ones its data allows."""
-
-    views: int = knob(
-        0,
-        """augmented views per image besides itself (0: off); each costs one more encoding pass over the
-        training images and N x T x D x 4 bytes of memory and disk (easy-VQA at 224 px: 1.1 GB per view)""",
-        low=0,
-    )
-    scale_min: float = knob(
-        1.0, "content resized by a factor drawn log-uniformly in [scale_min, scale_max]", above=0.0
-    )
-    scale_max: float = knob(
-        1.0, "(below 1 the content shrinks; the canvas around it keeps its border colour)", above=0.0
-    )
-    rotate: float = knob(
-        0.0, "rotation in degrees, uniform in [-rotate, rotate] (180: any angle)", low=0.0, high=180.0
-    )
-    translate: float = knob(
-        0.0, "shift, uniform up to this fraction of the width / height", low=0.0, high=0.5
-    )
-    flip: bool = knob(False, "horizontal and vertical flips, each with probability 1/2")
-    brightness: float = knob(0.0, "brightness factor in [1 - b, 1 + b]", low=0.0, high=0.9)
-    contrast: float = knob(
-        0.0, "contrast factor in [1 - c, 1 + c] around the image's mean", low=0.0, high=0.9
-    )
-    channel_gain: float = knob(
-        0.0,
-        "each RGB channel scaled by a factor in [1 - g, 1] (tinted light; shifts the colours answers name)",
-        low=0.0,
-        below=1.0,
-    )
-    gradient: float = knob(
-        0.0, "a linear illumination ramp of up to +-g across the image", low=0.0, below=1.0
-    )
-    blur: float = knob(
-        0.0, "Gaussian blur sigma up to this fraction of the image side (0: off)", low=0.0, below=1.0
-    )
-    noise: float = knob(
-        0.0, "Gaussian pixel noise, std up to this (pixels in [0, 1]; 0: off)", low=0.0, below=1.0
-    )
-    background: float = knob(
-        0.0,
-        """probability that a view's plain background (pixels near its border colour) is replaced by a
-        gradient between two random soft colours (0: off)""",
-        low=0.0,
-        high=1.0,
-    )
-
-
-@dataclass
-class DataConfig:
-    """What the task trains and evaluates on, and how samples become LM text."""
-
-    train: str = knob(
-        "easyvqa:train",
-        """the training data: an embedded split (easyvqa:train, easyvqa-captions:train), a JSONL / COCO /
-        LLaVA file, or hf:PATH[:SPLIT] (the task's formats: README, "Your own data")""",
-    )
-    eval: str = knob("easyvqa:test", "evaluated every eval_every steps (eval_limit samples) and at the end")
-    prompt_template: str = knob(
-        "{question}",
-        """the LM prompt; VQA fills {question} and the answer follows after a space, then EOS (a longer
-        "Question: {question} Answer:" costs 4 LM tokens per question and did no better in a measured run);
-        captioning: the fixed prompt the caption follows""",
-    )
-    class_template: str = knob(
-        "a {label}", "retrieval: a label's class prompt for classification and predict"
-    )
-    chat_template: bool = knob(
-        False,
-        """true: prompts rendered with the LM tokenizer's chat template (the question in the user turn,
-        earlier turns of LLaVA conversations before it; the answer opens the assistant turn, EOS closes
-        it)""",
-    )
-    on_bad_sample: str = knob(
-        "skip",
-        """skip: drop and count malformed lines and unusable images (missing, empty, truncated, not an image,
-        under 8 px a side, decompression bombs; CMYK / RGBA / grayscale are converted); error: stop at the
-        first one""",
-        choices=("error", "skip"),
-    )
-    max_text_tokens: int = knob(
-        1024,
-        """the most LM tokens one sample's text may take (prompt, earlier turns, target and EOS): a longer one
-        is a bad sample (data.long_text), so one oversized line cannot make a batch ask for gigabytes""",
-        low=8,
-    )
-    long_text: str = knob(
-        "skip",
-        """what a text over max_text_tokens is: skip (a bad sample: skipped and counted, or an error with
-        on_bad_sample=error) | truncate (kept, cut to fit with a warning: the prompt from its start, then the
-        target from its end)""",
-        choices=("skip", "truncate"),
-    )
-    max_skip_ratio: float = knob(
-        0.01,
-        "with skip: stop, listing the bad files, when more than this share of samples is bad",
-        low=0.0,
-        high=1.0,
-    )
-    augment: AugmentConfig = section(AugmentConfig, "augmented views of the training images (below)")
-
-
-@dataclass
 class ObjectivesConfig:
     """The training loss: a weighted sum of these (adaptkit/objectives.py, adaptkit/contrastive.py)."""
 
@@ -283,6 +175,15 @@ class Recipe:
         low=1,
     )
     grad_accum_steps: int = knob(1, "micro-batches per optimizer step", low=1)
+    max_batch_tokens: int = knob(
+        4096,
+        """a micro-batch whose LM text slots (rows x its longest row, padding included) pass this many runs
+        as row slices within the budget, their gradients accumulated: the same step (the LM loss is a mean
+        over answer tokens, weighted per slice) in bounded memory, whatever the texts' length. Easy-VQA's
+        batches take ~1,000 slots; 0: no limit. Applies where the LM loss is the only objective (the
+        others compare samples across the whole batch)""",
+        low=0,
+    )
     length_grouping: int = knob(
         8,
         """sort each window of N shuffled batches (or packed rows) by length so a batch pads little (1: plain
@@ -297,6 +198,13 @@ class Recipe:
         objectives.classify=0; 1: one question per sequence""",
         low=1,
     )
+    pack_max_tokens: int = knob(
+        128,
+        """a packed row takes no further question once its texts would pass this many tokens: long texts
+        gain little from sharing soft tokens and their rows' attention grows with the square of the row's
+        length (easy-VQA's four questions take ~60 tokens; 0: no limit)""",
+        low=0,
+    )
     activation_checkpointing: int = knob(
         0,
         """0: off; N: recompute every Nth LM layer's activations in the backward pass: less training memory,
@@ -309,12 +217,21 @@ class Recipe:
         step and once more when LoRA starts); evaluation stays eager. Compiled kernels round differently, so a
         run's curve differs from the eager one's; false: eager""",
     )
+    lower_states: str = knob(
+        "auto",
+        """with the image entering at layer k > 0, the k layers below it see text only: keep (their states
+        computed once per distinct text and kept, up to lower_state_cache_mb) | recompute (run in every
+        step's batch without gradients, nothing kept) | auto: keep when at least half of the run's lookups
+        would hit (easy-VQA: 273 texts in 38,575 samples), else recompute (instruction data whose texts do
+        not repeat); the log says what it chose and why""",
+        choices=("auto", "keep", "recompute"),
+    )
     lower_state_cache_mb: float = knob(
         1024.0,
-        """with the image entering at layer k > 0: memory in MB for the text states below k (least recently
-        used dropped beyond it; easy-VQA's 273 distinct texts take 5.5 MB); 0: recompute them every step.
-        Generation (eval, predict, demo) keeps, within its own budget of this size, each prompt's states and
-        its keys/values below k, so prompts run only the upper layers; 0: the whole model""",
+        """memory in MB for those kept text states (easy-VQA's 273 texts take 5.5 MB); when full, training
+        keeps what it has and computes later texts each time. Generation (eval, predict, demo) keeps,
+        within its own budget of this size, each prompt's states and its keys/values below k (least
+        recently used dropped), so prompts run only the upper layers; 0: nothing kept anywhere""",
         low=0.0,
     )
     lr_adapter: float = knob(2.0e-3, "AdamW learning rate of the adapter and the objectives' heads", low=0.0)

@@ -177,19 +177,27 @@ def collate_train(items: list[dict], pad_id: int) -> dict[str, torch.Tensor]:
     return batch
 
 
-def pack_runs(images: Sequence[int], pack: int) -> list[list[int]]:
-    """Positions grouped into runs of consecutive equal ``images``, at most ``pack`` long: the rows of
-    a packed batch."""
+def pack_runs(
+    images: Sequence[int], pack: int, lengths: Sequence[int] | None = None, max_tokens: int = 0
+) -> list[list[int]]:
+    """Positions grouped into runs of consecutive equal ``images``, at most ``pack`` long and, with
+    ``lengths`` and ``max_tokens`` > 0, of at most ``max_tokens`` text tokens (a longer text alone): the
+    rows of a packed batch."""
     runs: list[list[int]] = []
+    used: list[int] = []
     for k, image in enumerate(images):
-        if runs and images[runs[-1][0]] == image and len(runs[-1]) < pack:
+        n = lengths[k] if lengths is not None else 0
+        same = bool(runs) and images[runs[-1][0]] == image and len(runs[-1]) < pack
+        if same and (not max_tokens or used[-1] + n <= max_tokens):
             runs[-1].append(k)
+            used[-1] += n
         else:
             runs.append([k])
+            used.append(n)
     return runs
 
 
-def collate_packed(items: list[dict], pad_id: int, pack: int) -> dict[str, torch.Tensor]:
+def collate_packed(items: list[dict], pad_id: int, pack: int, max_tokens: int = 0) -> dict[str, torch.Tensor]:
     """Questions about one image in one right-padded sequence each, behind one copy of its soft tokens.
 
     Consecutive items with the same image (as ``ImagePackedBatches`` orders them) form a sequence of
@@ -197,9 +205,12 @@ def collate_packed(items: list[dict], pad_id: int, pack: int) -> dict[str, torch
     row from 1 (0 is padding) and ``positions`` restarts at 0 in every segment, so the model can give
     every question exactly the positions and the attention (image tokens + itself) it would have in a
     sequence of its own: the loss equals the unpacked batch's. ``image`` has one row per sequence,
-    ``index`` one per question.
+    ``index`` one per question. With ``max_tokens`` > 0 a row takes no question that would bring its
+    text past that many tokens.
     """
-    rows = [[items[k] for k in run] for run in pack_runs([it["image"] for it in items], pack)]
+    lengths = [len(it["prompt"]) + len(it["target"]) for it in items]
+    runs = pack_runs([it["image"] for it in items], pack, lengths, max_tokens)
+    rows = [[items[k] for k in run] for run in runs]
     width = max(sum(len(it["prompt"]) + len(it["target"]) for it in row) for row in rows)
     shape = (len(rows), width)
     input_ids = torch.full(shape, pad_id, dtype=torch.long)

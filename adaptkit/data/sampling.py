@@ -94,6 +94,7 @@ class ImagePackedBatches(_EpochBatches):
         seed: int = 0,
         lengths: Sequence[int] | None = None,
         group: int = 1,
+        max_tokens: int = 0,
     ) -> None:
         if pack <= 0 or group <= 0:
             raise ValueError("batch_size, pack and group must be positive")
@@ -102,6 +103,7 @@ class ImagePackedBatches(_EpochBatches):
         self.pack = pack
         self.lengths = list(lengths) if lengths is not None else None
         self.group = group
+        self.max_tokens = max_tokens
 
     def batches(self, epoch: int) -> list[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
@@ -111,7 +113,8 @@ class ImagePackedBatches(_EpochBatches):
         chunks: list[list[int]] = []
         for questions in by_image.values():
             n = -(-len(questions) // self.pack)  # chunks of near-equal size, none over pack
-            chunks += [questions[k::n] for k in range(n)]
+            for k in range(n):
+                chunks += self._capped(questions[k::n])
         chunks = [chunks[k] for k in torch.randperm(len(chunks), generator=generator).tolist()]
         sort = self.group > 1 and self.lengths is not None
         if sort:
@@ -131,6 +134,15 @@ class ImagePackedBatches(_EpochBatches):
         if sort:
             batches = [batches[k] for k in torch.randperm(len(batches), generator=generator).tolist()]
         return batches
+
+    def _capped(self, chunk: list[int]) -> list[list[int]]:
+        """``chunk`` cut where its text would pass ``max_tokens`` (``collate_packed``'s rule)."""
+        if not self.max_tokens or self.lengths is None:
+            return [chunk]
+        from adaptkit.data.collate import pack_runs
+
+        runs = pack_runs([0] * len(chunk), self.pack, [self.lengths[i] for i in chunk], self.max_tokens)
+        return [[chunk[k] for k in run] for run in runs]
 
 
 class ProcessSplitBatches(Sampler[list[int]]):

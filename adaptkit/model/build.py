@@ -42,19 +42,33 @@ def compile_lm_layers(model: MultimodalModel) -> int:
     return len(layers)
 
 
-def prepare_for_training(model: MultimodalModel, recipe: Recipe) -> LowerStateCache | None:
-    """What `adaptkit train` (and the throughput benchmark) set up before the first step: the lower-layer
-    state cache when the soft tokens enter at ``adapter.inject_layer`` > 0, and ``torch.compile`` of the
-    LM layers when ``compile`` is on. Returns the cache, if any."""
+def prepare_for_training(
+    model: MultimodalModel, recipe: Recipe, texts: list[tuple[int, ...]] | None = None, lookups: int = 0
+) -> LowerStateCache | None:
+    """What `adaptkit train` (and the throughput benchmark) set up before the first step: with the soft
+    tokens entering at ``adapter.inject_layer`` > 0, the lower-layer state store when ``lower_states``
+    keeps (auto: decided from the training ``texts``, one per sample, and the run's ``lookups``,
+    :func:`adaptkit.model.lower_states.plan`), and ``torch.compile`` of the LM layers when ``compile`` is
+    on. Returns the store, if any."""
+    from adaptkit.model.lower_states import plan
+
     cache = None
-    if model.entry_layer and recipe.lower_state_cache_mb > 0:
-        cache = model.fusion.use_lower_states(recipe.lower_state_cache_mb)
+    if model.entry_layer:
+        setting = recipe.lower_states
+        if recipe.lower_state_cache_mb <= 0 and setting != "recompute":
+            setting = "recompute"
+        if setting == "auto" and texts is None:
+            raise ValueError("lower_states=auto needs the training texts to decide")
+        hidden = model.base_lm.config.hidden_size
+        width = torch.finfo(model.base_lm.get_input_embeddings().weight.dtype).bits // 8
+        decided = plan(texts or [], lookups, recipe.lower_state_cache_mb, hidden * width, setting)
+        if decided.keep:
+            cache = model.fusion.use_lower_states(recipe.lower_state_cache_mb)
         log.info(
-            "the image enters LM layer %d: the %d layers below it see text only; their states are computed "
-            "once per distinct text and kept in memory (up to %g MB)",
+            "the image enters LM layer %d; the states of the %d layers below it (text only): %s",
             model.entry_layer,
             model.entry_layer,
-            recipe.lower_state_cache_mb,
+            decided.reason,
         )
     if recipe.compile:
         compile_lm_layers(model)

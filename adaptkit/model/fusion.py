@@ -126,17 +126,18 @@ class Fusion:
 
     # ---- the layers below the entry layer, by text ------------------------------------------------
 
-    def _store(self, max_mb: float, keep_kv: bool) -> LowerStateCache:
+    def _store(self, max_mb: float, keep_kv: bool, evict: bool = True) -> LowerStateCache:
         embedding = self.lm.get_input_embeddings()
         lead = self.lead(embedding, 1, embedding.weight.device)[0]
-        return LowerStateCache(self.lm.get_decoder(), lead, self.entry, max_mb, keep_kv=keep_kv)
+        return LowerStateCache(self.lm.get_decoder(), lead, self.entry, max_mb, keep_kv=keep_kv, evict=evict)
 
     def use_lower_states(self, max_mb: float) -> LowerStateCache:
         """From now on, training and scoring compute the layers below the entry layer once per distinct text
-        (kept up to ``max_mb``) and run only the layers from the entry layer on each pass."""
+        (the first ones that fit in ``max_mb`` kept) and run only the layers from the entry layer on each
+        pass."""
         if not self.entry:
             raise ValueError("the lower-state cache needs an entry layer > 0 (adapter.inject_layer)")
-        self.lower = self._store(max_mb, keep_kv=False)
+        self.lower = self._store(max_mb, keep_kv=False, evict=False)
         return self.lower
 
     def prompt_store(self) -> LowerStateCache | None:

@@ -9,12 +9,18 @@ equals the full forward pass (tested).
 
 Easy-VQA has 273 distinct question + answer texts in 38,575 training samples, so after the first
 steps the layers below k cost nothing. A dataset whose texts rarely repeat gains little and pays the
-memory: entries beyond ``max_mb`` are evicted, least recently used first.
+memory, so training decides before its first step (:func:`plan`, recipe key ``lower_states``): keep
+the states when most of the run's lookups would hit, else run the layers below k in each step's batch
+(one batched pass without gradients, no memory kept). Beyond ``max_mb`` training keeps what it has and
+computes the other texts each time (an epoch visits every text once, in a new order: least-recently-used
+eviction would evict each text just before its next use); generation's prompt store evicts the least
+recently used.
 """
 
 from __future__ import annotations
 
-from collections import OrderedDict
+from collections import Counter, OrderedDict
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -34,14 +40,23 @@ class LowerStateCache:
         keep_kv: also keep each text's attention keys and values in the layers below k (generation:
             decoding a new token attends to them in every layer; about ``2k * kv_dim / D`` times the
             memory of the states alone).
+        evict: beyond ``max_mb``, drop the least recently used texts (True) or keep what is kept and
+            store nothing new (False: training, whose epochs revisit every text in a new order).
     """
 
     def __init__(
-        self, decoder: nn.Module, lead: torch.Tensor, layer: int, max_mb: float, keep_kv: bool = False
+        self,
+        decoder: nn.Module,
+        lead: torch.Tensor,
+        layer: int,
+        max_mb: float,
+        keep_kv: bool = False,
+        evict: bool = True,
     ) -> None:
         self.decoder = decoder
         self.layer = layer
         self.keep_kv = keep_kv
+        self.evict = evict
         self.max_bytes = int(max_mb * 2**20)
         self.bytes = 0
         self.hits = self.misses = 0
@@ -123,13 +138,53 @@ class LowerStateCache:
 
     def _put(self, key: tuple[int, ...], entry: tuple[torch.Tensor, torch.Tensor | None]) -> None:
         size = _nbytes(entry)
-        if size > self.max_bytes:
+        if size > self.max_bytes or (not self.evict and self.bytes + size > self.max_bytes):
             return
         self.store[key] = entry
         self.bytes += size
         while self.bytes > self.max_bytes:
             _, old = self.store.popitem(last=False)
             self.bytes -= _nbytes(old)
+
+
+@dataclass(frozen=True)
+class LowerStatePlan:
+    """What training does with the layers below the entry layer: ``keep`` their states per text, or
+    ``recompute`` them in every step's batch; and why (``reason``, logged)."""
+
+    keep: bool
+    hit_rate: float
+    reason: str
+
+
+def plan(
+    texts: list[tuple[int, ...]], lookups: int, max_mb: float, bytes_per_token: int, setting: str = "auto"
+) -> LowerStatePlan:
+    """Decide ``lower_states`` for a run that looks up ``lookups`` texts drawn from the training ``texts``
+    (one per sample, epoch after epoch): the share of lookups that would hit a store of ``max_mb``
+    (``bytes_per_token`` per kept token), assuming each text is computed on its first lookup and the store
+    keeps the first texts that fit. ``auto`` keeps when at least half of the lookups would hit."""
+    counts = Counter(texts)
+    distinct_tokens = sum(len(t) for t in counts)
+    need_mb = distinct_tokens * bytes_per_token / 2**20
+    kept = 1.0 if need_mb <= max_mb else max_mb / need_mb
+    epochs = lookups / max(len(texts), 1)
+    # distinct texts met in the run: all of them after an epoch, else those drawn at least once
+    seen = sum(1 - (1 - n / len(texts)) ** lookups for n in counts.values()) if epochs < 1 else len(counts)
+    hit_rate = max(0.0, kept * (lookups - seen) / max(lookups, 1))
+    facts = (
+        f"{len(counts):,} distinct texts in {len(texts):,} samples, {epochs:.3g} epochs of lookups; their "
+        f"states take {need_mb:,.0f} MB against lower_state_cache_mb={max_mb:g}"
+    )
+    if setting == "keep" or (setting == "auto" and hit_rate >= 0.5 and max_mb > 0):
+        why = "kept per text" if setting == "keep" else "kept per text (auto: most lookups hit)"
+        return LowerStatePlan(True, hit_rate, f"{why}; expected hit rate {hit_rate:.0%} ({facts})")
+    why = "lower_states=recompute" if setting == "recompute" else "auto: too few lookups would hit"
+    return LowerStatePlan(
+        False,
+        hit_rate,
+        f"recomputed in each step's batch ({why}; a store's expected hit rate {hit_rate:.0%}: {facts})",
+    )
 
 
 def _nbytes(entry: tuple[torch.Tensor, torch.Tensor | None]) -> int:

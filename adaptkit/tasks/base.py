@@ -104,6 +104,16 @@ class Task(ABC):
         """Each sample's LM token count (length grouping and packing sort by it)."""
         return [len(dataset[i]["prompt"]) + len(dataset[i]["target"]) for i in range(len(dataset))]
 
+    def texts(self, dataset) -> list[tuple[int, ...]]:
+        """Each sample's LM token ids (prompt + target), or [] when the task's samples have no LM text."""
+        out = []
+        for i in range(len(dataset)):
+            item = dataset[i]
+            if "prompt" not in item:
+                return []
+            out.append((*item["prompt"], *item["target"]))
+        return out
+
     # ---- training ----------------------------------------------------------------------------------
 
     @abstractmethod

@@ -26,7 +26,8 @@ class GenerativeTask(Task):
 
     def collate(self, pad_id: int, pack: int = 1):
         if pack > 1:
-            return functools.partial(collate_packed, pad_id=pad_id, pack=pack)
+            cap = self.recipe.pack_max_tokens
+            return functools.partial(collate_packed, pad_id=pad_id, pack=pack, max_tokens=cap)
         return functools.partial(collate_train, pad_id=pad_id)
 
     def setup_objectives(self, model, dataset) -> str:

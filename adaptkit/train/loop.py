@@ -8,6 +8,7 @@ Freezing is asserted, not assumed: the optimizer holds exactly the trainable par
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import shutil
 import time
@@ -48,21 +49,57 @@ def _batches(run: TrainingRun):
         epoch += 1
 
 
+#: a collated batch's tensors with one row per LM sequence (``index`` has one per question when packed).
+ROW_KEYS = ("image", "input_ids", "attention_mask", "labels", "segment_ids", "positions", "answer_class")
+
+
+def token_chunks(batch: dict, max_tokens: int) -> list[tuple[slice, dict, float]]:
+    """``batch`` cut into consecutive row slices of at most ``max_tokens`` LM text slots each (rows x
+    longest row; each slice trimmed to its own longest row), with the share of the batch's target tokens
+    in each: the LM loss is a mean over target tokens, so the slices' losses weighted by those shares sum
+    to the whole batch's. Returns ``(rows, slice's batch, weight)``; the whole batch, weight 1, when it
+    fits (or ``max_tokens`` is 0)."""
+    if not max_tokens or "labels" not in batch:  # no LM text (retrieval's batches): nothing to cut
+        return [(slice(0, None), batch, 1.0)]
+    rows, width = batch["input_ids"].shape
+    if rows * width <= max_tokens or rows == 1:
+        return [(slice(0, rows), batch, 1.0)]
+    per = max(1, max_tokens // width)  # rows of the longest length fit: a conservative, fixed cut
+    targets = int((batch["labels"] != -100).sum())
+    chunks = []
+    for start in range(0, rows, per):
+        part = {k: batch[k][start : start + per] for k in ROW_KEYS if k in batch}
+        used = int(part["attention_mask"].sum(-1).max())
+        for k in ("input_ids", "attention_mask", "labels", "segment_ids", "positions"):
+            if k in part:
+                part[k] = part[k][:, :used]
+        weight = int((part["labels"] != -100).sum()) / max(targets, 1)
+        chunks.append((slice(start, start + per), part, weight))
+    return chunks
+
+
 def train_step(run: TrainingRun, batch: dict) -> float:
     """One micro-batch: the task's loss, backward, and (at an accumulation boundary) clip, AdamW step and
-    schedule. Returns the micro-batch's loss."""
+    schedule. A batch over ``max_batch_tokens`` (with the LM loss alone) runs as several slices whose
+    weighted gradients add up to the batch's (:func:`token_chunks`). Returns the micro-batch's loss."""
     recipe, accelerator = run.recipe, run.accelerator
     run.model.lora_active = run.step >= recipe.lora.start_step
     with accelerator.accumulate(run.prepared):
         feats = run.train.features.lookup(batch["image"], step=run.step)  # the step picks augmented views
-        loss = run.task.loss(run.prepared, feats, batch)
-        accelerator.backward(loss)
+        chunks = token_chunks(batch, run.token_budget)
+        loss = 0.0
+        for n, (rows, part, weight) in enumerate(chunks):
+            last = n == len(chunks) - 1  # gradients of the earlier slices wait for the last one's sync
+            with contextlib.nullcontext() if last else accelerator.no_sync(run.prepared):
+                part_loss = run.task.loss(run.prepared, feats[rows], part) * weight
+                accelerator.backward(part_loss)
+            loss = loss + part_loss.detach()
         if accelerator.sync_gradients and recipe.max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.trainable, recipe.max_grad_norm)
         run.optimizer.step()
         run.scheduler.step()
         run.optimizer.zero_grad(set_to_none=True)
-    return loss.detach().float().item()
+    return float(loss)
 
 
 def evaluate(run: TrainingRun) -> dict:

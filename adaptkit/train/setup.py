@@ -75,6 +75,8 @@ class TrainingRun:
     frozen_before: str = ""
     parameters: dict = field(default_factory=dict)
     lower_states: object = None
+    #: ``max_batch_tokens`` where it applies (the LM loss alone; 0: batches run whole).
+    token_budget: int = 0
     loader: DataLoader | None = None
     sampler: ProcessSplitBatches | None = None
     generator: torch.Generator | None = None
@@ -248,7 +250,9 @@ def _packing_summary(sampler: ProcessSplitBatches, plain: LengthGroupedBatches, 
 
     packed = unpacked = questions = 0
     for batch in sampler.batches(0):
-        runs = pack_runs([packer.image_rows[i] for i in batch], packer.pack)  # collate_packed's rows
+        runs = pack_runs(  # collate_packed's rows
+            [packer.image_rows[i] for i in batch], packer.pack, [lengths[i] for i in batch], packer.max_tokens
+        )
         packed += slots([[batch[k] for k in run] for run in runs])
         questions += len(batch)
     for batch in plain.batches(0):
@@ -276,7 +280,13 @@ def build_loader(run: TrainingRun) -> None:
     collate = run.task.collate(pad, pack)
     if pack > 1:
         inner = ImagePackedBatches(
-            dataset.image_rows, global_batch, pack, recipe.seed, lengths, recipe.length_grouping
+            dataset.image_rows,
+            global_batch,
+            pack,
+            recipe.seed,
+            lengths,
+            recipe.length_grouping,
+            recipe.pack_max_tokens,
         )
         run.sampler = ProcessSplitBatches(inner, procs)
         summary = _packing_summary(run.sampler, plain, lengths, run.model.adapter.num_tokens)
@@ -346,7 +356,17 @@ def setup(recipe: Recipe) -> TrainingRun:
     objectives = task.setup_objectives(model, train.dataset)
     if len(model.objectives.active()) > 1:
         log.info("%s", objectives)
-    run.lower_states = prepare_for_training(model, recipe)
+    if model.objectives.active() == ["lm"]:
+        run.token_budget = recipe.max_batch_tokens
+    elif recipe.max_batch_tokens:
+        log.info(
+            "max_batch_tokens=%d does not apply: objectives %s need whole batches",
+            recipe.max_batch_tokens,
+            ", ".join(model.objectives.active()),
+        )
+    lookups = recipe.max_steps * recipe.batch_size * recipe.grad_accum_steps * run.procs
+    texts = task.texts(train.dataset) if model.entry_layer else None
+    run.lower_states = prepare_for_training(model, recipe, texts, lookups)
     build_loader(run)
     groups = param_groups(model, recipe)
     optimizer = build_optimizer(groups, recipe.weight_decay)
