@@ -213,3 +213,30 @@ def test_augment_probe_json(tiny_mobilenet_pth, tiny_vqa):
     for task in ("colour", "shape"):
         assert set(result[task]) == {"easyvqa_test", str(tiny_vqa)}
         assert all(0 <= r["accuracy"] <= 1 for r in result[task].values())
+
+
+def _run_script(name: str, args: list[str]) -> dict:
+    cmd = [sys.executable, str(ROOT / "benchmarks" / name), *args]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_feature_store_scale_reports_both_sizes(tiny_overrides, tmp_path):
+    args = ["--images", "40", "80", "--tokens", "4", "--dim", "32", "--steps", "2", "--warmup", "1"]
+    result = _run_script(
+        "feature_store_scale.py", [*args, "--store", str(tmp_path / "store"), *tiny_overrides]
+    )
+    assert [row["images"] for row in result["rows"]] == [40, 80]
+    for row in result["rows"]:
+        assert row["peak_rss_mb"] > 0 and row["samples_per_s"] > 0
+    assert result["peak_rss_ratio"] == pytest.approx(
+        result["rows"][1]["peak_rss_mb"] / result["rows"][0]["peak_rss_mb"], abs=0.001
+    )
+    assert not any((tmp_path / "store").rglob("*.safetensors"))  # the stores are removed without --keep
+
+
+def test_feature_lookup_times_the_store_against_memory(tiny_overrides):
+    result = _run_script("feature_lookup.py", ["--images", "4", "--batches", "5", *tiny_overrides])
+    assert result["rows"] == 6 and result["store_ms"] > 0 and result["images_per_batch"] == 4
