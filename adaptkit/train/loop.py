@@ -87,13 +87,15 @@ def train_step(run: TrainingRun, batch: dict) -> float:
     with accelerator.accumulate(run.prepared):
         feats = run.train.features.lookup(batch["image"], step=run.step)  # the step picks augmented views
         chunks = token_chunks(batch, run.token_budget)
-        loss = 0.0
+        loss, run.step_parts = 0.0, {}
         for n, (rows, part, weight) in enumerate(chunks):
             last = n == len(chunks) - 1  # gradients of the earlier slices wait for the last one's sync
             with contextlib.nullcontext() if last else accelerator.no_sync(run.prepared):
                 part_loss = run.task.loss(run.prepared, feats[rows], part) * weight
                 accelerator.backward(part_loss)
             loss = loss + part_loss.detach()
+            for name, value in run.unwrapped().loss_parts.items():  # each objective, weighted alike
+                run.step_parts[name] = run.step_parts.get(name, 0.0) + value * weight
         if accelerator.sync_gradients and recipe.max_grad_norm > 0:
             accelerator.clip_grad_norm_(run.trainable, recipe.max_grad_norm)
         run.optimizer.step()
@@ -193,7 +195,7 @@ def run_loop(run: TrainingRun) -> float:
     bar = tqdm(total=recipe.max_steps, initial=run.step, desc="training", unit="step", disable=not run.main)
     for epoch, index, batch in _batches(run):
         loss = train_step(run, batch)
-        run.window.add(loss, run.unwrapped().loss_parts)
+        run.window.add(loss, run.step_parts)
         if recipe.log_samples:  # every process joins the gather; the main one writes
             seen = accelerator.gather(batch["index"].to(accelerator.device)).tolist()
             run.records.sample_row({"step": run.step + 1, "epoch": epoch, "indices": seen, "loss": loss})

@@ -77,6 +77,8 @@ class TrainingRun:
     lower_states: object = None
     #: ``max_batch_tokens`` where it applies (the LM loss alone; 0: batches run whole).
     token_budget: int = 0
+    #: each objective's value in the last micro-batch (its slices' values weighted as the loss is).
+    step_parts: dict = field(default_factory=dict)
     loader: DataLoader | None = None
     sampler: ProcessSplitBatches | None = None
     generator: torch.Generator | None = None
