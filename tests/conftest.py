@@ -120,6 +120,24 @@ def tiny_vqa(tmp_path_factory) -> Path:
     return path
 
 
+def lora_model_and_dataset(recipe, vqa: Path):
+    """The recipe's model in training mode (seeded), its LoRA given weights (``lora_B`` starts at zero, so a
+    check would not cover LoRA), and the VQA file's image rows and tokenized dataset."""
+    from adaptkit.data.collate import VQADataset
+    from adaptkit.data.formats import load_jsonl
+    from adaptkit.model import build_model
+
+    torch.manual_seed(0)
+    model = build_model(recipe).train()
+    with torch.no_grad():
+        for name, p in model.lm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    samples = load_jsonl(vqa).samples
+    rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
+    return model, rows, VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+
+
 def loss_of(model, features, input_ids, attention_mask, labels=None, **kw):
     """The training loss of a batch given as tensors (``MultimodalModel.forward`` reads a typed ``Batch``)."""
     from adaptkit.model.batch import Batch

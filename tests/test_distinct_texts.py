@@ -15,12 +15,11 @@ import torch
 from adaptkit.data.collate import VQADataset, collate_packed, pack_runs
 from adaptkit.data.formats import load_jsonl
 from adaptkit.data.sampling import ImagePackedBatches
-from adaptkit.model import build_model
 from adaptkit.model.lower_states import LowerStateCache, plan
 from adaptkit.recipes import load_recipe
 from adaptkit.train import train
 from adaptkit.train.loop import token_chunks
-from tests.conftest import loss_of
+from tests.conftest import lora_model_and_dataset, loss_of
 
 ROOT = Path(__file__).resolve().parent.parent
 RECIPE = ROOT / "recipes" / "easyvqa_qformer_lora.yaml"
@@ -128,15 +127,7 @@ def test_collate_packed_honours_the_cap(tiny_lm_dir, tiny_vqa):
 
 def test_token_slices_give_the_whole_batch_loss_and_gradients(tiny_overrides, tiny_vqa):
     recipe = load_recipe(RECIPE, [*tiny_overrides, "lora.start_step=0", "pack_questions=2"])
-    torch.manual_seed(0)
-    model = build_model(recipe).train()
-    with torch.no_grad():  # LoRA starts at zero; give it weights so the test covers it
-        for name, p in model.lm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    samples = load_jsonl(tiny_vqa).samples
-    rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
-    dataset = VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+    model, rows, dataset = lora_model_and_dataset(recipe, tiny_vqa)
     batch = collate_packed([dataset[i] for i in range(12)], model.tokenizer.pad_token_id, pack=2)
     feats = torch.randn(len(rows), 4, 1280)
     n_rows, width = batch["input_ids"].shape

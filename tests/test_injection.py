@@ -7,14 +7,14 @@ import json
 import pytest
 import torch
 
-from adaptkit.data.collate import VQADataset, collate_packed, collate_prompts, collate_train
+from adaptkit.data.collate import collate_packed, collate_prompts, collate_train
 from adaptkit.data.formats import load_jsonl
 from adaptkit.export import export_run
 from adaptkit.inference import load_for_inference
 from adaptkit.model import build_model
 from adaptkit.recipes import load_recipe
 from adaptkit.train import train
-from tests.conftest import greedy_by_recomputing, loss_of
+from tests.conftest import greedy_by_recomputing, lora_model_and_dataset, loss_of
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
@@ -30,15 +30,7 @@ def _model_and_batches(overrides, tiny_vqa, extra=()):
             *extra,
         ],
     )
-    torch.manual_seed(0)
-    model = build_model(recipe).train()
-    with torch.no_grad():  # LoRA starts at zero; give it weights so the test covers it
-        for name, p in model.lm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
-    samples = load_jsonl(tiny_vqa).samples
-    rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
-    dataset = VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+    model, rows, dataset = lora_model_and_dataset(recipe, tiny_vqa)
     items = [dataset[i] for i in [0, 1, 2, 3, 4, 5, 8]]
     pad = model.tokenizer.pad_token_id
     feats = torch.randn(len(rows), 4, 1280)

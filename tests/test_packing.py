@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from adaptkit.config import RecipeError
-from adaptkit.data.collate import VQADataset, collate_packed, collate_train, pack_runs
-from adaptkit.data.formats import load_jsonl
+from adaptkit.data.collate import collate_packed, collate_train, pack_runs
 from adaptkit.data.sampling import ImagePackedBatches
-from adaptkit.model import build_model
 from adaptkit.recipes import load_recipe
 from adaptkit.train import train
-from tests.conftest import loss_of
+from tests.conftest import lora_model_and_dataset, loss_of
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 PACKED = ["adapter.qformer.text_conditioned=false", "pack_questions=3"]
@@ -58,20 +56,12 @@ def test_packed_batches_grouped_by_length_pad_less():
 
 def _packed_and_unpacked(overrides, tiny_vqa):
     recipe = load_recipe(RECIPE, [*overrides, *PACKED, "lora.start_step=0"])
-    torch.manual_seed(0)
-    model = build_model(recipe).train()
-    samples = load_jsonl(tiny_vqa).samples
-    rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
-    dataset = VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+    model, rows, dataset = lora_model_and_dataset(recipe, tiny_vqa)
     # Image 0's four questions, image 1's first two, image 2's first: rows of 3, 1, 2 and 1 questions.
     order = [0, 1, 2, 3, 4, 5, 8]
     items = [dataset[i] for i in order]
     pad = model.tokenizer.pad_token_id
     packed, plain = collate_packed(items, pad, pack=3), collate_train(items, pad)
-    with torch.no_grad():  # LoRA starts at zero; give it weights so the test covers it
-        for name, p in model.lm.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.05)
     feats = torch.randn(len(rows), 4, 1280)
     return model, packed, plain, feats
 

@@ -16,6 +16,8 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from adaptkit.data.collate import pack_runs
+
 
 class _EpochBatches(Sampler[list[int]]):
     """Batches of ``batch_size`` of ``n`` sample indices, a function of ``(seed, epoch)`` alone
@@ -139,8 +141,6 @@ class ImagePackedBatches(_EpochBatches):
         """``chunk`` cut where its text would pass ``max_tokens`` (``collate_packed``'s rule)."""
         if not self.max_tokens or self.lengths is None:
             return [chunk]
-        from adaptkit.data.collate import pack_runs
-
         runs = pack_runs([0] * len(chunk), self.pack, [self.lengths[i] for i in chunk], self.max_tokens)
         return [[chunk[k] for k in run] for run in runs]
 

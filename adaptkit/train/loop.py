@@ -22,6 +22,7 @@ from adaptkit.artifacts import seal_run, write_json
 from adaptkit.data.feature_cache import tensor_digest
 from adaptkit.model.build import frozen_fingerprint
 from adaptkit.model.trainables import save_trainables
+from adaptkit.objectives import IGNORE
 from adaptkit.perf import peak_memory_mb, reset_peak_memory
 from adaptkit.train.setup import TrainingRun, setup
 
@@ -65,7 +66,7 @@ def token_chunks(batch: dict, max_tokens: int) -> list[tuple[slice, dict, float]
     if rows * width <= max_tokens or rows == 1:
         return [(slice(0, rows), batch, 1.0)]
     per = max(1, max_tokens // width)  # rows of the longest length fit: a conservative, fixed cut
-    targets = int((batch["labels"] != -100).sum())
+    targets = int((batch["labels"] != IGNORE).sum())
     chunks = []
     for start in range(0, rows, per):
         part = {k: batch[k][start : start + per] for k in ROW_KEYS if k in batch}
@@ -73,7 +74,7 @@ def token_chunks(batch: dict, max_tokens: int) -> list[tuple[slice, dict, float]
         for k in ("input_ids", "attention_mask", "labels", "segment_ids", "positions"):
             if k in part:
                 part[k] = part[k][:, :used]
-        weight = int((part["labels"] != -100).sum()) / max(targets, 1)
+        weight = int((part["labels"] != IGNORE).sum()) / max(targets, 1)
         chunks.append((slice(start, start + per), part, weight))
     return chunks
 
