@@ -123,6 +123,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             desc=f"caching {spec}" + (f" and {train_views} augmented views each" if train_views else ""),
             cache_root=disk_cache,
             augment=recipe.data.augment if train_views else None,
+            compile=recipe.vision.compile,
         )
         shape = bank.shape
         extra = f" (+ {train_views} augmented views each)" if train_views else ""

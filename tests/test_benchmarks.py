@@ -240,3 +240,11 @@ def test_feature_store_scale_reports_both_sizes(tiny_overrides, tmp_path):
 def test_feature_lookup_times_the_store_against_memory(tiny_overrides):
     result = _run_script("feature_lookup.py", ["--images", "4", "--batches", "5", *tiny_overrides])
     assert result["rows"] == 6 and result["store_ms"] > 0 and result["images_per_batch"] == 4
+
+
+def test_encoding_compares_eager_with_compiled(tiny_overrides):
+    result = _run_script("encoding.py", ["--images", "6", "--batch", "2", *tiny_overrides])
+    assert result["images"] == 6 and result["compiled"]
+    assert result["eager_ms_per_image"] > 0 and result["compiled_ms_per_image"] > 0
+    # The same features up to float32 rounding.
+    assert result["max_abs_diff"] <= 1e-4 * max(1.0, result["max_abs_feature"])

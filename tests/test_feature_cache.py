@@ -216,3 +216,47 @@ def test_stored_rows_are_read_on_demand_by_several_processes(tiny_mobilenet_pth,
     for r, tensor in zip(rows, got):
         assert torch.equal(tensor, store.read(torch.tensor(r, dtype=torch.int64)))
     assert torch.equal(store.read(torch.arange(3)), expected[[bank.rows[p] for p in images]])
+
+
+def test_compiled_encoding_is_used_where_it_pays_and_matches_eager(
+    tiny_mobilenet_pth, images, tmp_path, monkeypatch, caplog
+):
+    from adaptkit.data import features
+
+    backbone = _backbone(tiny_mobilenet_pth)
+    eager, _ = _bank(backbone, images)
+    # Below COMPILE_MIN_IMAGES a compile would cost more than it saves: eager, bit for bit.
+    small, _ = _bank(backbone, images, compile=True)
+    assert torch.equal(small.all(), eager.all())
+    monkeypatch.setattr(features, "COMPILE_MIN_IMAGES", 3)
+    # One graph for every batch: the padded last batch must not recompile (layouts included).
+    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
+    with caplog.at_level("INFO", logger="adaptkit.data.features"):
+        compiled, cache = _bank(backbone, images, tmp_path / "cache", compile=True)
+    assert "compiled the vision backbone for batches of 2 images" in caplog.text
+    # Batches of 2, the last (one image) padded to 2: same rows, features within float32 rounding.
+    assert compiled.rows == eager.rows
+    torch.testing.assert_close(compiled.all(), eager.all(), rtol=1e-4, atol=1e-4)
+    assert not torch.equal(compiled.all(), eager.all())  # it did run the compiled kernels
+    reread, _ = _bank(backbone, images, tmp_path / "cache", compile=True)
+    assert torch.equal(reread.all(), compiled.all())  # the cache keeps what was encoded
+
+
+def test_compile_failure_falls_back_to_eager(tiny_mobilenet_pth, images, monkeypatch, caplog):
+    from adaptkit.data import features
+
+    def broken(*args, **kwargs):
+        def graph(pixels):
+            raise RuntimeError("InductorError: no C++ compiler found")
+
+        return graph
+
+    backbone = _backbone(tiny_mobilenet_pth)
+    eager, _ = _bank(backbone, images)
+    monkeypatch.setattr(features, "COMPILE_MIN_IMAGES", 0)
+    monkeypatch.setattr(torch, "compile", broken)
+    with caplog.at_level("WARNING", logger="adaptkit.data.features"):
+        fallback, _ = _bank(backbone, images, compile=True)
+    assert "compiling the vision backbone failed, encoding eager instead" in caplog.text
+    assert "no C++ compiler" in caplog.text
+    assert torch.equal(fallback.all(), eager.all())

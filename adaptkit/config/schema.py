@@ -55,6 +55,15 @@ class VisionConfig:
         choices=QUANT,
     )
     compute_dtype: str = knob("float32", "matmul dtype of 4-bit layers", choices=DTYPES)
+    compile: bool = knob(
+        True,
+        """encode the images for the feature cache through torch.compile (inductor, weights frozen into the
+        graph) on CPU, when at least 2,048 images and views are to be encoded: MobileNetV2 at 224 px on 2
+        cores 13 instead of 22 ms per image after a 6-19 s compile (docs/benchmarks.md, "Encoding");
+        features round differently from eager ones (~2e-5 of their scale); predict, the demo and small sets
+        stay eager.
+        Untried on CUDA, where encoding stays eager; false: always eager""",
+    )
 
 
 @dataclass

@@ -51,6 +51,7 @@ def build_features(
     augment=None,
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
+    compile: bool = False,
 ):
     """Feature source for the images of ``samples``: encoded once (cache) or at every lookup; with
     ``augment`` (a :class:`~adaptkit.config.AugmentConfig` with views > 0), also its augmented views.
@@ -58,6 +59,7 @@ def build_features(
     With ``cache_root`` (a cache folder, or a :class:`FeatureCache` already keyed for ``vision``, which
     saves hashing the backbone again), features persist on disk, keyed by backbone and image content.
     ``dtype``: the storage dtype (recipe key ``feature_dtype``); a given ``FeatureCache`` has its own.
+    ``compile``: encode through the compiled backbone where it pays (recipe key ``vision.compile``).
     """
     paths = [s.image for s in samples]
     origins: dict[str, str] = {}
@@ -80,6 +82,7 @@ def build_features(
         augment=augment,
         seed=seed,
         dtype=dtype,
+        compile=compile,
     )
 
 
@@ -148,6 +151,7 @@ def prepare_split(
         augment,
         seed,
         model.feature_dtype,  # the run's feature_dtype: what it trained on
+        task.recipe.vision.compile,
     )
     skipped = (
         list(data.skipped) + too_long + [features.bad[s.image] for s in samples if s.image in features.bad]
