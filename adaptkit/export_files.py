@@ -40,9 +40,9 @@ def copy_vision(recipe, out: Path) -> tuple[object, dict]:
     if cfg.family == "torchvision" and source.suffix != ".safetensors":
         from safetensors.torch import save_file
 
-        from adaptkit.backbones.vision import _load_state_dict
+        from adaptkit.backbones.vision import load_state_dict
 
-        state = {k: v.contiguous() for k, v in _load_state_dict(str(source)).items()}
+        state = {k: v.contiguous() for k, v in load_state_dict(str(source)).items()}
         save_file(state, str(target / "weights.safetensors"))
         rel = "vision/weights.safetensors"
     else:

@@ -10,6 +10,7 @@ Three families:
   a local folder; tokens are a hidden-state layer; preprocessing is the model's own image processor.
 - ``open_clip``: an open_clip architecture name plus a local checkpoint path (or a pretrained tag,
   which needs the hub); tokens are the ViT's patch tokens.
+- ``timm``: any timm model (CNN or ViT), tokens from ``forward_features`` (``timm_vision.py``).
 
 Each backbone is frozen (``requires_grad=False``) and kept in eval mode, whatever the caller does.
 """
@@ -27,55 +28,9 @@ if TYPE_CHECKING:
     from adaptkit.config import VisionConfig
 
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
+from adaptkit.backbones.vision_base import IMAGENET_MEAN, IMAGENET_STD, VisionBackbone, load_state_dict
 
-
-class VisionBackbone(nn.Module):
-    """Base class: ``preprocess(images) -> pixels`` and ``forward(pixels) -> (B, T, D)``.
-
-    Attributes:
-        feature_dim: D, the width of each token feature.
-        num_tokens: T, the tokens per image (what adapters that keep every token are sized by).
-        identity: a string that names the weights and preprocessing (used to key feature caches).
-    """
-
-    feature_dim: int
-    num_tokens: int
-    identity: str
-
-    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
-        raise NotImplementedError
-
-    @torch.no_grad()
-    def count_tokens(self) -> int:
-        """T, from one probe image through ``preprocess`` and ``forward``."""
-        return int(self.forward(self.preprocess([Image.new("RGB", (64, 64), (128, 128, 128))])).shape[1])
-
-    def train(self, mode: bool = True) -> VisionBackbone:
-        # Frozen backbones stay in eval mode (batch-norm statistics and dropout never change).
-        return super().train(False)
-
-    def freeze(self) -> VisionBackbone:
-        for param in self.parameters():
-            param.requires_grad_(False)
-        return self.eval()
-
-
-def _load_state_dict(path: str) -> dict[str, torch.Tensor]:
-    file = Path(path)
-    if not file.is_file():
-        raise FileNotFoundError(
-            f"vision.weights: {file} does not exist (give a .pth or .safetensors state dict)"
-        )
-    if file.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        return load_file(str(file))
-    state = torch.load(file, map_location="cpu", weights_only=True)
-    if isinstance(state, dict) and "state_dict" in state:
-        state = state["state_dict"]
-    return state
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "VisionBackbone", "build_vision_backbone", "load_state_dict"]
 
 
 class TorchvisionBackbone(VisionBackbone):
@@ -108,7 +63,7 @@ class TorchvisionBackbone(VisionBackbone):
         else:
             path = cfg.weights
         if cfg.weights not in ("", "none", "random"):
-            model.load_state_dict(_load_state_dict(path), strict=True)
+            model.load_state_dict(load_state_dict(path), strict=True)
         layers = list(model.features.children())
         index = cfg.feature_layer if cfg.feature_layer >= 0 else len(layers) + cfg.feature_layer
         if not 0 <= index < len(layers):
@@ -241,4 +196,8 @@ def build_vision_backbone(cfg: VisionConfig, device: torch.device | str = "cpu")
         if cfg.family != "hf":
             raise ValueError(f"vision.quant={cfg.quant} needs vision.family=hf")
         return HFVisionBackbone(cfg, device)
+    if cfg.family == "timm":
+        from adaptkit.backbones.timm_vision import TimmBackbone
+
+        return TimmBackbone(cfg).to(device)
     return VISION_FAMILIES[cfg.family](cfg).to(device)

@@ -25,15 +25,18 @@ class VisionConfig:
 
     family: str = knob(
         "torchvision",
-        "torchvision | hf (transformers ViT/CLIP/SigLIP) | open_clip",
-        choices=("torchvision", "hf", "open_clip"),
+        "torchvision | hf (transformers ViT/CLIP/SigLIP) | open_clip | timm (any timm CNN or ViT)",
+        choices=("torchvision", "hf", "open_clip", "timm"),
     )
     name: str = knob(
-        "mobilenet_v2", "torchvision model name, HF hub id or local folder, or open_clip architecture"
+        "mobilenet_v2",
+        "torchvision model name, HF hub id or local folder, open_clip architecture, or timm model name",
     )
     weights: str = knob(
         "embedded",
-        "embedded (the packaged ImageNet MobileNetV2) | path to .pth/.safetensors | open_clip pretrained tag",
+        """embedded (torchvision: the packaged ImageNet MobileNetV2; timm: ImageNet EfficientNet-Lite0 for
+        name=tf_efficientnet_lite0) | path to .pth/.safetensors | open_clip or timm pretrained tag (needs
+        the hub or its cache) | random""",
     )
     image_size: int = knob(
         224,
@@ -41,12 +44,15 @@ class VisionConfig:
         low=8,
     )
     feature_layer: int = knob(
-        -1, "which trunk layer (torchvision) or hidden state (hf) gives the image tokens"
+        -1,
+        """which trunk layer (torchvision), hidden state (hf) or block / stage (timm: -1 forward_features,
+        else forward_intermediates' index) gives the image tokens""",
     )
     extra_layers: list[int] = knob(
         [],
-        """torchvision: earlier trunk layers pooled to the same grid and concatenated to the tokens (colour
-        cues the last ImageNet layer keeps only weakly); []: the last layer alone""",
+        """torchvision and timm CNNs: earlier trunk layers (timm: stages) pooled to the same grid and
+        concatenated to the tokens (colour cues the last ImageNet layer keeps only weakly); []: the last
+        layer alone""",
     )
     quant: str = knob(
         "none",

@@ -14,6 +14,8 @@ A data spec is one of:
   "caption"}]}``), images relative to the file or in an ``images/`` folder beside it;
 - ``easyvqa-captions:train`` / ``easyvqa-captions:test``: easy-VQA's images with captions derived from
   its own labels (see :func:`load_easyvqa_captions`);
+- ``fashionmnist-captions:train|test[:N]``: Fashion-MNIST's product photos, captions naming their kind
+  (``adaptkit.data.fashion``);
 - ``hf:PATH[:SPLIT]``: a Hugging Face dataset (save_to_disk folder, parquet, imagefolder) with the same
   columns (``caption``, ``captions`` or ``text``; ``label``), see ``adaptkit.data.hf``.
 
@@ -27,29 +29,20 @@ import json
 import logging
 import re
 from collections import defaultdict
-from dataclasses import dataclass
 from pathlib import Path
 
-from adaptkit.data.records import DataError, LoadedData, bad_sample, read_jsonl, resolve_image
+from adaptkit.data.records import (
+    CaptionSample,
+    DataError,
+    LoadedData,
+    bad_sample,
+    read_jsonl,
+    resolve_image,
+)
+
+__all__ = ["CaptionSample", "load_captions"]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class CaptionSample:
-    """One image and its reference captions.
-
-    Attributes:
-        image: absolute path of the image file.
-        captions: one or more reference captions.
-        label: what the image shows (a class), or None.
-        origin: ``file:line`` (or ``file[index]``) where the sample was read.
-    """
-
-    image: str
-    captions: tuple[str, ...]
-    label: str | None
-    origin: str
 
 
 def _text(value: object) -> bool:
@@ -230,6 +223,10 @@ def load_captions(spec: str, on_bad_sample: str = "error") -> LoadedData:
     """Caption samples of a data spec (module docstring)."""
     if spec.startswith("easyvqa-captions:"):
         return load_easyvqa_captions(spec.split(":", 1)[1])
+    if spec.startswith("fashionmnist-captions:"):
+        from adaptkit.data.fashion import load_fashion_captions
+
+        return load_fashion_captions(spec.split(":", 1)[1])
     if spec.startswith("hf:"):
         from adaptkit.data.hf import load_hf
 
@@ -239,6 +236,7 @@ def load_captions(spec: str, on_bad_sample: str = "error") -> LoadedData:
     if spec.endswith(".json"):
         return load_coco_captions(spec, on_bad_sample)
     raise DataError(
-        f"unknown caption data spec '{spec}': use easyvqa-captions:train, easyvqa-captions:test, a caption "
-        ".jsonl file, a COCO captions .json file or hf:PATH[:SPLIT]"
+        f"unknown caption data spec '{spec}': use easyvqa-captions:train|test, "
+        "fashionmnist-captions:train|test, a caption .jsonl file, a COCO captions .json file or "
+        "hf:PATH[:SPLIT]"
     )

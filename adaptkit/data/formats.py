@@ -1,6 +1,7 @@
 """VQA data sources: the embedded easy-VQA splits, a generic JSONL format and Hugging Face datasets.
 
-A data spec is ``easyvqa:train``, ``easyvqa:test``, a path to a ``.jsonl`` file with one object per
+A data spec is ``easyvqa:train``, ``easyvqa:test``, ``fashionmnist:train|test[:N]`` (real product photos,
+``adaptkit.data.fashion``), a path to a ``.jsonl`` file with one object per
 line::
 
     {"image": "images/0001.png", "question": "what color is the shape?", "answer": "red"}
@@ -106,9 +107,13 @@ def _vqa_from_row(row: dict, image: str, origin: str) -> tuple[VQASample | None,
 
 
 def load_vqa(spec: str, on_bad_sample: str = "error") -> LoadedData:
-    """Load samples for a data spec (``easyvqa:train``, ``easyvqa:test`` or a ``.jsonl`` path)."""
+    """Load samples for a data spec (module docstring)."""
     if spec.startswith("easyvqa:"):
         data = load_easyvqa(spec.split(":", 1)[1])
+    elif spec.startswith("fashionmnist:"):
+        from adaptkit.data.fashion import load_fashion_vqa
+
+        data = load_fashion_vqa(spec.split(":", 1)[1])
     elif spec.endswith(".json"):
         from adaptkit.data.llava import load_llava
 
@@ -121,9 +126,9 @@ def load_vqa(spec: str, on_bad_sample: str = "error") -> LoadedData:
         data = load_jsonl(spec, on_bad_sample)
     else:
         raise DataError(
-            f"unknown data spec '{spec}': use easyvqa:train, easyvqa:test, a path to a .jsonl file, a LLaVA "
-            "conversation .json file or hf:PATH[:SPLIT] (a Hugging Face dataset: save_to_disk, parquet, "
-            "imagefolder)"
+            f"unknown data spec '{spec}': use easyvqa:train|test, fashionmnist:train|test, a .jsonl file, "
+            "a LLaVA conversation .json file or hf:PATH[:SPLIT] (a Hugging Face dataset: save_to_disk, "
+            "parquet, imagefolder)"
         )
     if data.skipped:
         log.warning("%s: skipped %d bad samples, first: %s", spec, len(data.skipped), data.skipped[0])

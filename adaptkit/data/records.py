@@ -38,6 +38,23 @@ class VQASample:
     context: tuple[tuple[str, str], ...] = ()
 
 
+@dataclass(frozen=True)
+class CaptionSample:
+    """One image and its reference captions.
+
+    Attributes:
+        image: absolute path of the image file.
+        captions: one or more reference captions.
+        label: what the image shows (a class), or None.
+        origin: ``file:line`` (or ``file[index]``) where the sample was read.
+    """
+
+    image: str
+    captions: tuple[str, ...]
+    label: str | None
+    origin: str
+
+
 @dataclass
 class LoadedData:
     """Samples of one data spec plus what was skipped (``origin: reason`` strings)."""
