@@ -125,3 +125,20 @@ def test_the_real_files_match_their_pins(monkeypatch):
     assert pinned
     (n, rows, cols), _ = fashion.read_idx(folder / "t10k-images-idx3-ubyte.gz", 3)
     assert (n, rows, cols) == (10_000, 28, 28)
+
+
+def test_pixel_baseline_fits_the_raw_pixels(fake_fashion):
+    import importlib
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    try:
+        baseline = importlib.import_module("pixel_baseline")
+    finally:
+        sys.path.pop(0)
+    x, y = baseline._pixels("train:30")
+    assert x.shape == (30, 784) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert y.tolist() == [i % 10 for i in range(30)]
+    model = baseline.fit(x, y, l2=1e-5)
+    assert baseline.accuracy(model, x, y) == 1.0  # 30 random images in 784 dimensions: separable

@@ -183,6 +183,8 @@ def test_timm_extra_and_intermediate_layers(timm_cnn_pth):
     assert mid.feature_dim == widths[1] and mid.num_tokens >= last.num_tokens  # an earlier, finer grid
     with pytest.raises(ValueError, match="must lie before feature_layer"):
         build_vision_backbone(VisionConfig(**base, feature_layer=1, extra_layers=[2]))
+    with pytest.raises(ValueError, match=r"\[6, 13\]: timm 'test_efficientnet' has no such stage"):
+        build_vision_backbone(VisionConfig(**base, extra_layers=[6, 13]))
 
 
 def test_timm_state_dict_under_other_names_loads_by_order_and_shape(timm_cnn_pth, tmp_path, caplog):

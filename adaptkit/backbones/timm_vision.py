@@ -117,8 +117,15 @@ class TimmBackbone(VisionBackbone):
                 f"vision.feature_layer / extra_layers: timm '{cfg.name}' has no forward_intermediates; "
                 "use feature_layer=-1 and extra_layers=[]"
             )
-        with torch.no_grad():
-            probe = self.forward(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+        try:
+            with torch.no_grad():
+                probe = self.forward(torch.zeros(1, 3, cfg.image_size, cfg.image_size))
+        except (AssertionError, IndexError) as err:  # timm's check of the indices asked for
+            raise ValueError(
+                f"vision.feature_layer={cfg.feature_layer} / extra_layers={cfg.extra_layers}: timm "
+                f"'{cfg.name}' has no such stage ({err or type(err).__name__}); the recipe's torchvision "
+                "layer numbers do not carry over (extra_layers=[] takes the last stage alone)"
+            ) from None
         self.feature_dim = probe.shape[2]
         self.num_tokens = probe.shape[1]
         taps = "+".join(str(i) for i in [*self.taps, self.layer])

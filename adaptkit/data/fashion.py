@@ -127,13 +127,32 @@ def read_idx(path: Path, kind: int) -> tuple[tuple[int, ...], bytes]:
     return dims, data
 
 
-def _split(split: str) -> tuple[str, int | None]:
+def parse_split(split: str) -> tuple[str, int | None]:
+    """``train`` / ``test`` and the image count of ``:N`` (None: the whole split)."""
     name, _, count = split.partition(":")
     if name not in PREFIX or (count and not count.isdigit()):
         raise DataError(
             f"Fashion-MNIST has splits 'train' and 'test', optionally ':N' (its first N), not '{split}'"
         )
     return name, int(count) if count else None
+
+
+def _files(name: str) -> tuple[Path, Path]:
+    folder, _ = data_dir()
+    prefix = PREFIX[name]
+    return folder / f"{prefix}-images-idx3-ubyte.gz", folder / f"{prefix}-labels-idx1-ubyte.gz"
+
+
+def read_split(split: str) -> tuple[torch.Tensor, list[int]]:
+    """The ``(N, 28, 28)`` uint8 pixels and the labels of a split (optionally ``:N``), from the IDX files."""
+    name, count = parse_split(split)
+    image_file, label_file = _files(name)
+    (n, rows, cols), pixels = read_idx(image_file, 3)
+    (n_labels,), labels = read_idx(label_file, 1)
+    if n != n_labels or any(v > 9 for v in labels):
+        raise DataError(f"{label_file}: {n_labels} labels in 0..9 expected for the {n} images")
+    grid = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(n, rows, cols)
+    return grid[:count], list(labels)[:count]
 
 
 def images(split: str) -> tuple[list[str], list[int]]:
@@ -145,13 +164,8 @@ def images(split: str) -> tuple[list[str], list[int]]:
 
     from adaptkit.assets import cache_dir, sha256_file
 
-    name, count = _split(split)
-    folder, _ = data_dir()
-    prefix = PREFIX[name]
-    image_file, label_file = (
-        folder / f"{prefix}-images-idx3-ubyte.gz",
-        folder / f"{prefix}-labels-idx1-ubyte.gz",
-    )
+    name, count = parse_split(split)
+    image_file, label_file = _files(name)
     digest = hashlib.sha256((sha256_file(image_file) + sha256_file(label_file)).encode()).hexdigest()[:16]
     target = cache_dir() / "fashion-mnist-png" / f"{name}-{digest}"
     marker = target / "labels.json"
@@ -159,17 +173,13 @@ def images(split: str) -> tuple[list[str], list[int]]:
         target.parent.mkdir(parents=True, exist_ok=True)
         with FileLock(str(target) + ".lock"):
             if not marker.is_file():
-                (n, rows, cols), pixels = read_idx(image_file, 3)
-                (n_labels,), labels = read_idx(label_file, 1)
-                if n != n_labels or any(v > 9 for v in labels):
-                    raise DataError(f"{label_file}: {n_labels} labels in 0..9 expected for the {n} images")
+                grid, labels = read_split(name)
                 tmp = target.with_name(target.name + ".tmp")
                 shutil.rmtree(tmp, ignore_errors=True)
                 tmp.mkdir()
-                grid = torch.frombuffer(bytearray(pixels), dtype=torch.uint8).view(n, rows, cols)
-                for i in range(n):
+                for i in range(len(grid)):
                     Image.fromarray(grid[i].numpy(), mode="L").save(tmp / f"{i:05d}.png")
-                (tmp / "labels.json").write_text(json.dumps(list(labels)))
+                (tmp / "labels.json").write_text(json.dumps(labels))
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(tmp, target)
     labels = json.loads(marker.read_text())[:count]
