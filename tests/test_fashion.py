@@ -138,7 +138,7 @@ def test_pixel_baseline_fits_the_raw_pixels(fake_fashion):
     finally:
         sys.path.pop(0)
     x, y = baseline._pixels("train:30")
-    assert x.shape == (30, 784) and 0.0 <= float(x.min()) and float(x.max()) <= 1.0
+    assert x.shape == (30, 784) and float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     assert y.tolist() == [i % 10 for i in range(30)]
     model = baseline.fit(x, y, l2=1e-5)
     assert baseline.accuracy(model, x, y) == 1.0  # 30 random images in 784 dimensions: separable
