@@ -230,8 +230,10 @@ def test_compiled_encoding_is_used_where_it_pays_and_matches_eager(
     assert torch.equal(small.all(), eager.all())
     monkeypatch.setattr(features, "COMPILE_MIN_IMAGES", 3)
     # One graph for every batch: the padded last batch must not recompile (layouts included).
-    monkeypatch.setattr(torch._dynamo.config, "error_on_recompile", True)
-    with caplog.at_level("INFO", logger="adaptkit.data.features"):
+    with (
+        torch._dynamo.config.patch(error_on_recompile=True),
+        caplog.at_level("INFO", logger="adaptkit.data.features"),
+    ):
         compiled, cache = _bank(backbone, images, tmp_path / "cache", compile=True)
     assert "compiled the vision backbone for batches of 2 images" in caplog.text
     # Batches of 2, the last (one image) padded to 2: same rows, features within float32 rounding.
