@@ -19,7 +19,7 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def _timed(encoder, items, origins, augment, keys, batch: int) -> tuple[float, float, torch.Tensor]:
+def timed(encoder, items, origins, augment, keys, batch: int) -> tuple[float, float, torch.Tensor]:
     """(first batch's seconds, the later batches' seconds per item, every item's features)."""
     from tqdm.auto import tqdm
 
@@ -64,7 +64,7 @@ def main() -> None:
     feats = {}
     for name, compiled in (("eager", False), ("compiled", True)):
         encoder = BatchEncoder(vision, device, batch_size=args.batch, compiled=compiled)
-        first, per_item, feats[name] = _timed(encoder, items, origins, augment, keys, args.batch)
+        first, per_item, feats[name] = timed(encoder, items, origins, augment, keys, args.batch)
         result[f"{name}_ms_per_image"] = round(1000 * per_item, 2)
         if compiled:
             result["compiled"] = encoder.graph is not None

@@ -52,12 +52,12 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
+from encoding import timed
 from torch.utils.flop_counter import FlopCounterMode
-from tqdm.auto import tqdm
 
 from adaptkit.data.collate import pack_runs
 from adaptkit.data.feature_cache import file_key
-from adaptkit.data.features import BatchEncoder, FeatureBank, encode_images, encode_items
+from adaptkit.data.features import BatchEncoder, FeatureBank, encode_images
 from adaptkit.data.images import open_image
 from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches
 from adaptkit.data.splits import subset
@@ -91,13 +91,7 @@ def encoding_cost(vision, recipe, samples, epoch, device, batches: int = 10) -> 
     items = [(p, v) for v in range(views + 1) for p in paths][: 64 * batches]
     origins = {s.image: s.origin for s in samples}
     augment = recipe.data.augment if views else None
-    with tqdm(total=len(items), disable=True) as bar:
-        start = time.perf_counter()
-        encode_items(encoder, items[:64], origins, 64, False, {}, bar, augment, keys)
-        first = time.perf_counter() - start
-        start = time.perf_counter()
-        encode_items(encoder, items[64:], origins, 64, False, {}, bar, augment, keys)
-        per_item = (time.perf_counter() - start) / max(len(items) - 64, 1)
+    first, per_item, _ = timed(encoder, items, origins, augment, keys, 64)  # benchmarks/encoding.py
     return {
         "encode_compiled": encoder.graph is not None,
         "encode_s_per_image": per_item,
