@@ -58,9 +58,17 @@ def decoder_slice(decoder: nn.Module, start: int, stop: int | None, final_norm: 
     transformers' decoders run ``self.layers`` in order between the embedding lookup (skipped when
     ``inputs_embeds`` is given) and the final norm; swapping the list in for one call reuses the model's
     own mask, rotary-embedding and attention code. The full list and the norm are restored on exit.
+
+    Decoders with several kinds of layer (Gemma 2/3 and Qwen2 with sliding-window layers) pick each layer's
+    mask and rotary embedding by its index in ``config.layer_types``; the list is sliced alike for the call,
+    so layer ``start`` keeps its own kind.
     """
     layers, norm = decoder.layers, decoder.norm
+    config = decoder.config
+    kinds = getattr(config, "layer_types", None)
     decoder.layers = layers[start:stop]
+    if kinds is not None:
+        config.layer_types = list(kinds)[start:stop]
     if not final_norm:
         decoder.norm = nn.Identity()
     try:
@@ -68,6 +76,8 @@ def decoder_slice(decoder: nn.Module, start: int, stop: int | None, final_norm: 
     finally:
         decoder.layers = layers
         decoder.norm = norm
+        if kinds is not None:
+            config.layer_types = kinds
 
 
 def cache_kwarg(module: nn.Module, cache) -> dict:

@@ -32,8 +32,10 @@ from torch import nn
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
+from adaptkit.model import last_layer
 from adaptkit.model.decoder import IMAGE_KWARG, DecoderRun, LMInput
 from adaptkit.model.lower_states import LowerStateCache, states_at_layer
+from adaptkit.model.packing import sliding_window
 
 
 def _replace_hidden(args, kwargs, hidden):
@@ -41,6 +43,12 @@ def _replace_hidden(args, kwargs, hidden):
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
+
+
+def plain_kv_cache(config) -> bool:
+    """Whether the LM's key/value cache keeps every layer's keys whole (no sliding-window layers), as the
+    prompt store, which splices kept keys in front of new ones, needs."""
+    return all(type(layer) is DynamicLayer for layer in DynamicCache(config=config).layers)
 
 
 class Fusion:
@@ -150,11 +158,25 @@ class Fusion:
         weight = self.lm.get_input_embeddings().weight
         where = (weight.device, weight.dtype, self.prompt_mb)
         if self._prompts_on != where:
-            layers = DynamicCache(config=self.lm.config).layers
-            plain = all(type(layer) is DynamicLayer for layer in layers)
+            plain = plain_kv_cache(self.lm.config)
             self._prompts = self._store(self.prompt_mb, keep_kv=True) if plain else None
             self._prompts_on = where
         return self._prompts
+
+    def paths(self) -> str:
+        """One line on which of the LM's fast paths this model takes and which it leaves off, and why."""
+        config = self.lm.config
+        why = last_layer.why_not(config, self.lm.get_decoder().layers[-1])
+        if not self.run.answer_only_last_layer:
+            why = "turned off"
+        parts = [f"answer-only last layer {f'off ({why})' if why else 'on'}"]
+        if self.entry:
+            why = "on" if plain_kv_cache(config) else "off (sliding-window key/value cache layers)"
+            parts.append(f"generation's prompt store {why if self.prompt_mb > 0 else 'off (no budget)'}")
+        window = sliding_window(config)
+        if window:
+            parts.append(f"packed rows keep the {window}-token sliding window of the layers that have one")
+        return f"LM paths ({config.model_type}): " + "; ".join(parts)
 
     def attach(self, layers: nn.ModuleList) -> None:
         """Put this strategy's hooks on the LM's decoder ``layers`` (kept in ``handles``)."""

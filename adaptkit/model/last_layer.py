@@ -29,19 +29,27 @@ _ATTENTION = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "nu
 
 def supported(config, layer: nn.Module) -> bool:
     """Whether ``last_layer_at`` computes exactly what ``layer`` (the LM's last decoder layer) would."""
+    return why_not(config, layer) is None
+
+
+def why_not(config, layer: nn.Module) -> str | None:
+    """Why ``last_layer_at`` would not compute what ``layer`` does (None: it would)."""
     if getattr(config, "model_type", None) not in LLAMA_LAYOUT:
-        return False
-    if getattr(config, "attention_dropout", 0.0) or getattr(config, "use_sliding_window", False):
-        return False
-    if config.model_type == "mistral" and getattr(config, "sliding_window", None):
-        return False
+        return f"{getattr(config, 'model_type', None)} layers are not the Llama layout it is written for"
+    if getattr(config, "attention_dropout", 0.0):
+        return "attention dropout"
+    sliding = getattr(config, "use_sliding_window", False)
+    if sliding or (config.model_type == "mistral" and getattr(config, "sliding_window", None)):
+        return "a sliding-window last layer"
     layer_types = getattr(config, "layer_types", None)  # per-layer attention kinds (Qwen2: sliding ones)
     if layer_types and layer_types[-1] != "full_attention":
-        return False
+        return "a sliding-window last layer"
     if layer._forward_pre_hooks or any(_foreign(h) for h in layer._forward_hooks.values()):
-        return False
+        return "the image enters at the last layer"
     attention = getattr(layer, "self_attn", None)
-    return all(hasattr(layer, p) for p in _PARTS) and all(hasattr(attention, a) for a in _ATTENTION)
+    if not (all(hasattr(layer, p) for p in _PARTS) and all(hasattr(attention, a) for a in _ATTENTION)):
+        return "its layer lacks the Llama layout's parts"
+    return None
 
 
 def _foreign(hook) -> bool:
@@ -53,7 +61,10 @@ def _foreign(hook) -> bool:
 def key_mask(mask: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
     """``(N, S)`` booleans: which positions the query at ``(rows[i], cols[i])`` may attend to, from the
     decoder's mask: ``(B, S)`` keep-mask of right-padded causal rows, or ``(B, 1, S, S)`` additive mask
-    (packed rows, ``adaptkit.model.packing``)."""
+    (packed rows, ``adaptkit.model.packing``; of a mask per kind of layer, the full-attention one, which is
+    the last layer's where :func:`supported`)."""
+    if isinstance(mask, dict):
+        mask = mask["full_attention"]
     if mask.dim() == 4:
         return mask[rows, 0, cols] == 0
     positions = torch.arange(mask.shape[1], device=mask.device)

@@ -131,7 +131,7 @@ class MultimodalModel(nn.Module):
             mask, position_ids = inp.mask, (inp.mask.cumsum(-1) - 1).clamp(min=0)
         else:
             mask, position_ids = packed_attention(
-                batch.segment_ids, batch.positions, inp.n_lead, inp.embeds.dtype
+                batch.segment_ids, batch.positions, inp.n_lead, inp.embeds.dtype, self.base_lm.config
             )
         selected = labels != IGNORE
         # hidden[:, t] predicts token t+1; text token j sits at position n_lead + j. Without a lead

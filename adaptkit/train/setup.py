@@ -348,6 +348,7 @@ def setup(recipe: Recipe) -> TrainingRun:
     model = build_model(recipe, device)
     frozen_before = frozen_fingerprint(model)
     parameters = _log_parameters(model)
+    log.info("%s", model.fusion.paths())
     train, evals = prepare_data(recipe, task, model, device, accelerator.is_main_process)
     run = TrainingRun(recipe, Path(recipe.output_dir), accelerator, task, model, train, evals, started)
     run.frozen_before, run.parameters, run.resume_from = frozen_before, parameters, resume_from
