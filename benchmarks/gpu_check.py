@@ -181,7 +181,7 @@ def _large_models(work: Path) -> tuple[Path, Path]:
         SiglipVisionModel,
     )
 
-    from adaptkit.assets import smollm2_dir
+    from adaptkit.gguf import smollm2_dir
 
     vision, lm = work / "siglip-base-random", work / "qwen2.5-0.5b-random"
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from adaptkit import assets
+from adaptkit import assets, gguf
 from adaptkit.assets import ASSETS, Asset, AssetError
 
 
@@ -46,7 +46,7 @@ def test_missing_asset_names_the_install_command(monkeypatch):
 
 def test_smollm2_conversion_is_cached_and_plain():
     # The conversion itself runs in setup (adaptkit assets); here its output must be a plain HF folder.
-    folder = assets.smollm2_dir()
+    folder = gguf.smollm2_dir()
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config and config["model_type"] == "llama"
     assert (folder / "model.safetensors").is_file() and not list(folder.glob("*.bin"))

@@ -1,8 +1,8 @@
 """The frozen causal language model: any Hugging Face causal LM, optionally 8-bit or 4-bit NF4.
 
-``language.name`` is a hub id, a local folder, or ``embedded:smollm2`` (the packaged SmolLM2,
-converted once to safetensors). Quantization goes through bitsandbytes' ``BitsAndBytesConfig``,
-which runs on CPU as well as CUDA.
+``language.name`` is a hub id, a local folder, a GGUF file, or ``embedded:smollm2`` /
+``embedded:gemma3-270m`` (packaged GGUFs); GGUFs are converted once to safetensors (``adaptkit.gguf``).
+Quantization goes through bitsandbytes' ``BitsAndBytesConfig``, which runs on CPU as well as CUDA.
 """
 
 from __future__ import annotations
@@ -20,14 +20,18 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_lm_path(name: str) -> str:
-    """Turn ``embedded:smollm2`` into its converted folder; hub ids and paths pass through."""
-    if name.startswith("embedded:"):
-        from adaptkit import assets
+    """Turn ``embedded:NAME`` and GGUF files into their converted folders (``adaptkit.gguf``); hub ids and
+    folders pass through."""
+    from adaptkit import gguf
 
+    if name.startswith("embedded:"):
         which = name.split(":", 1)[1]
-        if which != "smollm2":
-            raise ValueError(f"language.name: unknown embedded LM '{which}' (known: embedded:smollm2)")
-        return str(assets.smollm2_dir())
+        if which not in gguf.EMBEDDED_LMS:
+            known = ", ".join(f"embedded:{k}" for k in gguf.EMBEDDED_LMS)
+            raise ValueError(f"language.name: unknown embedded LM '{which}' (known: {known})")
+        return str(gguf.EMBEDDED_LMS[which]())
+    if gguf.is_gguf(name):
+        return str(gguf.converted(name))
     return name
 
 

@@ -76,7 +76,12 @@ class VisionConfig:
 class LanguageConfig:
     """The frozen causal LM (adaptkit/backbones/language.py)."""
 
-    name: str = knob("embedded:smollm2", "embedded:smollm2 | HF hub id | local folder of any causal LM")
+    name: str = knob(
+        "embedded:smollm2",
+        """embedded:smollm2 | embedded:gemma3-270m (installed on request, README 'Bring your own models') |
+        HF hub id | local folder of any causal LM | a .gguf file (converted once into the cache, keyed by its
+        sha256)""",
+    )
     dtype: str = knob("float32", "weights dtype (float32 is the fast path on CPU)", choices=DTYPES)
     quant: str = knob(
         "none", "bitsandbytes quantization of the frozen LM (NF4 for 4bit; CPU and CUDA)", choices=QUANT
