@@ -12,6 +12,11 @@ look, so a model that learned the task rather than the renderer still answers:
 - shape colours jittered by up to +-10 per channel around the CSS colour easy-VQA uses;
 - anti-aliased edges (drawn at 4x, downsampled).
 
+``--style shades`` draws the default style's images with each shape in a shade people give its colour's
+name: one of the held-out half of the xkcd colour survey's tone-only shades of that name
+(``adaptkit/data/colour_names.py``; e.g. "dark red", "dull green", "light brown", "dark grey"), which
+``data.augment.shades`` never shows in training. Kept out of all tuning.
+
 ``--style textured`` draws a second, independent set on top of that renderer, for a check that no setting
 was tuned on: grainy backgrounds (Gaussian noise, std 4-12 per pixel), a darker outline of 1-3 px on half the
 shapes, a blur on a third of the images, canvases of 80, 128 or 160 px, and JPEG compression (quality
@@ -27,6 +32,7 @@ each phrased with one of easy-VQA's own templates. Fixed seed: the same call wri
 
     python benchmarks/ood_vqa.py --out data/ood_vqa --images 300 --seed 0
     python benchmarks/ood_vqa.py --out data/ood_vqa_textured --style textured --seed 2
+    python benchmarks/ood_vqa.py --out data/ood_vqa_shades --style shades --seed 3
     adaptkit eval RUN --data data/ood_vqa/questions.jsonl --json
 """
 
@@ -77,6 +83,15 @@ YES_NO_NEGATED = (
     "is no {x} present?",
 )
 SIZE, SCALE = 96, 4  # canvas side, supersampling factor
+STYLES = ("default", "textured", "shades")
+
+
+def held_out_shades(color: str) -> list[tuple[int, int, int]]:
+    """The shades of ``color`` kept out of training (``adaptkit.data.colour_names``: the survey's held-out
+    half; easy-VQA's "gray" is the survey's "grey")."""
+    from adaptkit.data.colour_names import shades
+
+    return shades(color, "held_out")
 
 
 def _background(rng: random.Random, avoid: tuple[int, int, int]) -> Image.Image:
@@ -120,10 +135,13 @@ def _shape_points(rng: random.Random, shape: str) -> list[tuple[float, float]] |
     return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in corners]
 
 
-def render(rng: random.Random, shape: str, color: str) -> Image.Image:
-    """One image: a ``color`` ``shape`` on a soft background (see the module docstring)."""
+def render(rng: random.Random, shape: str, color: str, shades: bool = False) -> Image.Image:
+    """One image: a ``color`` ``shape`` on a soft background (see the module docstring); ``shades``: in a
+    held-out shade people call ``color`` instead of easy-VQA's CSS colour."""
     base = COLORS[color]
     fill = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in base)
+    if shades:
+        fill = base = rng.choice(held_out_shades(color))
     img = _background(rng, base)
     draw = ImageDraw.Draw(img)
     outline = _shape_points(rng, shape)
@@ -187,8 +205,8 @@ def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default"
     """Write ``images`` images (PNG; JPEG for ``style="textured"``) and ``questions.jsonl`` (adaptkit's VQA
     JSONL) under ``out``; returns the JSONL's path. Shapes and colours are balanced: image i is shape
     i % 3 and a colour of a shuffled cycle."""
-    if style not in ("default", "textured"):
-        raise ValueError(f"style must be default or textured, got {style!r}")
+    if style not in STYLES:
+        raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines, captions = [], []
@@ -202,7 +220,7 @@ def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default"
             (out / name).write_bytes(render_textured(rng, shape, color)[1])
         else:
             name = f"images/{i:04d}.png"
-            render(rng, shape, color).save(out / name)
+            render(rng, shape, color, shades=style == "shades").save(out / name)
         for question, answer in questions(rng, shape, color):
             lines.append({"image": name, "question": question, "answer": answer})
         phrased = [p.format(c=color, s=shape) for p in PHRASINGS]
@@ -218,7 +236,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("data/ood_vqa"))
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--style", choices=("default", "textured"), default="default")
+    parser.add_argument("--style", choices=STYLES, default="default")
     args = parser.parse_args()
     path = generate(args.out, args.images, args.seed, args.style)
     n = sum(1 for _ in path.open())

@@ -61,6 +61,14 @@ class AugmentConfig:
         low=0.0,
         high=1.0,
     )
+    shades: float = knob(
+        0.0,
+        """probability that a view's main colour (a flat shape's fill) moves to another shade people call by
+        the colour name the image's answers give it (the xkcd colour survey's tone-only shades,
+        adaptkit/data/colour_names.py; only images whose answers name one colour; 0: off)""",
+        low=0.0,
+        high=1.0,
+    )
 
 
 @dataclass

@@ -13,8 +13,10 @@ The transforms are geometric (scale, rotation, translation, flips, filled with t
 colour), a new background (pixels near the border colour replaced by a soft two-colour gradient, for
 images on plain backgrounds), photometric without changing hue much (brightness, contrast, a small
 per-channel gain, a linear illumination gradient) and of texture (Gaussian blur, pixel noise):
-label-preserving for tasks whose answers name colours and shapes. Every one is a recipe key
-(``data.augment.*``); 0 turns one off.
+label-preserving for tasks whose answers name colours and shapes. ``shades`` moves an image's main colour
+to another shade people call by the name its answers give it (``adaptkit.data.colour_names``), so a model
+learns colour names rather than one palette. Every one is a recipe key (``data.augment.*``); 0 turns one
+off.
 """
 
 from __future__ import annotations
@@ -36,23 +38,28 @@ AUGMENT_VERSION = "1"  # bump when augment_image changes what it draws: cached v
 
 
 def settings(cfg: AugmentConfig) -> dict:
-    """The settings that decide a view's pixels (``views`` only says how many there are)."""
+    """The settings that decide a view's pixels (``views`` only says how many there are; ``shades`` is left
+    out while 0, so views made before it existed keep their keys)."""
     out = asdict(cfg)
     out.pop("views")
+    if not out["shades"]:
+        out.pop("shades")
     out["version"] = AUGMENT_VERSION
     return out
 
 
-def view_key(image_key: str, cfg: AugmentConfig, view: int) -> str:
-    """The feature-cache key of view ``view`` of the image whose content key is ``image_key``."""
+def view_key(image_key: str, cfg: AugmentConfig, view: int, colour: str | None = None) -> str:
+    """The feature-cache key of view ``view`` of the image whose content key is ``image_key`` (``colour``: the
+    colour name its answers give it, which decides the view's pixels where ``cfg.shades`` > 0)."""
     if view == 0:
         return image_key
-    text = json.dumps({"image": image_key, "view": view, **settings(cfg)}, sort_keys=True)
+    extra = {"colour": colour} if cfg.shades and colour else {}
+    text = json.dumps({"image": image_key, "view": view, **settings(cfg), **extra}, sort_keys=True)
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _generator(image_key: str, cfg: AugmentConfig, view: int) -> torch.Generator:
-    seed = int(view_key(image_key, cfg, view)[:15], 16)
+def _generator(image_key: str, cfg: AugmentConfig, view: int, colour: str | None) -> torch.Generator:
+    seed = int(view_key(image_key, cfg, view, colour)[:15], 16)
     return torch.Generator().manual_seed(seed)
 
 
@@ -67,9 +74,12 @@ def border_colour(img: Image.Image) -> tuple[int, ...]:
     return tuple(int(v) for v in edge.median(dim=1).values)
 
 
-def augment_image(img: Image.Image, cfg: AugmentConfig, gen: torch.Generator) -> Image.Image:
+def augment_image(
+    img: Image.Image, cfg: AugmentConfig, gen: torch.Generator, colour: str | None = None
+) -> Image.Image:
     """One random, label-preserving variant of an RGB image (parameters drawn from ``gen`` in a fixed
-    order, so a seeded generator gives the same pixels)."""
+    order, so a seeded generator gives the same pixels; ``colour``: the colour name the image's answers give
+    it, for ``cfg.shades``)."""
     width, height = img.size
     angle = _uniform(gen, -cfg.rotate, cfg.rotate)
     scale = math.exp(_uniform(gen, math.log(cfg.scale_min), math.log(cfg.scale_max)))
@@ -90,9 +100,10 @@ def augment_image(img: Image.Image, cfg: AugmentConfig, gen: torch.Generator) ->
     recolour = float(torch.rand((), generator=gen)) < cfg.background
     backdrop = torch.rand(2, 3, generator=gen) * 0.3 + 0.68  # two soft colours (each channel 173-250)
     backdrop_angle = _uniform(gen, 0.0, 2 * math.pi)
+    shade = _draw_shade(gen, cfg, colour) if cfg.shades else None
 
     fill = list(border_colour(img))
-    out = img
+    out = img if shade is None else recolour_shape(img, fill, shade)
     if flip_h:
         out = TF.horizontal_flip(out)
     if flip_v:
@@ -150,11 +161,39 @@ def _replace_background(
     return TF.to_pil_image((mixed.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
-def make_view(img: Image.Image, image_key: str, cfg: AugmentConfig, view: int) -> Image.Image:
-    """View ``view`` of an image (0: the image itself)."""
+def _draw_shade(gen: torch.Generator, cfg: AugmentConfig, colour: str | None) -> tuple[int, int, int] | None:
+    """With probability ``cfg.shades``, a shade people give ``colour`` (the survey's training half)."""
+    from adaptkit.data.colour_names import shades
+
+    pick, index = float(torch.rand((), generator=gen)), int(torch.randint(0, 2**31, (), generator=gen))
+    options = shades(colour) if colour else []
+    return options[index % len(options)] if options and pick < cfg.shades else None
+
+
+def recolour_shape(img: Image.Image, border: list[int], shade: tuple[int, int, int]) -> Image.Image:
+    """The image with its main colour (the most common one far from the border colour: a flat shape's fill)
+    moved to ``shade``; pixels near that colour move with it, weighted by closeness, so anti-aliased edges
+    and shading keep their steps. An image with no such colour is returned as it is."""
+    pixels = TF.pil_to_tensor(img)
+    flat = pixels.reshape(3, -1)
+    far = (flat.float() - torch.tensor(border, dtype=torch.float32)[:, None]).abs().sum(0) > 64
+    if not bool(far.any()):
+        return img
+    colours, counts = flat[:, far].unique(dim=1, return_counts=True)
+    main = colours[:, counts.argmax()].float()
+    values = pixels.float()
+    weight = (1 - (values - main[:, None, None]).abs().sum(0) / 64).clamp(0, 1)
+    moved = values + weight[None] * (torch.tensor(shade, dtype=torch.float32) - main)[:, None, None]
+    return TF.to_pil_image(moved.clamp(0, 255).round().to(torch.uint8))
+
+
+def make_view(
+    img: Image.Image, image_key: str, cfg: AugmentConfig, view: int, colour: str | None = None
+) -> Image.Image:
+    """View ``view`` of an image (0: the image itself; ``colour``: the colour name its answers give it)."""
     if view == 0:
         return img
-    return augment_image(img, cfg, _generator(image_key, cfg, view))
+    return augment_image(img, cfg, _generator(image_key, cfg, view, colour), colour)
 
 
 def view_choice(seed: int, step: int, views: int, rows: torch.Tensor) -> torch.Tensor:

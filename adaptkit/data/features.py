@@ -28,7 +28,7 @@ from adaptkit.backbones.vision import VisionBackbone
 from adaptkit.data.augment import make_view, view_choice, view_key
 from adaptkit.data.feature_cache import SHARD_IMAGES, FeatureCache, StoredFeatures, file_key
 from adaptkit.data.formats import DataError
-from adaptkit.data.images import image_error, open_image
+from adaptkit.data.images import content_keys, open_image
 
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
@@ -132,9 +132,11 @@ def encode_items(
     bar: tqdm,
     augment: AugmentConfig | None = None,
     image_keys: dict[str, str] | None = None,
+    colours: dict[str, str] | None = None,
 ) -> tuple[list[tuple[str, int]], list[torch.Tensor]]:
     """Encode ``(path, view)`` items in batches (view 0: the image itself, v >= 1: augmented view v, see
-    ``augment.py``); returns the decodable items and their feature chunks, in order."""
+    ``augment.py``; ``colours``: image → the colour name its answers give it); returns the decodable items
+    and their feature chunks, in order."""
     good: list[tuple[str, int]] = []
     chunks: list[torch.Tensor] = []
     for start in range(0, len(items), batch_size):
@@ -149,30 +151,14 @@ def encode_items(
                     raise
                 bad[path] = str(err)
                 continue
-            images.append(make_view(img, (image_keys or {}).get(path, ""), augment, view))
+            colour = (colours or {}).get(path)
+            images.append(make_view(img, (image_keys or {}).get(path, ""), augment, view, colour))
             batch_items.append((path, view))
         if images:
             chunks.append(encoder(images))
             good += batch_items
         bar.update(min(batch_size, len(items) - start))
     return good, chunks
-
-
-def _keys(
-    paths: Sequence[str], origins: dict[str, str], skip_bad: bool, bad: dict[str, str]
-) -> dict[str, str]:
-    """Content keys of the readable images (unreadable ones raise, or are recorded in ``bad``)."""
-    keys: dict[str, str] = {}
-    for path in paths:
-        try:
-            keys[path] = file_key(path)
-        except OSError as err:
-            reason = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
-            error = image_error(path, origins.get(path, ""), reason)
-            if not skip_bad:
-                raise error from None
-            bad[path] = str(error)
-    return keys
 
 
 class FeatureBank:
@@ -228,6 +214,7 @@ class FeatureBank:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
+        colours: dict[str, str] | None = None,
     ) -> FeatureBank:
         """Encode each distinct image (and each of its augmented views) once, with a progress bar; with
         ``cache``, only the ones it lacks.
@@ -235,9 +222,9 @@ class FeatureBank:
         Args:
             origins: image path → the ``file:line`` of a sample that uses it (for errors).
             skip_bad: record undecodable images in ``bad`` instead of raising.
-            cache: a disk cache for this backbone; cached images are read, the others encoded and added.
-                Its storage dtype wins over ``dtype``.
-            augment: with ``augment.views = K > 0``, also K fixed augmented views of every image.
+            cache: a disk cache for this backbone (its dtype wins): cached images read, others added.
+            augment: with ``augment.views = K > 0``, also K fixed augmented views of every image;
+                ``colours``: image → the colour name its answers give it (``augment.shades``).
             seed: the run's seed, which (with the step) picks the view each image shows.
             dtype: storage dtype of features held in memory (no ``cache``).
             compile: encode through a compiled backbone (:class:`BatchEncoder`) where it pays: on CPU, with
@@ -246,21 +233,24 @@ class FeatureBank:
         unique = list(dict.fromkeys(paths))
         views = augment.views if augment is not None else 0
         bad: dict[str, str] = {}
-        keys = _keys(unique, origins, skip_bad, bad) if cache is not None or views else {}
+        keys = content_keys(unique, origins, skip_bad, bad) if cache is not None or views else {}
         source: torch.Tensor | StoredFeatures | None = None
-
         if cache is None:
             readable = [p for p in unique if p not in bad]
             items = [(p, v) for v in range(views + 1) for p in readable]
             with tqdm(total=len(items), desc=desc, unit="img", disable=disable_progress) as bar:
                 encode = BatchEncoder.for_work(backbone, device, batch_size, compile, len(items))
-                _, feats = encode_items(encode, items, origins, batch_size, skip_bad, bad, bar, augment, keys)
+                _, feats = encode_items(
+                    encode, items, origins, batch_size, skip_bad, bad, bar, augment, keys, colours
+                )
             done = [p for p in readable if p not in bad]
-            # Items run view-major, so an undecodable image is found in view 0 and skipped in every later
-            # view: the chunks are already in the bank's order (view * len(done) + row).
+            # Items run view-major: the chunks are in the bank's order (view * len(done) + row).
             source = torch.cat([f.to(dtype) for f in feats]) if feats else None
         else:
-            item_key = {(p, v): view_key(keys[p], augment, v) for v in range(views + 1) for p in keys}
+            named = colours or {}
+            item_key = {
+                (p, v): view_key(keys[p], augment, v, named.get(p)) for v in range(views + 1) for p in keys
+            }
             with cache.lock():
                 missing = set(cache.missing(list(item_key.values())))
                 todo = [item for item in item_key if item_key[item] in missing]
@@ -271,7 +261,7 @@ class FeatureBank:
                     for start in range(0, len(todo), SHARD_IMAGES):
                         chunk = todo[start : start + SHARD_IMAGES]
                         good, feats = encode_items(
-                            encode, chunk, origins, batch_size, skip_bad, bad, bar, augment, keys
+                            encode, chunk, origins, batch_size, skip_bad, bad, bar, augment, keys, colours
                         )
                         if good:
                             cache.put([item_key[item] for item in good], torch.cat(feats))
@@ -350,9 +340,11 @@ class OnTheFlyFeatures:
         augment: AugmentConfig | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
+        colours: dict[str, str] | None = None,
     ) -> None:
         """Every image is decoded once up front, so a bad one is known (skipped or raised) before training.
         ``dtype``: the storage dtype features are rounded through, as a bank would store them."""
+        self.colours = colours or {}
         self.backbone = backbone
         self.device = device
         self.dtype = dtype
@@ -381,7 +373,8 @@ class OnTheFlyFeatures:
         images = []
         for r, v in zip(rows.tolist(), views.tolist()):
             path = self.paths[r]
-            images.append(make_view(open_image(path), self.keys.get(path, ""), self.augment, v))
+            key, colour = self.keys.get(path, ""), self.colours.get(path)
+            images.append(make_view(open_image(path), key, self.augment, v, colour))
         return encode_images(self.backbone, images, self.device, self.dtype)
 
     def stats(self, max_images: int = 256) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,11 +11,13 @@ from __future__ import annotations
 import io
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from adaptkit.data.feature_cache import file_key
 from adaptkit.data.records import DataError, not_a_regular_file
 
 #: what the Python API and ``predict`` accept as an image.
@@ -141,3 +143,20 @@ def to_image(image: ImageInput, name: str = "image") -> Image.Image:
     if isinstance(image, str | Path):
         return open_image(str(image))
     raise DataError(f"{name}: expected a path, bytes, PIL image or array, got {type(image).__name__}")
+
+
+def content_keys(
+    paths: Sequence[str], origins: dict[str, str], skip_bad: bool, bad: dict[str, str]
+) -> dict[str, str]:
+    """Content keys of the readable images (unreadable ones raise, or are recorded in ``bad``)."""
+    keys: dict[str, str] = {}
+    for path in paths:
+        try:
+            keys[path] = file_key(path)
+        except OSError as err:
+            reason = "does not exist" if isinstance(err, FileNotFoundError) else f"cannot be read ({err})"
+            error = image_error(path, origins.get(path, ""), reason)
+            if not skip_bad:
+                raise error from None
+            bad[path] = str(error)
+    return keys

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from adaptkit.assets import cache_dir
+from adaptkit.data.colour_names import image_colours
 from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
 from adaptkit.data.formats import DataError
@@ -65,8 +66,12 @@ def build_features(
     origins: dict[str, str] = {}
     for s in samples:
         origins.setdefault(s.image, s.origin)
+    colours = image_colours(samples) if augment is not None and augment.views and augment.shades else None
+    if colours is not None:
+        found = f"{len(colours)} of {len(origins)} images have one colour name in their answers"
+        log.info("data.augment.shades: %s", found)
     if not cache:
-        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad, augment, seed, dtype)
+        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad, augment, seed, dtype, colours)
     disk = cache_root
     if cache_root is not None and not isinstance(cache_root, FeatureCache):
         disk = FeatureCache.for_backbone(cache_root, vision, device, dtype)
@@ -83,6 +88,7 @@ def build_features(
         seed=seed,
         dtype=dtype,
         compile=compile,
+        colours=colours,
     )
 
 
