@@ -124,3 +124,30 @@ def test_training_with_packed_questions(tiny_overrides, tmp_path):
     losses = [r["loss"] for r in rows if "loss" in r]
     assert len(losses) == 3 and all(x == x and x > 0 for x in losses)  # finite, logged every 2 steps
     assert "LM token slots per question" in (run / "train.log").read_text()
+
+
+def test_packed_masks_keep_a_sliding_window_by_position():
+    """A 4-D mask reaches every layer as given, so the window of sliding layers is applied in the mask: by
+    position within each question (not by index in the packed row), per kind of layer where kinds mix."""
+    from types import SimpleNamespace
+
+    from adaptkit.model.packing import packed_attention
+
+    segments = torch.tensor([[1, 1, 1, 1, 1, 2, 2, 2, 2, 2]])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    full, ids = packed_attention(segments, positions, 2, torch.float32)
+    assert full.shape == (1, 1, 12, 12) and ids.tolist() == [[0, 1, 2, 3, 4, 5, 6, 2, 3, 4, 5, 6]]
+    mixed = SimpleNamespace(layer_types=["sliding_attention", "full_attention"], sliding_window=3)
+    masks, _ = packed_attention(segments, positions, 2, torch.float32, mixed)
+    assert torch.equal(masks["full_attention"], full)
+    sees = masks["sliding_attention"][0, 0] == 0
+    # The second question's last token (position 6) sees its own positions 4..6, not the soft tokens (0, 1)
+    # nor its earlier tokens, nor anything of the first question.
+    assert sees[11].nonzero().flatten().tolist() == [9, 10, 11]
+    assert sees[7].nonzero().flatten().tolist() == [0, 1, 7]  # position 2: the soft tokens are near
+    every, _ = packed_attention(segments, positions, 2, torch.float32, SimpleNamespace(sliding_window=3))
+    assert torch.equal(every, masks["sliding_attention"])  # every layer slides (Mistral): one mask
+    wide = SimpleNamespace(layer_types=["sliding_attention"], sliding_window=64)
+    assert torch.equal(packed_attention(segments, positions, 2, torch.float32, wide)[0], full)
+    no_slide = SimpleNamespace(layer_types=["full_attention"], sliding_window=3)
+    assert torch.equal(packed_attention(segments, positions, 2, torch.float32, no_slide)[0], full)
