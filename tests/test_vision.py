@@ -219,6 +219,10 @@ def test_timm_vit_tokens_and_bad_names():
     feats = _check(backbone, backbone.model.num_features)
     prefix = backbone.model.num_prefix_tokens
     assert feats.shape[1] == prefix + (160 // backbone.model.patch_embed.patch_size[0]) ** 2
+    with pytest.raises(ValueError, match=r"image_size=64: timm 'vit_tiny_patch16_224' takes 224x224 .*=224"):
+        build_vision_backbone(
+            VisionConfig(family="timm", name="vit_tiny_patch16_224", weights="random", image_size=64)
+        )
     with pytest.raises(ValueError, match="timm has no model 'not_a_timm_net'"):
         build_vision_backbone(VisionConfig(family="timm", name="not_a_timm_net", weights="random"))
     with pytest.raises(ValueError, match="embedded exists for vision.family=timm only"):

@@ -104,6 +104,14 @@ class TimmBackbone(VisionBackbone):
         from timm.data import create_transform, resolve_model_data_config
 
         model, weights = _create(cfg)
+        embed = getattr(model, "patch_embed", None)
+        strict = getattr(embed, "strict_img_size", False)
+        fixed = tuple(getattr(embed, "img_size", None) or ()) if strict else ()
+        if fixed and fixed != (cfg.image_size, cfg.image_size):
+            raise ValueError(
+                f"vision.image_size={cfg.image_size}: timm '{cfg.name}' takes {fixed[0]}x{fixed[1]} images "
+                f"(its position embeddings are fixed); set vision.image_size={fixed[0]}"
+            )
         self.model = model.eval()
         data = resolve_model_data_config(model)
         data["input_size"] = (3, cfg.image_size, cfg.image_size)
