@@ -215,6 +215,10 @@ def _cmd_assets(args: argparse.Namespace) -> int:
     from adaptkit import gguf
     from adaptkit.assets import prepare_all
 
+    unknown = [name for name in args.on_request if name not in gguf.EMBEDDED_LMS]
+    if unknown:
+        known = ", ".join(gguf.EMBEDDED_LMS)
+        raise AssetError(f"no embedded LM {', '.join(unknown)} (known: {known})")
     for name, path in prepare_all().items():
         print(f"{name}: {path}")
     print(f"smollm2_hf: {gguf.smollm2_dir()}")
@@ -357,8 +361,8 @@ def _add_model_commands(sub) -> None:
     p.add_argument(
         "on_request",
         nargs="*",
-        choices=["gemma3-270m"],
-        help="also prepare these LMs, installed on request only (README, 'Other LMs')",
+        metavar="gemma3-270m",
+        help="also prepare these LMs, installed on request only (README, 'Bring your own models')",
     )
     p.set_defaults(func=_cmd_assets)
 

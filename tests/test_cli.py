@@ -96,6 +96,7 @@ def test_eval_json_last_line_in_subprocess(tiny_overrides, tiny_vqa, tmp_path):
         (["train", RECIPE, "max_stepz=3"], "max_stepz"),
         (["train", RECIPE, "language.quant=2bit"], "language.quant"),
         (["eval", "/nonexistent/run", "--data", "easyvqa:test"], "not a run directory"),
+        (["assets", "llama"], "no embedded LM llama (known: smollm2, gemma3-270m)"),
     ],
 )
 def test_cli_user_errors_exit_2_with_message(args, message, capsys):
