@@ -41,30 +41,34 @@ def _tiny_tokenizer():
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_lm_dir(tmp_path_factory) -> Path:
-    """A 2-layer random Llama with a word-level tokenizer, saved as a Hugging Face folder."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    out = tmp_path_factory.mktemp("tiny_lm")
+def save_tiny_lm(out: Path, model_class, config_class, **sizes) -> Path:
+    """A random causal LM of ``config_class(**sizes)`` with the word-level tokenizer, saved to ``out``."""
     tokenizer = _tiny_tokenizer()
-    config = LlamaConfig(
+    config = config_class(
         vocab_size=len(tokenizer),
         hidden_size=64,
         intermediate_size=128,
-        num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=128,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         bos_token_id=tokenizer.eos_token_id,
-        tie_word_embeddings=False,
+        **sizes,
     )
     torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out)
+    model_class(config).save_pretrained(out)
     tokenizer.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_lm_dir(tmp_path_factory) -> Path:
+    """A 2-layer random Llama with a word-level tokenizer, saved as a Hugging Face folder."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_lm")
+    return save_tiny_lm(out, LlamaForCausalLM, LlamaConfig, num_hidden_layers=2, tie_word_embeddings=False)
 
 
 @pytest.fixture(scope="session")
@@ -136,6 +140,40 @@ def lora_model_and_dataset(recipe, vqa: Path):
     samples = load_jsonl(vqa).samples
     rows = {path: i for i, path in enumerate(dict.fromkeys(s.image for s in samples))}
     return model, rows, VQADataset(samples, rows, model.tokenizer, recipe.data.prompt_template)
+
+
+def injected_model_and_batches(overrides, vqa: Path, extra=()):
+    """The shipped recipe's model with the image entering LM layer 1 (LoRA from step 0, given weights), and
+    seven of ``vqa``'s questions as a plain batch, the same packed 3 to a row, random image features, and
+    the items."""
+    from adaptkit.data.collate import collate_packed, collate_train
+    from adaptkit.recipes import load_recipe
+
+    recipe = load_recipe(
+        Path(__file__).resolve().parent.parent / "recipes" / "easyvqa_qformer_lora.yaml",
+        [
+            *overrides,
+            "adapter.inject_layer=1",
+            "adapter.qformer.text_conditioned=false",
+            "lora.start_step=0",
+            *extra,
+        ],
+    )
+    model, rows, dataset = lora_model_and_dataset(recipe, vqa)
+    items = [dataset[i] for i in [0, 1, 2, 3, 4, 5, 8]]
+    pad = model.tokenizer.pad_token_id
+    feats = torch.randn(len(rows), 4, 1280)
+    return model, collate_train(items, pad), collate_packed(items, pad, pack=3), feats, items
+
+
+def loss_and_grads(model, feats, batch, **kw):
+    """A batch's training loss and the gradients it gives, by parameter name."""
+    model.zero_grad(set_to_none=True)
+    loss = loss_of(
+        model, feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"], **kw
+    )
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def loss_of(model, features, input_ids, attention_mask, labels=None, **kw):

@@ -10,18 +10,19 @@ from pathlib import Path
 import pytest
 import torch
 
-from adaptkit.data.collate import collate_packed, collate_prompts, collate_train
+from adaptkit.data.collate import collate_prompts
 from adaptkit.export import export_run
 from adaptkit.inference import load_for_inference
 from adaptkit.model import last_layer
 from adaptkit.recipes import load_recipe
 from adaptkit.train import train
 from tests.conftest import (
-    _tiny_tokenizer,
     greedy_by_recomputing,
-    lora_model_and_dataset,
+    injected_model_and_batches,
+    loss_and_grads,
     loss_of,
     overrides_for,
+    save_tiny_lm,
 )
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
@@ -36,54 +37,22 @@ def tiny_gemma3_dir(tmp_path_factory) -> Path:
     from transformers import Gemma3ForCausalLM, Gemma3TextConfig
 
     out = tmp_path_factory.mktemp("tiny_gemma3")
-    tokenizer = _tiny_tokenizer()
-    config = Gemma3TextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
+    return save_tiny_lm(
+        out,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
         num_hidden_layers=len(KINDS),
-        num_attention_heads=4,
-        num_key_value_heads=2,
         head_dim=16,
         query_pre_attn_scalar=16,
         sliding_window=WINDOW,
         layer_types=KINDS,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        bos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=True,
     )
-    torch.manual_seed(0)
-    Gemma3ForCausalLM(config).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
 
 
 @pytest.fixture
 def gemma_overrides(tiny_gemma3_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path) -> list[str]:
     return overrides_for(tiny_gemma3_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path)
-
-
-def _model_and_batches(overrides, tiny_vqa, extra=()):
-    recipe = load_recipe(
-        RECIPE, [*overrides, "adapter.qformer.text_conditioned=false", "lora.start_step=0", *extra]
-    )
-    model, rows, dataset = lora_model_and_dataset(recipe, tiny_vqa)
-    items = [dataset[i] for i in [0, 1, 2, 3, 4, 5, 8]]
-    pad = model.tokenizer.pad_token_id
-    torch.manual_seed(1)
-    feats = torch.randn(len(rows), 4, 1280)
-    return model, collate_train(items, pad), collate_packed(items, pad, pack=3), feats, items
-
-
-def _loss_and_grads(model, feats, batch, **kw):
-    model.zero_grad(set_to_none=True)
-    loss = loss_of(
-        model, feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"], **kw
-    )
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
 def _assert_same(got, want):
@@ -94,7 +63,7 @@ def _assert_same(got, want):
 
 
 def test_the_tiny_gemma3_is_what_it_claims(gemma_overrides, tiny_vqa):
-    model, plain, *_ = _model_and_batches(gemma_overrides, tiny_vqa)
+    model, plain, *_ = injected_model_and_batches(gemma_overrides, tiny_vqa)
     config = model.base_lm.config
     assert config.model_type == "gemma3_text" and config.layer_types == KINDS
     assert plain["attention_mask"].sum(-1).min() > WINDOW  # every text is longer than the window
@@ -105,17 +74,17 @@ def test_the_tiny_gemma3_is_what_it_claims(gemma_overrides, tiny_vqa):
 
 
 def test_lower_states_and_packed_rows_give_the_full_forward_loss_and_gradients(gemma_overrides, tiny_vqa):
-    model, plain, packed, feats, _ = _model_and_batches(gemma_overrides, tiny_vqa)
-    full = _loss_and_grads(model, feats, plain)
+    model, plain, packed, feats, _ = injected_model_and_batches(gemma_overrides, tiny_vqa)
+    full = loss_and_grads(model, feats, plain)
     assert any("lora_" in n for n in full[1]) and any(n.startswith("adapter.") for n in full[1])
     packed_kw = {"segment_ids": packed["segment_ids"], "positions": packed["positions"]}
-    _assert_same(_loss_and_grads(model, feats, packed, **packed_kw), full)  # packed, whole LM
+    _assert_same(loss_and_grads(model, feats, packed, **packed_kw), full)  # packed, whole LM
     cache = model.fusion.use_lower_states(max_mb=64)
-    _assert_same(_loss_and_grads(model, feats, plain), full)  # layers 1.. on the kept states of layer 0
+    _assert_same(loss_and_grads(model, feats, plain), full)  # layers 1.. on the kept states of layer 0
     lengths = plain["attention_mask"].sum(-1).tolist()
     texts = {tuple(ids[:n]) for ids, n in zip(plain["input_ids"].tolist(), lengths)}
     assert cache.misses == len(texts) and len(cache.store) == len(texts)
-    _assert_same(_loss_and_grads(model, feats, packed, **packed_kw), full)
+    _assert_same(loss_and_grads(model, feats, packed, **packed_kw), full)
     assert cache.misses == len(texts) and cache.hits >= 7
 
 
@@ -124,7 +93,7 @@ def test_a_window_blind_packed_mask_would_differ(gemma_overrides, tiny_vqa, monk
     window in packed rows."""
     from adaptkit.model import packing
 
-    model, plain, packed, feats, _ = _model_and_batches(gemma_overrides, tiny_vqa)
+    model, plain, packed, feats, _ = injected_model_and_batches(gemma_overrides, tiny_vqa)
     packed_kw = {"segment_ids": packed["segment_ids"], "positions": packed["positions"]}
     with torch.no_grad():
         want = loss_of(
@@ -137,13 +106,13 @@ def test_a_window_blind_packed_mask_would_differ(gemma_overrides, tiny_vqa, monk
 
 
 def test_the_answer_only_last_layer_is_off_and_says_so(gemma_overrides, tiny_vqa):
-    model, *_ = _model_and_batches(gemma_overrides, tiny_vqa)
+    model, *_ = injected_model_and_batches(gemma_overrides, tiny_vqa)
     decoder = model.base_lm.get_decoder()
     assert not last_layer.supported(model.base_lm.config, decoder.layers[-1])
 
 
 def test_generation_is_the_recomputed_greedy_and_the_prompt_store_is_off(gemma_overrides, tiny_vqa):
-    model, _, _, feats, items = _model_and_batches(gemma_overrides, tiny_vqa)
+    model, _, _, feats, items = injected_model_and_batches(gemma_overrides, tiny_vqa)
     model.eval()
     prompts = collate_prompts(items, model.tokenizer.pad_token_id)
     args = (feats[prompts["image"]], prompts["input_ids"], prompts["attention_mask"])
@@ -165,10 +134,11 @@ def test_generation_is_the_recomputed_greedy_and_the_prompt_store_is_off(gemma_o
 
 @pytest.mark.parametrize("quant, layer_type", [("8bit", "Linear8bitLt"), ("4bit", "Linear4bit")])
 def test_quantized_gemma3_trains_a_step(quant, layer_type, gemma_overrides, tiny_vqa):
-    model, plain, _, feats, _ = _model_and_batches(gemma_overrides, tiny_vqa, [f"language.quant={quant}"])
+    extra = [f"language.quant={quant}"]
+    model, plain, _, feats, _ = injected_model_and_batches(gemma_overrides, tiny_vqa, extra)
     assert layer_type in {type(m).__name__ for m in model.base_lm.modules()}
     model.fusion.use_lower_states(max_mb=64)
-    loss, grads = _loss_and_grads(model, feats, plain)
+    loss, grads = loss_and_grads(model, feats, plain)
     assert torch.isfinite(loss)
     assert any("lora_B" in n for n in grads) and any(n.startswith("adapter.") for n in grads)
 

@@ -7,57 +7,30 @@ import json
 import pytest
 import torch
 
-from adaptkit.data.collate import collate_packed, collate_prompts, collate_train
+from adaptkit.data.collate import collate_prompts
 from adaptkit.data.formats import load_jsonl
 from adaptkit.export import export_run
 from adaptkit.inference import load_for_inference
 from adaptkit.model import build_model
 from adaptkit.recipes import load_recipe
 from adaptkit.train import train
-from tests.conftest import greedy_by_recomputing, lora_model_and_dataset, loss_of
+from tests.conftest import greedy_by_recomputing, injected_model_and_batches, loss_and_grads, loss_of
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
 
 
-def _model_and_batches(overrides, tiny_vqa, extra=()):
-    recipe = load_recipe(
-        RECIPE,
-        [
-            *overrides,
-            "adapter.inject_layer=1",
-            "adapter.qformer.text_conditioned=false",
-            "lora.start_step=0",
-            *extra,
-        ],
-    )
-    model, rows, dataset = lora_model_and_dataset(recipe, tiny_vqa)
-    items = [dataset[i] for i in [0, 1, 2, 3, 4, 5, 8]]
-    pad = model.tokenizer.pad_token_id
-    feats = torch.randn(len(rows), 4, 1280)
-    return model, collate_train(items, pad), collate_packed(items, pad, pack=3), feats, items
-
-
-def _loss_and_grads(model, feats, batch, **kw):
-    model.zero_grad(set_to_none=True)
-    loss = loss_of(
-        model, feats[batch["image"]], batch["input_ids"], batch["attention_mask"], batch["labels"], **kw
-    )
-    loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
 def test_lora_sits_only_above_the_injection_layer(tiny_overrides, tiny_vqa):
-    model, *_ = _model_and_batches(tiny_overrides, tiny_vqa)
+    model, *_ = injected_model_and_batches(tiny_overrides, tiny_vqa)
     lora = [n for n, _ in model.lm.named_parameters() if "lora_" in n]
     assert lora and all(".layers.1." in n for n in lora)
 
 
 def test_cached_lower_states_give_the_full_forward_loss_and_gradients(tiny_overrides, tiny_vqa):
-    model, plain, packed, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
-    loss_full, grads_full = _loss_and_grads(model, feats, plain)
+    model, plain, packed, feats, _ = injected_model_and_batches(tiny_overrides, tiny_vqa)
+    loss_full, grads_full = loss_and_grads(model, feats, plain)
     assert any("lora_" in n for n in grads_full) and any(n.startswith("adapter.") for n in grads_full)
     cache = model.fusion.use_lower_states(max_mb=64)
-    loss_cached, grads_cached = _loss_and_grads(model, feats, plain)
+    loss_cached, grads_cached = loss_and_grads(model, feats, plain)
     lengths = plain["attention_mask"].sum(-1).tolist()
     texts = {tuple(ids[:n]) for ids, n in zip(plain["input_ids"].tolist(), lengths)}
     assert cache.misses == len(texts) and len(cache.store) == len(texts)
@@ -67,7 +40,7 @@ def test_cached_lower_states_give_the_full_forward_loss_and_gradients(tiny_overr
         torch.testing.assert_close(grads_cached[name], grad, atol=1e-5, rtol=1e-4, msg=name)
     # A second pass reads every text from the cache; packed rows look their segments up one by one.
     misses = cache.misses
-    loss_packed, grads_packed = _loss_and_grads(
+    loss_packed, grads_packed = loss_and_grads(
         model, feats, packed, segment_ids=packed["segment_ids"], positions=packed["positions"]
     )
     assert cache.misses == misses and cache.hits >= 7
@@ -78,7 +51,7 @@ def test_cached_lower_states_give_the_full_forward_loss_and_gradients(tiny_overr
 
 def test_the_injected_tokens_carry_the_image(tiny_overrides, tiny_vqa):
     """The equality above has teeth: other image features change the loss, on both paths."""
-    model, plain, _, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
+    model, plain, _, feats, _ = injected_model_and_batches(tiny_overrides, tiny_vqa)
     args = (plain["input_ids"], plain["attention_mask"], plain["labels"])
     other = torch.randn_like(feats)
     with torch.no_grad():
@@ -90,7 +63,7 @@ def test_the_injected_tokens_carry_the_image(tiny_overrides, tiny_vqa):
 
 
 def test_generation_matches_the_scoring_forward_and_the_stock_lm_call(tiny_overrides, tiny_vqa):
-    model, _, _, feats, items = _model_and_batches(tiny_overrides, tiny_vqa)
+    model, _, _, feats, items = injected_model_and_batches(tiny_overrides, tiny_vqa)
     model.eval()
     prompts = collate_prompts(items, model.tokenizer.pad_token_id)
     answers, scores = model.generate(
@@ -117,7 +90,7 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
     runs only the upper layers on the prompt; tokens and log-probabilities equal the whole model's, and
     recomputing the whole sequence for every token, for left-padded prompts of several lengths, over
     several steps."""
-    model, _, _, feats, items = _model_and_batches(tiny_overrides, tiny_vqa)
+    model, _, _, feats, items = injected_model_and_batches(tiny_overrides, tiny_vqa)
     model.eval()
     prompts = collate_prompts(items, model.tokenizer.pad_token_id)
     lengths = prompts["attention_mask"].sum(-1)
@@ -165,7 +138,7 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
     assert torch.equal(wide_tokens, want_tokens)
     torch.testing.assert_close(wide_logp, want_logp, atol=1e-4, rtol=1e-4)
     # lower_state_cache_mb=0: generation runs the whole model and keeps nothing.
-    off, *_ = _model_and_batches(tiny_overrides, tiny_vqa, extra=["lower_state_cache_mb=0"])
+    off, *_ = injected_model_and_batches(tiny_overrides, tiny_vqa, extra=["lower_state_cache_mb=0"])
     off.eval()
     with torch.no_grad():
         off_tokens, off_logp = off.greedy(*args, stop_at_eos=False)
@@ -175,7 +148,7 @@ def test_generation_from_cached_prompt_states_equals_the_full_pass(tiny_override
 
 
 def test_lower_state_cache_stays_within_its_budget(tiny_overrides, tiny_vqa):
-    model, plain, _, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa)
+    model, plain, _, feats, _ = injected_model_and_batches(tiny_overrides, tiny_vqa)
     per_token = 64 * 4  # hidden 64, float32
     cache = model.fusion.use_lower_states(max_mb=20 * per_token / 2**20)
     with torch.no_grad():

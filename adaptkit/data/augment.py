@@ -31,6 +31,8 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
+from adaptkit.data.colour_names import shades
+
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
 
@@ -163,8 +165,6 @@ def _replace_background(
 
 def _draw_shade(gen: torch.Generator, cfg: AugmentConfig, colour: str | None) -> tuple[int, int, int] | None:
     """With probability ``cfg.shades``, a shade people give ``colour`` (the survey's training half)."""
-    from adaptkit.data.colour_names import shades
-
     pick, index = float(torch.rand((), generator=gen)), int(torch.randint(0, 2**31, (), generator=gen))
     options = shades(colour) if colour else []
     return options[index % len(options)] if options and pick < cfg.shades else None
