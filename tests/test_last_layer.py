@@ -8,7 +8,7 @@ import torch
 from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 from adaptkit.model import last_layer
-from tests.test_injection import _loss_and_grads, _model_and_batches
+from tests.conftest import injected_model_and_batches, loss_and_grads
 
 
 def _config(kind: str):
@@ -96,7 +96,7 @@ def test_training_loss_and_gradients_equal_the_full_last_layer(
 ):
     extra = [f"language.name={three_layer_lm}", f"adapter.inject_layer={inject}"]
     extra.append("lora.target_modules=[q_proj,k_proj,v_proj,o_proj]")  # the last layer's k/v LoRA too
-    model, plain, packed, feats, _ = _model_and_batches(tiny_overrides, tiny_vqa, extra)
+    model, plain, packed, feats, _ = injected_model_and_batches(tiny_overrides, tiny_vqa, extra)
     if inject:
         model.fusion.use_lower_states(max_mb=64)
     packing = dict(segment_ids=packed["segment_ids"], positions=packed["positions"])
@@ -105,11 +105,11 @@ def test_training_loss_and_gradients_equal_the_full_last_layer(
     monkeypatch.setattr(last_layer, "last_layer_at", lambda *a: calls.append(1) or spy(*a))
 
     model.fusion.run.answer_only_last_layer = False
-    want = _loss_and_grads(model, feats, plain)
+    want = loss_and_grads(model, feats, plain)
     assert not calls
     model.fusion.run.answer_only_last_layer = True
     for batch, kw in ((plain, {}), (packed, packing)):
-        loss, grads = _loss_and_grads(model, feats, batch, **kw)
+        loss, grads = loss_and_grads(model, feats, batch, **kw)
         torch.testing.assert_close(loss, want[0], atol=1e-5, rtol=1e-5)
         assert grads.keys() == want[1].keys()
         assert any(".layers.2." in n and "lora_" in n for n in grads)  # the last layer's LoRA learns
