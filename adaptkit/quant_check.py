@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from adaptkit.backbones.language import load_language_model
 from adaptkit.backbones.vision import build_vision_backbone
-from adaptkit.data.features import encode_images
+from adaptkit.data.encoding import encode_images
 from adaptkit.data.images import open_image
 from adaptkit.data.splits import subset
 from adaptkit.perf import significant

@@ -25,8 +25,8 @@ import torch
 
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.data.augment import make_view
+from adaptkit.data.encoding import encode_images
 from adaptkit.data.feature_cache import file_key
-from adaptkit.data.features import encode_images
 from adaptkit.data.formats import load_easyvqa, load_jsonl
 from adaptkit.data.images import open_image
 from adaptkit.recipes import load_recipe

@@ -1,5 +1,5 @@
 """What filling the feature cache costs per image: the frozen backbone eager against compiled
-(``vision.compile``, ``adaptkit.data.features.BatchEncoder``), on the recipe's training images and their
+(``vision.compile``, ``adaptkit.data.encoding.BatchEncoder``), on the recipe's training images and their
 augmented views, decoded and preprocessed as ``FeatureBank.compute`` does. Also how far the two paths'
 features lie apart. Nothing is written to the cache. The last stdout line is one JSON object.
 
@@ -23,7 +23,7 @@ def timed(encoder, items, origins, augment, keys, batch: int) -> tuple[float, fl
     """(first batch's seconds, the later batches' seconds per item, every item's features)."""
     from tqdm.auto import tqdm
 
-    from adaptkit.data.features import encode_items
+    from adaptkit.data.encoding import encode_items
 
     with tqdm(total=len(items), disable=True) as bar:
         start = time.perf_counter()
@@ -37,8 +37,8 @@ def timed(encoder, items, origins, augment, keys, batch: int) -> tuple[float, fl
 
 def main() -> None:
     from adaptkit.backbones.vision import build_vision_backbone
+    from adaptkit.data.encoding import BatchEncoder
     from adaptkit.data.feature_cache import file_key
-    from adaptkit.data.features import BatchEncoder
     from adaptkit.recipes import load_recipe
     from adaptkit.tasks import get_task
 

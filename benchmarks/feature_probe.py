@@ -17,7 +17,7 @@ import torch
 
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.config import VisionConfig
-from adaptkit.data.features import encode_images
+from adaptkit.data.encoding import encode_images
 from adaptkit.data.formats import load_easyvqa
 from adaptkit.data.images import open_image
 

@@ -56,10 +56,11 @@ from encoding import timed
 from torch.utils.flop_counter import FlopCounterMode
 
 from adaptkit.data.collate import pack_runs
+from adaptkit.data.encoding import BatchEncoder, encode_images
 from adaptkit.data.feature_cache import file_key
-from adaptkit.data.features import BatchEncoder, FeatureBank, encode_images
+from adaptkit.data.features import FeatureBank
 from adaptkit.data.images import open_image
-from adaptkit.data.sampling import ImagePackedBatches, LengthGroupedBatches
+from adaptkit.data.sampling import epoch_batches, shown_views
 from adaptkit.data.splits import subset
 from adaptkit.model import build_model, prepare_for_training
 from adaptkit.model.batch import Batch
@@ -78,14 +79,32 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # ---- the two ways ----------------------------------------------------------------------------
 
 
-def encoding_cost(vision, recipe, samples, epoch, device, batches: int = 10) -> dict:
-    """What encoding one epoch's images and views costs, on the path `adaptkit train` takes for that
-    epoch (compiled where ``vision.compile`` and its size call for it, see ``FeatureBank.compute``):
-    the first batch of 64 (compiling, when compiled) and ``batches - 1`` more, timed apart, from the
-    benchmark's images and their augmented views."""
+def epoch_views(recipe, task, data, tokenizer) -> int:
+    """The augmented views one epoch of ``data`` looks up: `adaptkit train` encodes those alone
+    (``shown_views`` over the global batches it draws; every view where its batches are a plain shuffle)."""
     views = recipe.data.augment.views
-    epoch_items = len({s.image for s in epoch}) * (1 + views)
-    encoder = BatchEncoder.for_work(vision, device, 64, recipe.vision.compile, epoch_items)
+    rows = {image: i for i, image in enumerate(dict.fromkeys(s.image for s in data))}
+    if not views:
+        return 0
+    ds = task.dataset(data, rows, tokenizer)
+    batches = epoch_batches(recipe, ds.image_rows, task.lengths(ds), recipe.batch_size)
+    if batches is None:
+        return views * len(rows)
+    shown = shown_views(
+        batches, ds.image_rows, len(rows), views, recipe.seed, len(batches), recipe.grad_accum_steps
+    )
+    return int(shown[1:].sum())
+
+
+def encoding_cost(vision, recipe, samples, epoch, device, shown: int, batches: int = 10) -> dict:
+    """What encoding one epoch's images and the ``shown`` views its steps look up costs, on the path
+    `adaptkit train` takes for that epoch (compiled where ``vision.compile`` and its size call for it,
+    see ``FeatureBank.compute``): the first batch of 64 (compiling, when compiled) and ``batches - 1``
+    more, timed apart, from the benchmark's images and their augmented views."""
+    views = recipe.data.augment.views
+    epoch_images = len({s.image for s in epoch})
+    # training compiles its encoder for the images, or else for the views, where either reaches the threshold
+    encoder = BatchEncoder.for_work(vision, device, 64, recipe.vision.compile, max(epoch_images, shown))
     paths = list(dict.fromkeys(s.image for s in samples))
     keys = {p: file_key(p) for p in paths} if views else {}
     items = [(p, v) for v in range(views + 1) for p in paths][: 64 * batches]
@@ -96,6 +115,8 @@ def encoding_cost(vision, recipe, samples, epoch, device, batches: int = 10) -> 
         "encode_compiled": encoder.graph is not None,
         "encode_s_per_image": per_item,
         "encode_compile_s": max(0.0, first - 64 * per_item) if encoder.graph is not None else 0.0,
+        "epoch_images": epoch_images,
+        "epoch_views": shown,
     }
 
 
@@ -107,7 +128,8 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     model.train()
     model.lora_active = True  # the slower phase: LoRA on
     task = get_task(recipe)
-    encoding = encoding_cost(model.vision, recipe, samples, epoch or samples, device)
+    shown = epoch_views(recipe, task, epoch or samples, model.tokenizer)
+    encoding = encoding_cost(model.vision, recipe, samples, epoch or samples, device, shown)
     origins = {s.image: s.origin for s in samples}
     bank = FeatureBank.compute(
         model.vision,
@@ -138,21 +160,9 @@ def adaptkit_side(recipe, samples, batches, device, steps, warmup, autocast, cou
     lengths = task.lengths(ds)
     pack = recipe.pack_questions
     collate = task.collate(model.tokenizer.pad_token_id, pack)
-    if pack > 1:
-        packed = ImagePackedBatches(
-            ds.image_rows,
-            len(batches[0]),
-            pack,
-            recipe.seed,
-            lengths,
-            recipe.length_grouping,
-            recipe.pack_max_tokens,
-        )
-        batches = packed.batches(0)
-    else:
-        if recipe.length_grouping > 1:
-            grouped = LengthGroupedBatches(lengths, len(batches[0]), recipe.length_grouping, recipe.seed)
-            batches = grouped.batches(0)
+    sampler = epoch_batches(recipe, ds.image_rows, lengths, len(batches[0]))
+    if sampler is not None:
+        batches = sampler.batches(0)
     # The optimizer `adaptkit train` builds (fused AdamW where torch has the kernel).
     optimizer = build_optimizer(
         [{"params": [p for p in model.parameters() if p.requires_grad], "lr": 1e-5}], 0.0
@@ -354,10 +364,11 @@ def instruction_file(questions: int, seed: int = 0) -> Path:
 
 
 def epoch_costs(ours: dict, data, recipe, warm_rate: float) -> dict:
-    """adaptkit's one-time costs scaled to one epoch of ``data`` (every image encoded with its augmented
-    views, every distinct text's lower-layer states where kept, compiling) and the epoch's samples/s."""
-    images = len({s.image for s in data})
-    encode = ours["encode_compile_s"] + ours["encode_s_per_image"] * images * (1 + recipe.data.augment.views)
+    """adaptkit's one-time costs scaled to one epoch of ``data`` (every image encoded, and the augmented
+    views the epoch's steps look up; every distinct text's lower-layer states where kept; compiling) and
+    the epoch's samples/s."""
+    items = ours["epoch_images"] + ours["epoch_views"]
+    encode = ours["encode_compile_s"] + ours["encode_s_per_image"] * items
     lower = 0.0
     if ours["lower_states_kept"]:
         lower = ours["lower_states_s_per_text"] * len({(s.question, s.answer) for s in data})
@@ -368,6 +379,7 @@ def epoch_costs(ours: dict, data, recipe, warm_rate: float) -> dict:
         "one_time_s": round(one_time, 1),
         "one_time_encode_s": round(encode, 1),
         "one_time_encode_compiled": ours["encode_compiled"],
+        "one_time_encoded": f"{ours['epoch_images']} images + {ours['epoch_views']} augmented views",
         "one_time_lower_states_s": round(lower, 1),
         "one_time_compile_s": round(ours["compile_s"], 1),
         "adaptkit_lower_states": "kept" if ours["lower_states_kept"] else "recomputed",

@@ -9,8 +9,9 @@ import torch
 
 from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.config import VisionConfig
+from adaptkit.data.encoding import encode_images
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.data.features import FeatureBank, OnTheFlyFeatures, encode_images
+from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
 from adaptkit.data.formats import DataError
 from adaptkit.data.images import open_image
 from tests.conftest import draw_sample
@@ -136,7 +137,7 @@ def test_cache_command_fills_and_training_reads(tiny_overrides, tmp_path, capsys
         train(load_recipe("recipes/easyvqa_qformer_lora.yaml", overrides))
     assert sorted((tmp_path / "fc").rglob("shard-*.safetensors")) == shards
     log = (tmp_path / "run" / "train.log").read_text()
-    assert "6 images read, 0 encoded" in log
+    assert "images: 6 read, 0 encoded" in log
 
 
 def test_cache_command_refuses_memory_only_recipe(tiny_overrides, capsys):
@@ -221,18 +222,18 @@ def test_stored_rows_are_read_on_demand_by_several_processes(tiny_mobilenet_pth,
 def test_compiled_encoding_is_used_where_it_pays_and_matches_eager(
     tiny_mobilenet_pth, images, tmp_path, monkeypatch, caplog
 ):
-    from adaptkit.data import features
+    from adaptkit.data import encoding
 
     backbone = _backbone(tiny_mobilenet_pth)
     eager, _ = _bank(backbone, images)
     # Below COMPILE_MIN_IMAGES a compile would cost more than it saves: eager, bit for bit.
     small, _ = _bank(backbone, images, compile=True)
     assert torch.equal(small.all(), eager.all())
-    monkeypatch.setattr(features, "COMPILE_MIN_IMAGES", 3)
+    monkeypatch.setattr(encoding, "COMPILE_MIN_IMAGES", 3)
     # One graph for every batch: the padded last batch must not recompile (layouts included).
     with (
         torch._dynamo.config.patch(error_on_recompile=True),
-        caplog.at_level("INFO", logger="adaptkit.data.features"),
+        caplog.at_level("INFO", logger="adaptkit.data.encoding"),
     ):
         compiled, cache = _bank(backbone, images, tmp_path / "cache", compile=True)
     assert "compiled the vision backbone for batches of 2 images" in caplog.text
@@ -245,7 +246,7 @@ def test_compiled_encoding_is_used_where_it_pays_and_matches_eager(
 
 
 def test_compile_failure_falls_back_to_eager(tiny_mobilenet_pth, images, monkeypatch, caplog):
-    from adaptkit.data import features
+    from adaptkit.data import encoding
 
     def broken(*args, **kwargs):
         def graph(pixels):
@@ -255,9 +256,9 @@ def test_compile_failure_falls_back_to_eager(tiny_mobilenet_pth, images, monkeyp
 
     backbone = _backbone(tiny_mobilenet_pth)
     eager, _ = _bank(backbone, images)
-    monkeypatch.setattr(features, "COMPILE_MIN_IMAGES", 0)
+    monkeypatch.setattr(encoding, "COMPILE_MIN_IMAGES", 0)
     monkeypatch.setattr(torch, "compile", broken)
-    with caplog.at_level("WARNING", logger="adaptkit.data.features"):
+    with caplog.at_level("WARNING", logger="adaptkit.data.encoding"):
         fallback, _ = _bank(backbone, images, compile=True)
     assert "compiling the vision backbone failed, encoding eager instead" in caplog.text
     assert "no C++ compiler" in caplog.text

@@ -18,8 +18,10 @@ class AugmentConfig:
 
     views: int = knob(
         0,
-        """augmented views per image besides itself (0: off); each costs one more encoding pass over the
-        training images and N x T x D x 4 bytes of memory and disk (easy-VQA at 224 px: 1.1 GB per view)""",
+        """augmented views per image besides itself (0: off). A run encodes the images themselves, then only
+        the views its steps look up (known before step 0: its batches and each image's view are functions of
+        the seed and step): at most one more encoding pass over the training images per view, and
+        T x D x 4 bytes of disk per encoded view (easy-VQA at 224 px: 1.1 GB for all 4,000 images' view)""",
         low=0,
     )
     scale_min: float = knob(

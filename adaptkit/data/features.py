@@ -16,16 +16,16 @@ run sees the same numbers however its features were made.
 from __future__ import annotations
 
 import logging
-import time
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
-from PIL import Image
 from tqdm.auto import tqdm
 
 from adaptkit.backbones.vision import VisionBackbone
 from adaptkit.data.augment import make_view, view_choice, view_key
+from adaptkit.data.encoding import BatchEncoder, encode_images, encode_items
 from adaptkit.data.feature_cache import SHARD_IMAGES, FeatureCache, StoredFeatures, file_key
 from adaptkit.data.formats import DataError
 from adaptkit.data.images import content_keys, open_image
@@ -39,139 +39,49 @@ log = logging.getLogger(__name__)
 #: per-dimension mean and std, and a one-time cost that does not grow with the store.
 STATS_IMAGES = 8192
 
-#: images and views to encode from which ``vision.compile`` compiles the backbone: below it compiling (6-19 s
-#: for MobileNetV2 on 2 CPU cores, less when inductor's cache has it) costs about what it saves (~9 ms per
-#: image; ``benchmarks/encoding.py``).
-COMPILE_MIN_IMAGES = 2048
 
+@dataclass
+class _Encoding:
+    """What a bank needs to encode more of its images' views later (:meth:`FeatureBank.add_views`)."""
 
-@torch.no_grad()
-def encode_images(
-    backbone: VisionBackbone,
-    images: list[Image.Image],
-    device: torch.device,
-    dtype: torch.dtype = torch.float32,
-) -> torch.Tensor:
-    """Preprocess and encode a list of PIL images to ``(B, T, D)`` float32 features on ``device``, rounded
-    through the storage ``dtype`` (float32: as computed)."""
-    pixels = backbone.preprocess(images).to(device)
-    return backbone(pixels).to(dtype).float()
+    backbone: VisionBackbone
+    origins: dict[str, str]
+    device: torch.device
+    batch_size: int
+    skip_bad: bool
+    desc: str
+    disable_progress: bool
+    cache: FeatureCache | None
+    augment: AugmentConfig | None
+    dtype: torch.dtype
+    compile: bool
+    colours: dict[str, str]
+    keys: dict[str, str]
+    encoder: BatchEncoder | None = None
 
-
-class BatchEncoder:
-    """Encodes lists of images with the frozen backbone, eager or (``compiled``) through ``torch.compile``
-    with inductor's freezing: the weights become constants of the graph and batch norm folds into the
-    convolutions, which on 2 CPU cores makes MobileNetV2 at 224 px 1.7x faster (docs/benchmarks.md,
-    "Encoding"). The graph is compiled once, for ``batch_size`` images; a shorter batch is padded to it
-    (each image's features depend on its own pixels only). Compiled kernels round differently: features
-    differ from eager ones by ~2e-5 of their scale (eager batches of different sizes differ too, less).
-    Where compiling fails (no C++ compiler, an op inductor lacks) the log says so once and encoding goes on
-    eager.
-
-    Attributes:
-        compile_s: what compiling took (the first compiled batch's time), 0 when eager.
-    """
-
-    def __init__(
-        self,
-        backbone: VisionBackbone,
-        device: torch.device,
-        dtype: torch.dtype = torch.float32,
-        batch_size: int = 64,
-        compiled: bool = False,
-    ) -> None:
-        self.backbone, self.device, self.dtype, self.batch_size = backbone, device, dtype, batch_size
-        self.graph = None
-        if compiled:
-            self.graph = torch.compile(backbone, dynamic=False, options={"freezing": True})
-        self.compile_s = 0.0
-        self._calls = 0
-
-    @classmethod
-    def for_work(cls, backbone, device, batch_size: int, compile: bool, images: int) -> BatchEncoder:
-        """An encoder for ``images`` images and views, compiled where ``compile`` asks and it pays: on
-        CPU (CUDA untried), from ``COMPILE_MIN_IMAGES`` images."""
-        worth = compile and torch.device(device).type == "cpu" and images >= COMPILE_MIN_IMAGES
-        return cls(backbone, torch.device(device), batch_size=batch_size, compiled=worth)
-
-    @torch.no_grad()
-    def __call__(self, images: list[Image.Image]) -> torch.Tensor:
-        """``(B, T, D)`` float32 features of ``images`` on ``device``, rounded through the storage dtype."""
-        pixels = self.backbone.preprocess(images).to(self.device)
-        count = len(pixels)
-        if self.graph is None or count > self.batch_size:
-            return self.backbone(pixels).to(self.dtype).float()
-        batch = pixels
-        if count < self.batch_size:
-            batch = torch.cat([pixels, pixels.new_zeros(self.batch_size - count, *pixels.shape[1:])])
-        batch = batch.contiguous()  # one layout for every batch: the graph's guards check strides
-        start = time.perf_counter()
-        try:
-            feats = self.graph(batch)[:count]
-        except Exception as err:  # torch.compile's failures have no common base class
-            if self._calls:
-                raise
-            log.warning("compiling the vision backbone failed, encoding eager instead: %s", err)
-            self.graph = None
-            return self.backbone(pixels).to(self.dtype).float()
-        if not self._calls:
-            self.compile_s = time.perf_counter() - start
-            what = "compiled the vision backbone for batches of %d images in %.1f s"
-            log.info(what, self.batch_size, self.compile_s)
-        self._calls += 1
-        return feats.to(self.dtype).float()
-
-
-def encode_items(
-    encoder: BatchEncoder,
-    items: Sequence[tuple[str, int]],
-    origins: dict[str, str],
-    batch_size: int,
-    skip_bad: bool,
-    bad: dict[str, str],
-    bar: tqdm,
-    augment: AugmentConfig | None = None,
-    image_keys: dict[str, str] | None = None,
-    colours: dict[str, str] | None = None,
-) -> tuple[list[tuple[str, int]], list[torch.Tensor]]:
-    """Encode ``(path, view)`` items in batches (view 0: the image itself, v >= 1: augmented view v, see
-    ``augment.py``; ``colours``: image → the colour name its answers give it); returns the decodable items
-    and their feature chunks, in order."""
-    good: list[tuple[str, int]] = []
-    chunks: list[torch.Tensor] = []
-    for start in range(0, len(items), batch_size):
-        batch_items, images = [], []
-        for path, view in items[start : start + batch_size]:
-            if path in bad:
-                continue
-            try:
-                img = open_image(path, origins.get(path, ""))
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                bad[path] = str(err)
-                continue
-            colour = (colours or {}).get(path)
-            images.append(make_view(img, (image_keys or {}).get(path, ""), augment, view, colour))
-            batch_items.append((path, view))
-        if images:
-            chunks.append(encoder(images))
-            good += batch_items
-        bar.update(min(batch_size, len(items) - start))
-    return good, chunks
+    def batch_encoder(self, items: int) -> BatchEncoder:
+        """One encoder for the bank's passes: compiled once, where the first pass's size calls for it."""
+        if self.encoder is None or self.encoder.graph is None:
+            self.encoder = BatchEncoder.for_work(
+                self.backbone, self.device, self.batch_size, self.compile, items
+            )
+        return self.encoder
 
 
 class FeatureBank:
     """Features of a fixed set of images, looked up by row: read from the disk cache per lookup, or held
     in memory when there is no cache.
 
-    With augmented views (``augment.views = K``), row ``r`` of view ``v`` sits at ``v * len(rows) + r``:
-    view 0 is the image itself, views 1..K its fixed augmented copies (``augment.py``).
+    With augmented views (``augment.views = K``), each image row has K + 1 entries: view 0 is the image
+    itself, views 1..K its fixed augmented copies (``augment.py``). ``slots[v, r]`` is where view ``v`` of
+    row ``r`` sits in ``source``, -1 where it was not encoded: training encodes only the views its
+    schedule of steps shows (:meth:`add_views`).
 
     Attributes:
         rows: image path → row.
-        source: the ``((K + 1) N, T, D)`` features in the storage dtype: a tensor in memory, or
+        source: the encoded features in the storage dtype: a tensor in memory, or
             :class:`~adaptkit.data.feature_cache.StoredFeatures` read on demand.
+        slots: ``(K + 1, N)`` int64, view and row → index into ``source`` (-1: not encoded).
         bad: image path → reason, for images that could not be decoded (only with ``skip_bad``).
         views: K, the augmented views per image (0: none).
         device: where lookups put their float32 features.
@@ -179,19 +89,26 @@ class FeatureBank:
 
     def __init__(
         self,
-        source: torch.Tensor | StoredFeatures,
+        source: torch.Tensor | StoredFeatures | None,
         rows: dict[str, int],
         bad: dict[str, str],
         views: int = 0,
         seed: int = 0,
         device: torch.device | None = None,
+        slots: torch.Tensor | None = None,
     ) -> None:
+        """``slots`` None: ``source`` holds every view of every row, view-major (``v * N + r``)."""
         self.source = source
         self.rows = rows
         self.bad = bad
         self.views = views
         self.seed = seed
         self.device = device or torch.device("cpu")
+        if slots is None and source is not None:
+            slots = torch.arange(len(source)).view(views + 1, -1)
+        self.slots = slots
+        self._encoding: _Encoding | None = None
+        self._stored_keys: list[str] = []  # the cache's item keys, in ``source`` order
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -215,6 +132,7 @@ class FeatureBank:
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
         colours: dict[str, str] | None = None,
+        defer_views: bool = False,
     ) -> FeatureBank:
         """Encode each distinct image (and each of its augmented views) once, with a progress bar; with
         ``cache``, only the ones it lacks.
@@ -229,56 +147,91 @@ class FeatureBank:
             dtype: storage dtype of features held in memory (no ``cache``).
             compile: encode through a compiled backbone (:class:`BatchEncoder`) where it pays: on CPU, with
                 at least ``COMPILE_MIN_IMAGES`` images and views to encode.
+            defer_views: encode the images themselves now and their augmented views later, those
+                :meth:`add_views` is given (the ones a run's steps show).
         """
         unique = list(dict.fromkeys(paths))
         views = augment.views if augment is not None else 0
         bad: dict[str, str] = {}
         keys = content_keys(unique, origins, skip_bad, bad) if cache is not None or views else {}
-        source: torch.Tensor | StoredFeatures | None = None
-        if cache is None:
-            readable = [p for p in unique if p not in bad]
-            items = [(p, v) for v in range(views + 1) for p in readable]
-            with tqdm(total=len(items), desc=desc, unit="img", disable=disable_progress) as bar:
-                encode = BatchEncoder.for_work(backbone, device, batch_size, compile, len(items))
-                _, feats = encode_items(
-                    encode, items, origins, batch_size, skip_bad, bad, bar, augment, keys, colours
-                )
-            done = [p for p in readable if p not in bad]
-            # Items run view-major: the chunks are in the bank's order (view * len(done) + row).
-            source = torch.cat([f.to(dtype) for f in feats]) if feats else None
-        else:
-            named = colours or {}
-            item_key = {
-                (p, v): view_key(keys[p], augment, v, named.get(p)) for v in range(views + 1) for p in keys
-            }
-            with cache.lock():
-                missing = set(cache.missing(list(item_key.values())))
-                todo = [item for item in item_key if item_key[item] in missing]
-                with tqdm(
-                    total=len(todo), desc=desc, unit="img", disable=disable_progress or not todo
-                ) as bar:
-                    encode = BatchEncoder.for_work(backbone, device, batch_size, compile, len(todo))
-                    for start in range(0, len(todo), SHARD_IMAGES):
-                        chunk = todo[start : start + SHARD_IMAGES]
-                        good, feats = encode_items(
-                            encode, chunk, origins, batch_size, skip_bad, bad, bar, augment, keys, colours
-                        )
-                        if good:
-                            cache.put([item_key[item] for item in good], torch.cat(feats))
-                done = [path for path in keys if path not in bad]
-                wanted = [item_key[(p, v)] for v in range(views + 1) for p in done]
-                source = cache.stored(wanted) if done else None
-            log.info(
-                "feature cache %s: %d images%s read, %d encoded and added",
-                cache.dir,
-                len(item_key) - len(todo),
-                f" and views (x{views + 1})" if views else "",
-                len(todo) - sum(p in bad for p, _ in todo),
-            )
-        if source is None:
+        bank = cls(None, {}, bad, views, seed, device)
+        bank._encoding = _Encoding(
+            backbone, origins, torch.device(device), batch_size, skip_bad, desc, disable_progress, cache,
+            augment, dtype, compile, colours or {}, keys,
+        )  # fmt: skip
+        readable = [p for p in (keys if cache is not None else unique) if p not in bad]
+        now = 1 if defer_views else views + 1
+        good = bank._encode([(p, v) for v in range(now) for p in readable])
+        bank.rows = {path: i for i, path in enumerate(p for p, v in good if v == 0)}
+        if not bank.rows:
             raise DataError("no image could be decoded")
-        rows = {path: i for i, path in enumerate(done)}
-        return cls(source, rows, bad, views, seed, device)
+        bank.slots = torch.full((views + 1, len(bank.rows)), -1, dtype=torch.int64)
+        bank._place(good, 0)
+        return bank
+
+    def _place(self, items: list[tuple[str, int]], start: int) -> None:
+        """Record that ``items`` sit at ``source[start:]``, in order."""
+        views = torch.tensor([v for _, v in items], dtype=torch.int64)
+        rows = torch.tensor([self.rows[p] for p, _ in items], dtype=torch.int64)
+        self.slots[views, rows] = torch.arange(start, start + len(items))
+
+    def _encode(self, items: list[tuple[str, int]]) -> list[tuple[str, int]]:
+        """Encode (or, with a cache, read) ``(path, view)`` items and append them to ``source``; returns
+        the decodable ones, in their new order in ``source``."""
+        enc = self._encoding
+        common = (enc.origins, enc.batch_size, enc.skip_bad, self.bad)
+        extra = (enc.augment, enc.keys, enc.colours)
+        if enc.cache is None:
+            with tqdm(total=len(items), desc=enc.desc, unit="img", disable=enc.disable_progress) as bar:
+                good, feats = encode_items(enc.batch_encoder(len(items)), items, *common, bar, *extra)
+            if feats:  # items run view-major: the chunks are in the order given
+                new = torch.cat([f.to(enc.dtype) for f in feats])
+                self.source = new if self.source is None else torch.cat([self.source, new])
+            return good
+        item_key = {(p, v): view_key(enc.keys[p], enc.augment, v, enc.colours.get(p)) for p, v in items}
+        with enc.cache.lock():
+            missing = set(enc.cache.missing(list(item_key.values())))
+            todo = [item for item in items if item_key[item] in missing]
+            with tqdm(
+                total=len(todo), desc=enc.desc, unit="img", disable=enc.disable_progress or not todo
+            ) as bar:
+                encoder = enc.batch_encoder(len(todo))
+                for start in range(0, len(todo), SHARD_IMAGES):
+                    done, feats = encode_items(
+                        encoder, todo[start : start + SHARD_IMAGES], *common, bar, *extra
+                    )
+                    if done:
+                        enc.cache.put([item_key[item] for item in done], torch.cat(feats))
+            good = [item for item in items if item[0] not in self.bad]
+            self._stored_keys += [item_key[item] for item in good]
+            self.source = enc.cache.stored(self._stored_keys) if self._stored_keys else None
+        shown = [v > 0 for _, v in items]
+        kinds = "augmented views" if all(shown) else "images and views" if any(shown) else "images"
+        log.info(
+            "feature cache %s: %s: %d read, %d encoded and added",
+            enc.cache.dir,
+            kinds,
+            len(items) - len(todo),
+            len(todo) - sum(p in self.bad for p, _ in todo),
+        )
+        return good
+
+    def add_views(self, shown: torch.Tensor | None = None) -> int:
+        """Encode the augmented views ``shown`` (``(K + 1, N)`` bool, view and row; None: all of them) that
+        the bank lacks; returns how many it encoded or read."""
+        if not self.views:
+            return 0
+        wanted = torch.ones_like(self.slots, dtype=torch.bool) if shown is None else shown.clone()
+        wanted[0] = False  # the images themselves are always there
+        wanted &= self.slots < 0
+        paths = list(self.rows)
+        items = [
+            (paths[r], v) for v in range(1, self.views + 1) for r in wanted[v].nonzero().flatten().tolist()
+        ]
+        if items:
+            start = len(self.source)
+            self._place(self._encode(items), start)
+        return len(items)
 
     def _read(self, index: torch.Tensor) -> torch.Tensor:
         if isinstance(self.source, torch.Tensor):
@@ -290,14 +243,22 @@ class FeatureBank:
     def lookup(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """Float32 features of image ``rows`` on the bank's device; with ``step`` (training) each row shows
         the view :func:`view_choice` picks for that step, otherwise the image itself."""
-        index = rows.to(torch.int64).cpu()
+        rows = rows.to(torch.int64).cpu()
+        views = torch.zeros_like(rows)
         if step is not None and self.views:
-            index = index + view_choice(self.seed, step, self.views, index) * len(self.rows)
+            views = view_choice(self.seed, step, self.views, rows)
+        index = self.slots[views, rows]
+        if bool((index < 0).any()):
+            lacking = int((index < 0).nonzero()[0, 0])
+            raise RuntimeError(
+                f"view {int(views[lacking])} of image row {int(rows[lacking])} (step {step}) was never "
+                "encoded: the bank holds the views its run's schedule shows; this is a bug, please report it"
+            )
         return self._read(index)
 
     def all(self) -> torch.Tensor:
-        """Every row, views included, as one float32 tensor in memory (for small sets and tests)."""
-        return self._read(torch.arange(len(self.source)))
+        """Every encoded row, view by view, as one float32 tensor in memory (for small sets and tests)."""
+        return self._read(self.slots[self.slots >= 0])
 
     def stats(self, chunk: int = 64, limit: int = STATS_IMAGES) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and std over every token of the images themselves (not views): of all of them
@@ -310,7 +271,7 @@ class FeatureBank:
             rows = torch.linspace(0, n_images - 1, limit).round().to(torch.int64)
         count, mean, m2 = 0, None, None
         for part in rows.split(chunk):
-            feats = self._read(part)
+            feats = self._read(self.slots[0, part])
             flat = feats.reshape(-1, feats.shape[-1])
             var, m = torch.var_mean(flat, dim=0, correction=0)
             n, m, s = flat.shape[0], m.double(), var.double() * flat.shape[0]

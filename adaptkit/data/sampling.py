@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 import torch
 from torch.utils.data import Sampler
 
+from adaptkit.data.augment import view_choice
 from adaptkit.data.collate import pack_runs
 
 
@@ -175,3 +176,54 @@ class ProcessSplitBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         yield from self.batches(self.inner.epoch)
+
+
+def epoch_batches(recipe, image_rows: Sequence[int], lengths: Sequence[int], global_batch: int):
+    """The global batches ``adaptkit train`` draws for ``recipe`` (``pack_questions``, ``length_grouping``,
+    ``pack_max_tokens``, ``seed``): packed by image, or grouped by length; None for a plain shuffle."""
+    if recipe.pack_questions > 1:
+        return ImagePackedBatches(
+            image_rows,
+            global_batch,
+            recipe.pack_questions,
+            recipe.seed,
+            lengths,
+            recipe.length_grouping,
+            recipe.pack_max_tokens,
+        )
+    if recipe.length_grouping > 1:
+        return LengthGroupedBatches(lengths, global_batch, recipe.length_grouping, recipe.seed)
+    return None
+
+
+def shown_views(
+    global_batches: _EpochBatches,
+    image_rows: Sequence[int],
+    n_images: int,
+    views: int,
+    seed: int,
+    max_steps: int,
+    accumulate: int = 1,
+) -> torch.Tensor:
+    """Which augmented views of which images a run's steps look up: ``(views + 1, n_images)`` bool.
+
+    Replays the run's global batches from step 0 (their order is a function of ``(seed, epoch)``) with
+    Accelerate's accumulation rule: an optimizer step after every ``accumulate`` micro-batches and at the
+    end of each epoch. Each image row of a step's batches shows :func:`view_choice`'s view for that
+    step, so this is exactly the set ``FeatureBank.lookup`` will ask for."""
+    shown = torch.zeros(views + 1, n_images, dtype=torch.bool)
+    rows_of = torch.as_tensor(list(image_rows), dtype=torch.int64)
+    step, epoch = 0, 0
+    while step < max_steps:
+        batches = global_batches.batches(epoch)
+        if not batches:
+            break
+        for i, batch in enumerate(batches):
+            rows = rows_of[batch].unique()
+            shown[view_choice(seed, step, views, rows), rows] = True
+            if (i + 1) % accumulate == 0 or i == len(batches) - 1:
+                step += 1
+                if step >= max_steps:
+                    break
+        epoch += 1
+    return shown

@@ -19,6 +19,7 @@ from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
 from adaptkit.data.formats import DataError
 from adaptkit.data.records import bad_sample
+from adaptkit.data.sampling import shown_views
 
 log = logging.getLogger("adaptkit")
 
@@ -53,6 +54,7 @@ def build_features(
     seed: int = 0,
     dtype: torch.dtype = torch.float32,
     compile: bool = False,
+    defer_views: bool = False,
 ):
     """Feature source for the images of ``samples``: encoded once (cache) or at every lookup; with
     ``augment`` (a :class:`~adaptkit.config.AugmentConfig` with views > 0), also its augmented views.
@@ -61,6 +63,7 @@ def build_features(
     saves hashing the backbone again), features persist on disk, keyed by backbone and image content.
     ``dtype``: the storage dtype (recipe key ``feature_dtype``); a given ``FeatureCache`` has its own.
     ``compile``: encode through the compiled backbone where it pays (recipe key ``vision.compile``).
+    ``defer_views``: encode the augmented views later, those the run shows (:func:`encode_shown_views`).
     """
     paths = [s.image for s in samples]
     origins: dict[str, str] = {}
@@ -89,6 +92,38 @@ def build_features(
         dtype=dtype,
         compile=compile,
         colours=colours,
+        defer_views=defer_views,
+    )
+
+
+def encode_shown_views(features, sampler, dataset, recipe) -> None:
+    """Encode (or read from the cache) the augmented views of the training images that the run's
+    ``recipe.max_steps`` steps look up, replayed from ``sampler``'s global batches; every view where
+    the batches are a plain shuffle (``sampler`` None)."""
+    views = recipe.data.augment.views
+    if not views or not isinstance(features, FeatureBank):
+        return
+    shown = None
+    if sampler is not None:
+        shown = shown_views(
+            sampler.inner,
+            dataset.image_rows,
+            len(features.rows),
+            views,
+            recipe.seed,
+            recipe.max_steps,
+            recipe.grad_accum_steps,
+        )
+    added = features.add_views(shown)
+    used = int(shown[1:].sum()) if shown is not None else views * len(features.rows)
+    log.info(
+        "augmented views: the run's %d steps look up %d of the %d views (%d per image); %d of them newly "
+        "encoded or read",
+        recipe.max_steps,
+        used,
+        views * len(features.rows),
+        views,
+        added,
     )
 
 
@@ -132,6 +167,7 @@ def prepare_split(
     max_skip_ratio: float = 1.0,
     augment=None,
     seed: int = 0,
+    defer_views: bool = False,
 ):
     """Load a data spec with ``task``'s formats, encode its images and build the task's dataset.
 
@@ -140,8 +176,9 @@ def prepare_split(
     the samples are bad.
 
     Returns:
-        ``(dataset, features, skipped)`` (``augment``, ``seed``: the training split's augmented views,
-        see :func:`build_features`) where ``skipped`` lists ``origin: reason`` of dropped samples.
+        ``(dataset, features, skipped)`` (``augment``, ``seed``, ``defer_views``: the training split's
+        augmented views, see :func:`build_features`) where ``skipped`` lists ``origin: reason`` of
+        dropped samples.
     """
     data = task.load(spec, on_bad_sample)
     samples, too_long = bound_text_length(task, subset(data.samples, limit), model.tokenizer, on_bad_sample)
@@ -158,6 +195,7 @@ def prepare_split(
         seed,
         model.feature_dtype,  # the run's feature_dtype: what it trained on
         task.recipe.vision.compile,
+        defer_views,
     )
     skipped = (
         list(data.skipped) + too_long + [features.bad[s.image] for s in samples if s.image in features.bad]

@@ -78,7 +78,7 @@ class MultimodalModel(nn.Module):
     def encode_images(self, images: list) -> torch.Tensor:
         """Frozen-backbone features ``(B, T, D_v)`` of decoded RGB images (``adaptkit.data.images``), on the
         LM's device, float32 rounded through :attr:`feature_dtype`."""
-        from adaptkit.data.features import encode_images
+        from adaptkit.data.encoding import encode_images
 
         device = self.base_lm.get_input_embeddings().weight.device
         return encode_images(self.vision, images, device, self.feature_dtype)

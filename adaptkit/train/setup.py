@@ -31,13 +31,8 @@ from adaptkit.artifacts import RECIPE_FILE
 from adaptkit.config import recipe_to_yaml
 from adaptkit.data.collate import pack_runs
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.data.sampling import (
-    ImagePackedBatches,
-    LengthGroupedBatches,
-    ProcessSplitBatches,
-    padding_fraction,
-)
-from adaptkit.data.splits import feature_cache_root, prepare_split
+from adaptkit.data.sampling import LengthGroupedBatches, ProcessSplitBatches, epoch_batches, padding_fraction
+from adaptkit.data.splits import encode_shown_views, feature_cache_root, prepare_split
 from adaptkit.model.build import build_model, count_parameters, frozen_fingerprint, prepare_for_training
 from adaptkit.tasks import get_task
 from adaptkit.train.init_from import check_init_source, init_from_run
@@ -228,6 +223,7 @@ def prepare_data(recipe: Recipe, task, model, device, main: bool) -> tuple[Split
             desc="encoding train images" + (f" and {views} augmented views each" if views else ""),
             augment=data.augment if views else None,
             seed=recipe.seed,
+            defer_views=True,  # encoded once the batches are known: those the run's steps show
         )
     )
     evals = Split(*split(data.eval, limit=recipe.eval_limit, desc="encoding eval images"))
@@ -280,25 +276,16 @@ def build_loader(run: TrainingRun) -> None:
     run.generator = torch.Generator().manual_seed(recipe.seed)
     pack = recipe.pack_questions
     collate = run.task.collate(pad, pack)
-    if pack > 1:
-        inner = ImagePackedBatches(
-            dataset.image_rows,
-            global_batch,
-            pack,
-            recipe.seed,
-            lengths,
-            recipe.length_grouping,
-            recipe.pack_max_tokens,
-        )
+    inner = epoch_batches(recipe, dataset.image_rows, lengths, global_batch)
+    if inner is not None:
         run.sampler = ProcessSplitBatches(inner, procs)
+    if pack > 1:
         summary = _packing_summary(run.sampler, plain, lengths, run.model.adapter.num_tokens)
         what = (
             f"{len(inner)} per epoch of {global_batch} questions, up to {pack} questions about one image per "
             f"LM sequence (length_grouping={recipe.length_grouping} sorts the rows): {summary}"
         )
-    elif recipe.length_grouping > 1:
-        inner = LengthGroupedBatches(lengths, global_batch, recipe.length_grouping, recipe.seed)
-        run.sampler = ProcessSplitBatches(inner, procs)
+    elif inner is not None:
         what = (
             f"{len(inner)} per epoch, grouped by length in windows of {recipe.length_grouping}: padding "
             f"{100 * padding_fraction(lengths, run.sampler.batches(0)):.1f}% of text token slots "
@@ -371,6 +358,7 @@ def setup(recipe: Recipe) -> TrainingRun:
     texts = task.texts(train.dataset) if model.entry_layer else None
     run.lower_states = prepare_for_training(model, recipe, texts, lookups)
     build_loader(run)
+    encode_shown_views(train.features, run.sampler, train.dataset, recipe)
     groups = param_groups(model, recipe)
     optimizer = build_optimizer(groups, recipe.weight_decay)
     scheduler = build_scheduler(optimizer, recipe, run.procs)

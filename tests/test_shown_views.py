@@ -1,0 +1,90 @@
+"""Augmented views encoded as the run needs them: a training run encodes the images themselves, then only
+the views its schedule of steps looks up (``shown_views``), exactly those, on every batching path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from adaptkit.backbones.vision import build_vision_backbone
+from adaptkit.cli import main
+from adaptkit.config import VisionConfig
+from adaptkit.data.augment import view_choice
+from adaptkit.data.feature_cache import FeatureCache
+from adaptkit.data.features import FeatureBank
+from tests.conftest import draw_sample
+from tests.test_augment import CFG, RECIPE, _augmented
+
+
+@pytest.fixture
+def images(tmp_path):
+    paths = []
+    for i, (color, shape) in enumerate([("red", "circle"), ("blue", "rectangle"), ("green", "triangle")]):
+        draw_sample(tmp_path / f"img{i}.png", color, shape)
+        paths.append(str(tmp_path / f"img{i}.png"))
+    return paths
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_a_deferred_bank_encodes_the_views_it_is_given(tiny_mobilenet_pth, images, tmp_path, cached):
+    backbone = build_vision_backbone(VisionConfig(weights=str(tiny_mobilenet_pth), image_size=64))
+    cpu = torch.device("cpu")
+
+    def bank(folder, **kwargs):
+        cache = FeatureCache.for_backbone(tmp_path / folder, backbone, "cpu") if cached else None
+        return FeatureBank.compute(backbone, images, {}, cpu, cache=cache, augment=CFG, seed=5, **kwargs)
+
+    full = bank("full")
+    lazy = bank("lazy", defer_views=True)
+    assert (lazy.slots[0] >= 0).all() and (lazy.slots[1:] < 0).all() and lazy.all().shape[0] == 3
+    rows = torch.arange(3)
+    assert torch.equal(lazy.lookup(rows), full.lookup(rows))  # evaluation: the images themselves
+    assert torch.equal(lazy.stats()[0], full.stats()[0])
+    step = next(s for s in range(100) if view_choice(5, s, 3, rows).sum() > 0)
+    with pytest.raises(RuntimeError, match=rf"\(step {step}\) was never encoded"):
+        lazy.lookup(rows, step=step)  # a schedule that missed a view is a loud bug, never a silent view 0
+    shown = torch.zeros(4, 3, dtype=torch.bool)
+    shown[view_choice(5, step, 3, rows), rows] = True
+    assert lazy.add_views(shown) == int(shown[1:].sum()) > 0
+    assert lazy.add_views(shown) == 0  # nothing twice
+    torch.testing.assert_close(
+        lazy.lookup(rows, step=step), full.lookup(rows, step=step), rtol=1e-5, atol=1e-6
+    )
+    assert int((lazy.slots >= 0).sum()) == 3 + int(shown[1:].sum())
+    lazy.add_views()  # None: all of them
+    torch.testing.assert_close(lazy.all()[3:].sum(), full.all()[3:].sum())
+    if cached:  # a later run reads them all back from the store, in the bank's own layout
+        again = bank("lazy", defer_views=True)
+        assert again.add_views() == 9 and torch.equal(
+            again.lookup(rows, step=step), lazy.lookup(rows, step=step)
+        )
+
+
+@pytest.mark.parametrize("batching", ["packed", "plain"])
+def test_training_encodes_exactly_the_views_its_steps_look_up(
+    tiny_overrides, tmp_path, monkeypatch, batching
+):
+    """24 questions in batches of 4 and 4 micro-batches per step: 6 micro-batches an epoch, so Accelerate's
+    step at each epoch's end (after 2 micro-batches) must be replayed, or steps 2.. would show other views."""
+    looked_up: set[tuple[int, int]] = set()
+    banks: list[FeatureBank] = []
+    real = FeatureBank.lookup
+
+    def spy(self, rows, step=None):
+        if step is not None:
+            banks.append(self)
+            rows = rows.to(torch.int64).cpu()
+            looked_up.update(zip(view_choice(self.seed, step, self.views, rows).tolist(), rows.tolist()))
+        return real(self, rows, step)
+
+    monkeypatch.setattr(FeatureBank, "lookup", spy)
+    extra = ["max_steps=5", "grad_accum_steps=4", "checkpoint_every=0"]
+    if batching == "plain":  # a plain shuffle: its order is the DataLoader's, so every view is encoded
+        extra += ["pack_questions=1", "length_grouping=1"]
+    assert main(["train", RECIPE, *_augmented(tiny_overrides, tmp_path / "run"), *extra]) == 0
+    bank = banks[0]
+    encoded = {(v, r) for v, r in (bank.slots >= 0).nonzero().tolist() if v > 0}
+    if batching == "plain":
+        assert len(encoded) == 18
+    else:
+        assert encoded == {(v, r) for v, r in looked_up if v > 0} and len(encoded) < 18
