@@ -110,7 +110,8 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     disk_cache = FeatureCache.for_backbone(root, vision, device, STORAGE_DTYPES[recipe.feature_dtype])
     specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
     task = get_task(recipe)
-    views = recipe.data.augment.views
+    augment = recipe.data.train_augment()
+    views = augment.views if augment is not None else 0
     for spec in specs:
         data = task.load(spec, recipe.data.on_bad_sample)
         train_views = views if spec == recipe.data.train else 0  # training's augmented views
@@ -122,7 +123,7 @@ def _cmd_cache(args: argparse.Namespace) -> int:
             skip_bad=recipe.data.on_bad_sample == "skip",
             desc=f"caching {spec}" + (f" and {train_views} augmented views each" if train_views else ""),
             cache_root=disk_cache,
-            augment=recipe.data.augment if train_views else None,
+            augment=augment if train_views else None,
             compile=recipe.vision.compile,
         )
         shape = bank.shape

@@ -81,8 +81,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def epoch_views(recipe, task, data, tokenizer) -> int:
     """The augmented views one epoch of ``data`` looks up: `adaptkit train` encodes those alone
-    (``shown_views`` over the global batches it draws; every view where its batches are a plain shuffle)."""
-    views = recipe.data.augment.views
+    (``shown_views`` over the global batches it draws; every view where its batches are a plain shuffle;
+    none where ``data.augment.only_for`` turns them off for this data)."""
+    augment = recipe.data.train_augment()
+    views = augment.views if augment is not None else 0
     rows = {image: i for i, image in enumerate(dict.fromkeys(s.image for s in data))}
     if not views:
         return 0
@@ -101,7 +103,8 @@ def encoding_cost(vision, recipe, samples, epoch, device, shown: int, batches: i
     `adaptkit train` takes for that epoch (compiled where ``vision.compile`` and its size call for it,
     see ``FeatureBank.compute``): the first batch of 64 (compiling, when compiled) and ``batches - 1``
     more, timed apart, from the benchmark's images and their augmented views."""
-    views = recipe.data.augment.views
+    augment = recipe.data.train_augment()
+    views = augment.views if augment is not None else 0
     epoch_images = len({s.image for s in epoch})
     # training compiles its encoder for the images, or else for the views, where either reaches the threshold
     encoder = BatchEncoder.for_work(vision, device, 64, recipe.vision.compile, max(epoch_images, shown))
@@ -109,7 +112,6 @@ def encoding_cost(vision, recipe, samples, epoch, device, shown: int, batches: i
     keys = {p: file_key(p) for p in paths} if views else {}
     items = [(p, v) for v in range(views + 1) for p in paths][: 64 * batches]
     origins = {s.image: s.origin for s in samples}
-    augment = recipe.data.augment if views else None
     first, per_item, _ = timed(encoder, items, origins, augment, keys, 64)  # benchmarks/encoding.py
     return {
         "encode_compiled": encoder.graph is not None,

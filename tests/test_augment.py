@@ -220,12 +220,12 @@ def test_training_with_views_resumes_bit_exactly(tiny_overrides, tmp_path, monke
 
     a, b = load_file(str(ref / "adapter.safetensors")), load_file(str(cut / "adapter.safetensors"))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    # The views matter: the same run without them has other losses.
+    # The same run without views draws the same batches. (Its losses are not compared: the tiny random
+    # backbone maps a view within ~1e-7 of its image, so they can coincide; that steps look views up, and
+    # read the right ones, is tests/test_shown_views.py's.)
     plain = tmp_path / "plain"
     assert main(["train", RECIPE, *_augmented(tiny_overrides, plain), "data.augment.views=0"]) == 0
-    losses = [r["loss"] for r in samples(plain)]
     assert [r["indices"] for r in samples(plain)] == [r["indices"] for r in samples(ref)]
-    assert losses != [r["loss"] for r in samples(ref)]
 
 
 def test_cache_command_fills_the_training_views(tiny_overrides, tmp_path, capsys):

@@ -88,3 +88,25 @@ def test_training_encodes_exactly_the_views_its_steps_look_up(
         assert len(encoded) == 18
     else:
         assert encoded == {(v, r) for v, r in looked_up if v > 0} and len(encoded) < 18
+
+
+def test_views_apply_only_to_the_data_they_were_chosen_for():
+    from adaptkit.recipes import load_recipe
+
+    def augment(*overrides):
+        return load_recipe(RECIPE, list(overrides)).data.train_augment()
+
+    assert augment() is not None and augment().rotate == 180  # the default's own data: easy-VQA
+    assert augment("data.train=photos/train.jsonl") is None  # a user's photos: no 180-degree turns
+    assert augment("data.train=fashionmnist:train") is None
+    assert augment("data.train=photos/train.jsonl", "data.augment.only_for=") is not None  # asked for
+    assert augment("data.train=mine.jsonl", "data.augment.only_for=easyvqa:,mine") is not None
+    assert augment("data.augment.views=0") is None
+
+
+def test_a_run_on_other_data_says_its_views_are_off(tiny_overrides, tmp_path):
+    overrides = [o for o in _augmented(tiny_overrides, tmp_path / "run") if "only_for" not in o]
+    assert main(["train", RECIPE, *overrides, "max_steps=2"]) == 0
+    log = (tmp_path / "run" / "train.log").read_text()
+    assert "data.augment: views off: data.augment.only_for='easyvqa:' does not cover data.train=" in log
+    assert "augmented views" not in log  # nothing encoded beyond the images themselves

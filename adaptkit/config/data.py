@@ -71,6 +71,17 @@ class AugmentConfig:
         low=0.0,
         high=1.0,
     )
+    only_for: str = knob(
+        "",
+        """data specs these views suit, as comma-separated prefixes of data.train (e.g. "easyvqa:"): with
+        other training data the views are off and the log says so, since which transforms keep an answer
+        true depends on the data (empty: any data)""",
+    )
+
+    def suits(self, train: str) -> bool:
+        """Whether these views apply to training data ``train`` (``only_for``)."""
+        prefixes = [p.strip() for p in self.only_for.split(",") if p.strip()]
+        return not prefixes or any(train.startswith(p) for p in prefixes)
 
 
 @dataclass
@@ -125,3 +136,10 @@ class DataConfig:
         high=1.0,
     )
     augment: AugmentConfig = section(AugmentConfig, "augmented views of the training images (below)")
+
+    def train_augment(self) -> AugmentConfig | None:
+        """The training images' augmented views, or None: ``augment.views`` is 0, or ``augment.only_for``
+        names other data than ``train``."""
+        if not self.augment.views or not self.augment.suits(self.train):
+            return None
+        return self.augment

@@ -100,8 +100,8 @@ def encode_shown_views(features, sampler, dataset, recipe) -> None:
     """Encode (or read from the cache) the augmented views of the training images that the run's
     ``recipe.max_steps`` steps look up, replayed from ``sampler``'s global batches; every view where
     the batches are a plain shuffle (``sampler`` None)."""
-    views = recipe.data.augment.views
-    if not views or not isinstance(features, FeatureBank):
+    views = features.views if isinstance(features, FeatureBank) else 0
+    if not views:
         return
     shown = None
     if sampler is not None:

@@ -216,12 +216,19 @@ def prepare_data(recipe: Recipe, task, model, device, main: bool) -> tuple[Split
         cache_root=disk_cache,
         max_skip_ratio=data.max_skip_ratio,
     )
-    views = data.augment.views
+    augment = data.train_augment()
+    if data.augment.views and augment is None:
+        log.info(
+            "data.augment: views off: data.augment.only_for=%r does not cover data.train=%r (its transforms "
+            "were chosen for that data; set data.augment.only_for='' to use them on this data)",
+            data.augment.only_for,
+            data.train,
+        )
     train = Split(
         *split(
             data.train,
-            desc="encoding train images" + (f" and {views} augmented views each" if views else ""),
-            augment=data.augment if views else None,
+            desc="encoding train images",
+            augment=augment,
             seed=recipe.seed,
             defer_views=True,  # encoded once the batches are known: those the run's steps show
         )
