@@ -179,10 +179,11 @@ class FeatureBank:
         """Encode (or, with a cache, read) ``(path, view)`` items and append them to ``source``; returns
         the decodable ones, in their new order in ``source``."""
         enc = self._encoding
+        desc = enc.desc if any(v == 0 for _, v in items) else "encoding augmented views"
         common = (enc.origins, enc.batch_size, enc.skip_bad, self.bad)
         extra = (enc.augment, enc.keys, enc.colours)
         if enc.cache is None:
-            with tqdm(total=len(items), desc=enc.desc, unit="img", disable=enc.disable_progress) as bar:
+            with tqdm(total=len(items), desc=desc, unit="img", disable=enc.disable_progress) as bar:
                 good, feats = encode_items(enc.batch_encoder(len(items)), items, *common, bar, *extra)
             if feats:  # items run view-major: the chunks are in the order given
                 new = torch.cat([f.to(enc.dtype) for f in feats])
@@ -193,7 +194,7 @@ class FeatureBank:
             missing = set(enc.cache.missing(list(item_key.values())))
             todo = [item for item in items if item_key[item] in missing]
             with tqdm(
-                total=len(todo), desc=enc.desc, unit="img", disable=enc.disable_progress or not todo
+                total=len(todo), desc=desc, unit="img", disable=enc.disable_progress or not todo
             ) as bar:
                 encoder = enc.batch_encoder(len(todo))
                 for start in range(0, len(todo), SHARD_IMAGES):
