@@ -110,3 +110,26 @@ def test_a_run_on_other_data_says_its_views_are_off(tiny_overrides, tmp_path):
     log = (tmp_path / "run" / "train.log").read_text()
     assert "data.augment: views off: data.augment.only_for='easyvqa:' does not cover data.train=" in log
     assert "augmented views" not in log  # nothing encoded beyond the images themselves
+
+
+def test_a_failed_compile_is_not_tried_again_for_the_views(tiny_mobilenet_pth, images, monkeypatch, caplog):
+    from adaptkit.data import encoding
+
+    calls = []
+
+    def broken(*args, **kwargs):
+        calls.append(1)
+
+        def graph(pixels):
+            raise RuntimeError("InductorError: no C++ compiler found")
+
+        return graph
+
+    backbone = build_vision_backbone(VisionConfig(weights=str(tiny_mobilenet_pth), image_size=64))
+    monkeypatch.setattr(encoding, "COMPILE_MIN_IMAGES", 0)
+    monkeypatch.setattr(torch, "compile", broken)
+    cpu = torch.device("cpu")
+    with caplog.at_level("WARNING", logger="adaptkit.data.encoding"):
+        bank = FeatureBank.compute(backbone, images, {}, cpu, augment=CFG, compile=True, defer_views=True)
+        assert bank.add_views() == 9  # the second pass, eager like the first
+    assert len(calls) == 1 and caplog.text.count("compiling the vision backbone failed") == 1

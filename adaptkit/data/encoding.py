@@ -54,6 +54,7 @@ class BatchEncoder:
 
     Attributes:
         compile_s: what compiling took (the first compiled batch's time), 0 when eager.
+        failed: compiling was tried and failed (the encoder went on eager).
     """
 
     def __init__(
@@ -69,6 +70,7 @@ class BatchEncoder:
         if compiled:
             self.graph = torch.compile(backbone, dynamic=False, options={"freezing": True})
         self.compile_s = 0.0
+        self.failed = False
         self._calls = 0
 
     @classmethod
@@ -96,7 +98,7 @@ class BatchEncoder:
             if self._calls:
                 raise
             log.warning("compiling the vision backbone failed, encoding eager instead: %s", err)
-            self.graph = None
+            self.graph, self.failed = None, True
             return self.backbone(pixels).to(self.dtype).float()
         if not self._calls:
             self.compile_s = time.perf_counter() - start

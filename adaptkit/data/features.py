@@ -60,8 +60,9 @@ class _Encoding:
     encoder: BatchEncoder | None = None
 
     def batch_encoder(self, items: int) -> BatchEncoder:
-        """One encoder for the bank's passes: compiled once, where the first pass's size calls for it."""
-        if self.encoder is None or self.encoder.graph is None:
+        """One encoder for the bank's passes: compiled once, where a pass's size first calls for it (and
+        never tried again once compiling failed)."""
+        if self.encoder is None or (self.encoder.graph is None and not self.encoder.failed):
             self.encoder = BatchEncoder.for_work(
                 self.backbone, self.device, self.batch_size, self.compile, items
             )
