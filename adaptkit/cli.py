@@ -4,7 +4,7 @@ adaptkit train RECIPE.yaml [key=value ...]
 adaptkit eval RUN_DIR --data SPEC [--limit N] [--batch-size B] [--json]
 adaptkit cache RECIPE.yaml [key=value ...]   fill the frozen-feature disk cache ahead of training
 adaptkit check-quant RECIPE.yaml [--levels 8bit,4bit] [--samples N] [--json]
-adaptkit export RUN_DIR --out DIR [--dtype float32|bfloat16|float16]   merge LoRA, self-contained folder
+adaptkit export RUN_DIR --out DIR [--dtype ...] [--format adaptkit|hf-llava]   merge LoRA, verified folder
 adaptkit predict DIR --image X --question "..." [--json]   the task's output (VQA: the answer)
 adaptkit demo DIR [--host 127.0.0.1] [--port 7860]        the Gradio demo
 adaptkit assets [gemma3-270m]  verify the embedded assets and convert SmolLM2 (and Gemma) once
@@ -91,44 +91,14 @@ def _cmd_eval(args: argparse.Namespace) -> int:
 
 
 def _cmd_cache(args: argparse.Namespace) -> int:
-    from adaptkit.backbones.vision import build_vision_backbone
-    from adaptkit.data.feature_cache import STORAGE_DTYPES, FeatureCache
-    from adaptkit.data.splits import build_features, feature_cache_root
+    from adaptkit.data.splits import fill_cache
     from adaptkit.recipes import load_recipe
     from adaptkit.tasks import get_task
 
     recipe = load_recipe(args.recipe, args.overrides)
-    root = feature_cache_root(recipe.feature_cache_dir)
-    if root is None or not recipe.cache_features:
-        raise ValueError(
-            f"{args.recipe}: the recipe keeps no disk cache (cache_features={recipe.cache_features}, "
-            f"feature_cache_dir={recipe.feature_cache_dir!r}); set cache_features=true feature_cache_dir=auto"
-        )
     logging.getLogger("adaptkit").setLevel(logging.INFO)
-    device = _device(args)
-    vision = build_vision_backbone(recipe.vision, device)
-    disk_cache = FeatureCache.for_backbone(root, vision, device, STORAGE_DTYPES[recipe.feature_dtype])
-    specs = list(dict.fromkeys([recipe.data.train, recipe.data.eval]))
-    task = get_task(recipe)
-    augment = recipe.data.train_augment()
-    views = augment.views if augment is not None else 0
-    for spec in specs:
-        data = task.load(spec, recipe.data.on_bad_sample)
-        train_views = views if spec == recipe.data.train else 0  # training's augmented views
-        bank = build_features(
-            vision,
-            data.samples,
-            device,
-            cache=True,
-            skip_bad=recipe.data.on_bad_sample == "skip",
-            desc=f"caching {spec}" + (f" and {train_views} augmented views each" if train_views else ""),
-            cache_root=disk_cache,
-            augment=augment if train_views else None,
-            compile=recipe.vision.compile,
-        )
-        shape = bank.shape
-        extra = f" (+ {train_views} augmented views each)" if train_views else ""
-        print(f"{spec}: {len(bank.rows)} images cached{extra}, features {shape}, {len(bank.bad)} undecodable")
+    for line in fill_cache(recipe, args.recipe, get_task(recipe), _device(args)):
+        print(line)
     return 0
 
 
@@ -153,6 +123,12 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from adaptkit.export import export_run
 
     logging.getLogger("adaptkit").setLevel(logging.INFO)
+    if args.format == "hf-llava":
+        from adaptkit.export_llava import export_llava, summary
+
+        report = export_llava(args.run_dir, args.out, args.dtype, args.verify_samples, args.merge_base)
+        print(summary(args.run_dir, args.out, report) + (f"\n{json.dumps(report)}" if args.json else ""))
+        return 0
     manifest = export_run(
         args.run_dir,
         args.out,
@@ -317,6 +293,13 @@ def _add_model_commands(sub) -> None:
     p.add_argument("--out", required=True, help="the export folder to create (must not exist)")
     p.add_argument(
         "--dtype", default="float32", choices=["float32", "bfloat16", "float16"], help="merged LM weights"
+    )
+    p.add_argument(
+        "--format",
+        choices=["adaptkit", "hf-llava"],
+        default="adaptkit",
+        help="adaptkit: any run, loaded by adaptkit; hf-llava: projector runs on an hf tower at LM layer 0, "
+        "loaded by stock transformers (LlavaForConditionalGeneration + AutoProcessor)",
     )
     p.add_argument("--verify-samples", type=int, default=32, help="held samples the export is verified on")
     p.add_argument(

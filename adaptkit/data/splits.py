@@ -220,3 +220,42 @@ def prepare_split(
         )
     dataset = task.dataset(samples, features.rows, model.tokenizer)
     return dataset, features, skipped
+
+
+def fill_cache(recipe, recipe_path, task, device) -> list[str]:
+    """``adaptkit cache``: encode the recipe's training and eval images (and training's augmented views)
+    into the disk cache, reading them with ``task``'s loader; returns one line per data spec."""
+    from adaptkit.backbones.vision import build_vision_backbone
+    from adaptkit.data.feature_cache import STORAGE_DTYPES
+
+    root = feature_cache_root(recipe.feature_cache_dir)
+    if root is None or not recipe.cache_features:
+        raise ValueError(
+            f"{recipe_path}: the recipe keeps no disk cache (cache_features={recipe.cache_features}, "
+            f"feature_cache_dir={recipe.feature_cache_dir!r}); set cache_features=true feature_cache_dir=auto"
+        )
+    vision = build_vision_backbone(recipe.vision, device)
+    disk_cache = FeatureCache.for_backbone(root, vision, device, STORAGE_DTYPES[recipe.feature_dtype])
+    augment = recipe.data.train_augment()
+    views = augment.views if augment is not None else 0
+    lines = []
+    for spec in dict.fromkeys([recipe.data.train, recipe.data.eval]):
+        data = task.load(spec, recipe.data.on_bad_sample)
+        train_views = views if spec == recipe.data.train else 0  # training's augmented views
+        extra = f" and {train_views} augmented views each" if train_views else ""
+        bank = build_features(
+            vision,
+            data.samples,
+            device,
+            cache=True,
+            skip_bad=recipe.data.on_bad_sample == "skip",
+            desc=f"caching {spec}{extra}",
+            cache_root=disk_cache,
+            augment=augment if train_views else None,
+            compile=recipe.vision.compile,
+        )
+        cached = f"{len(bank.rows)} images cached" + (
+            f" (+ {train_views} augmented views each)" if train_views else ""
+        )
+        lines.append(f"{spec}: {cached}, features {bank.shape}, {len(bank.bad)} undecodable")
+    return lines

@@ -1,0 +1,80 @@
+"""Check an ``--format hf-llava`` export with stock transformers alone, in a process where adaptkit cannot be
+imported (``adaptkit export`` runs this file as a script; it imports nothing of adaptkit's, and refuses to).
+
+    python -I export_check.py EXPORT_DIR WORK_DIR DTYPE MAX_NEW_TOKENS
+
+``WORK_DIR/samples.json``: the held samples (image path, chat messages, adaptkit's prompt text and token ids,
+the run's greedy answer); ``WORK_DIR/reference.st``: the run's logits per sample (image, prompt and target
+positions, computed in float64). Writes ``WORK_DIR/report.json``: whether the processor's chat template and
+tokenizer give adaptkit's prompts, how many greedy answers match, and the largest |logit difference|.
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import json
+import sys
+from pathlib import Path
+
+
+class _NoAdaptkit(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name == "adaptkit" or name.startswith("adaptkit."):
+            raise ImportError(
+                "this check runs without adaptkit: the export must load with transformers alone"
+            )
+        return None
+
+
+sys.meta_path.insert(0, _NoAdaptkit())
+
+
+def main(export: str, work: str, dtype: str, max_new_tokens: int) -> dict:
+    import torch
+    from PIL import Image
+    from safetensors.torch import load_file
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    work_dir = Path(work)
+    rows = json.loads((work_dir / "samples.json").read_text())
+    reference = load_file(str(work_dir / "reference.st"))
+    processor = AutoProcessor.from_pretrained(export)
+    model = LlavaForConditionalGeneration.from_pretrained(export, dtype=getattr(torch, dtype)).eval()
+    image_id = model.config.image_token_index
+    seq = model.config.image_seq_length
+    eos = processor.tokenizer.eos_token_id
+    prompts_ok, answers, inputs = True, [], []
+    with torch.no_grad():
+        for row in rows:
+            image = Image.open(row["image"]).convert("RGB")
+            text = processor.apply_chat_template(row["messages"], add_generation_prompt=True)
+            batch = processor(images=image, text=text, return_tensors="pt")
+            ids = batch["input_ids"][0].tolist()
+            prompts_ok &= text == "<image>" + row["prompt"] and ids == [image_id] * seq + row["prompt_ids"]
+            out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos)
+            new = out[0, batch["input_ids"].shape[1] :]
+            answers.append(processor.decode(new, skip_special_tokens=True).strip())
+            inputs.append(batch["pixel_values"])
+        model.double()
+        worst = 0.0
+        for i, (row, pixels) in enumerate(zip(rows, inputs)):
+            ids = torch.tensor([[image_id] * seq + row["prompt_ids"] + row["target_ids"]])
+            logits = model(input_ids=ids, pixel_values=pixels.double()).logits[0]
+            ref = reference[f"logits_{i}"].double()
+            worst = max(worst, float((logits[:, : ref.shape[1]] - ref).abs().max()))
+    same = sum(a == row["expected_answer"] for a, row in zip(answers, rows))
+    return {
+        "loaded_with": f"transformers.LlavaForConditionalGeneration + AutoProcessor ({dtype}), adaptkit not "
+        "importable",
+        "prompts_identical": bool(prompts_ok),
+        "answers_identical": same / max(1, len(rows)),
+        "answers": answers[:8],
+        "max_abs_logit_diff": worst,
+        "logits_compared_in": "float64",
+    }
+
+
+if __name__ == "__main__":
+    export_dir, work_dir, dtype_name, new_tokens = sys.argv[1:5]
+    report = main(export_dir, work_dir, dtype_name, int(new_tokens))
+    (Path(work_dir) / "report.json").write_text(json.dumps(report, indent=2))
