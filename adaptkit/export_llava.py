@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from adaptkit.artifacts import ExportError
+from adaptkit.export_llava_verify import fold_standardisation
 
 IMAGE_TOKEN = "<image>"
 
@@ -89,16 +90,6 @@ def _tower(name: str):
     else:
         config = model.config
     return config, state, AutoImageProcessor.from_pretrained(name)
-
-
-def fold_standardisation(weight, bias, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
-    """``linear(standardize(x))`` as one linear layer: ``W / std`` and ``b - W (mean / std)``, computed in
-    float64 and returned in the weight's dtype."""
-    w, b = weight.double(), bias.double()
-    scale = 1.0 / std.double()
-    folded_w = w * scale[None, :]
-    folded_b = b - w @ (mean.double() * scale)
-    return folded_w.to(weight.dtype), folded_b.to(bias.dtype)
 
 
 def _add_image_token(tokenizer) -> int:
@@ -261,7 +252,7 @@ def export_llava(
     tokenizer = AutoTokenizer.from_pretrained(resolve_lm_path(recipe.language.name))
     spec, samples, rows = held(recipe, verify_samples, tokenizer)
     new = recipe.max_new_tokens
-    answers, logits, adapter = reference(recipe, run, merge_base, samples, rows, new)
+    answers, logits, adapter, fold = reference(recipe, run, merge_base, samples, rows, new)
     model, processor = build(recipe, run, dtype, merge_base, adapter)
     model.save_pretrained(partial, safe_serialization=True)
     processor.save_pretrained(partial)
@@ -271,6 +262,8 @@ def export_llava(
     report = {"format": "hf-llava", "source_run": str(run.resolve()), "data": spec, "samples": len(rows)}
     report["dtype"] = dtype
     report.update(check(partial, rows, logits, dtype, new))
+    # adaptkit on the exported weights against the run (LoRA merged and the projector folded, in float32)
+    report["max_abs_logit_diff_weights_vs_run"] = fold
     report["tolerance"] = TOLERANCE[dtype]
     need = 1.0 if dtype == "float32" else MIN_AGREEMENT_16BIT
     report["passed"] = bool(

@@ -52,9 +52,62 @@ def held(recipe, n: int, tokenizer):
     return spec, samples, rows
 
 
+def fold_standardisation(weight, bias, mean, std) -> tuple[torch.Tensor, torch.Tensor]:
+    """``linear(standardize(x))`` as one linear layer: ``W / std`` and ``b - W (mean / std)``, computed in
+    float64 and returned in the weight's dtype."""
+    w, b = weight.double(), bias.double()
+    scale = 1.0 / std.double()
+    folded_w = w * scale[None, :]
+    folded_b = b - w @ (mean.double() * scale)
+    return folded_w.to(weight.dtype), folded_b.to(bias.dtype)
+
+
+def as_exported(adapter):
+    """A copy of the trained projector as the stock class holds it: the standardisation folded into the
+    first layer, both layers' weights rounded to float32 (``export_llava.fold_standardisation``)."""
+    import copy
+
+    folded = copy.deepcopy(adapter)
+    first, second = folded.mlp[0], folded.mlp[3]
+    weight, bias = fold_standardisation(
+        first.weight.float(), first.bias.float(), adapter.feature_mean, adapter.feature_std
+    )
+    with torch.no_grad():
+        first.weight.copy_(weight)
+        first.bias.copy_(bias)
+        second.weight.copy_(second.weight.float())
+        second.bias.copy_(second.bias.float())
+        folded.feature_mean.zero_()
+        folded.feature_std.fill_(1.0)
+    return folded
+
+
+def _logits(model, samples, rows) -> list[torch.Tensor]:
+    """Logits at every position of image + prompt + target, the tower's features not rounded to float32."""
+    from adaptkit.data.images import open_image
+
+    out = []
+    for sample, row in zip(samples, rows):
+        with torch.no_grad():
+            feats = model.vision(model.vision.preprocess([open_image(sample.image)]).to(torch.float64))
+            ids = torch.tensor([row["prompt_ids"] + row["target_ids"]])
+            out.append(model.logits(feats, ids, torch.ones_like(ids))[0][0].float())
+    return out
+
+
 def reference(recipe, run: Path, merge_base: str, samples, rows, max_new_tokens: int):
-    """The run's own answers (float32, LoRA unmerged on the float32 base) and its logits at every position of
-    image + prompt + target, computed in float64, one sample after another."""
+    """The run's own greedy answers (float32, LoRA unmerged on the float32 base); the logits at every
+    position of image + prompt + target, computed in float64 by adaptkit on the exported weights (LoRA
+    merged into float32, the projector folded, :func:`as_exported`); and how far those weights' float32
+    rounding moves the logits from the run's (float64 both).
+
+    Folding is exact arithmetic, but the folded float32 weights are rounded where adaptkit computed the
+    standardisation: on feature dimensions whose mean is large against their spread, ``W x / std`` and the
+    bias ``-W mean / std`` are large and cancel. With soft tokens at the LM's input this moves a real LM's
+    logits by more than LoRA's merge does at layer 20 (SmolLM2 behind a random tower, 16 samples: ~3e-3 at
+    a logit scale of ~38; benchmarks/hf_llava_real_lm.py). So the stock class is checked against adaptkit
+    on the same weights, to the merge's tolerance, the answers against the run's, and the rounding's effect
+    is reported."""
     from adaptkit.data.images import open_image
     from adaptkit.export import full_precision_base
     from adaptkit.model.multimodal import MultimodalModel
@@ -69,19 +122,21 @@ def reference(recipe, run: Path, merge_base: str, samples, rows, max_new_tokens:
 
         base = PeftModel.from_pretrained(base, str(run / LORA_DIR), is_trainable=False)
     model = MultimodalModel(trained.vision, trained.adapter, base, tokenizer, entry_layer=0).eval()
-    answers, logits = [], []
+    answers = []
     for sample, row in zip(samples, rows):
         feats = model.encode_images([open_image(sample.image)])
         ids = torch.tensor([row["prompt_ids"]])
-        answer, _ = model.generate(feats, ids, torch.ones_like(ids), max_new_tokens)
-        answers.append(answer[0])
+        answers.append(model.generate(feats, ids, torch.ones_like(ids), max_new_tokens)[0][0])
+    trained_adapter = trained.adapter
     model.double()
-    for sample, row in zip(samples, rows):
-        feats = model.encode_images([open_image(sample.image)]).double()
-        ids = torch.tensor([row["prompt_ids"] + row["target_ids"]])
-        out, _ = model.logits(feats, ids, torch.ones_like(ids))
-        logits.append(out[0].float())
-    return answers, logits, trained.adapter
+    run_logits = _logits(model, samples, rows)
+    from adaptkit.export import _merged_lm
+
+    merged, tokenizer = _merged_lm(recipe, run, "float32", merge_base)
+    exported = MultimodalModel(trained.vision, as_exported(trained_adapter), merged, tokenizer, entry_layer=0)
+    logits = _logits(exported.eval().double(), samples, rows)
+    rounding = max(float((a.double() - b.double()).abs().max()) for a, b in zip(run_logits, logits))
+    return answers, logits, trained_adapter, rounding
 
 
 def check(out: Path, rows, reference: list[torch.Tensor], dtype: str, max_new_tokens: int) -> dict:
