@@ -22,9 +22,10 @@ was tuned on: grainy backgrounds (Gaussian noise, std 4-12 per pixel), a darker 
 shapes, a blur on a third of the images, canvases of 80, 128 or 160 px, and JPEG compression (quality
 35-75; saved as .jpg).
 
-Beside ``questions.jsonl`` it writes ``captions.jsonl`` (adaptkit's caption JSONL): each image with the
-five phrasings and the ``"{colour} {shape}"`` label that ``easyvqa-captions`` gives easy-VQA's images, for
-the retrieval task (``adaptkit eval RUN --data data/ood_vqa/captions.jsonl``).
+Beside ``questions.jsonl`` it writes ``colour.jsonl``, the questions whose answer is a colour (2 of each
+image's 10), and ``captions.jsonl`` (adaptkit's caption JSONL): each image with the five phrasings and the
+``"{colour} {shape}"`` label that ``easyvqa-captions`` gives easy-VQA's images, for the retrieval task
+(``adaptkit eval RUN --data data/ood_vqa/captions.jsonl``).
 
 Each image gets 10 questions: what colour, what shape, the shape given its colour, the colour given its
 shape, and six yes/no questions (colour and shape, asked positively and negated, half of them true),
@@ -32,7 +33,7 @@ each phrased with one of easy-VQA's own templates. Fixed seed: the same call wri
 
     python benchmarks/ood_vqa.py --out data/ood_vqa --images 300 --seed 0
     python benchmarks/ood_vqa.py --out data/ood_vqa_textured --style textured --seed 2
-    python benchmarks/ood_vqa.py --out data/ood_vqa_shades --style shades --seed 3
+    python benchmarks/ood_vqa.py --out data/ood_vqa_shades2 --style shades --seed 4
     adaptkit eval RUN --data data/ood_vqa/questions.jsonl --json
 """
 
@@ -227,6 +228,8 @@ def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default"
         captions.append({"image": name, "captions": phrased, "label": f"{color} {shape}"})
     path = out / "questions.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    colour = [line for line in lines if line["answer"] in COLORS]
+    (out / "colour.jsonl").write_text("".join(json.dumps(line) + "\n" for line in colour))
     (out / "captions.jsonl").write_text("".join(json.dumps(line) + "\n" for line in captions))
     return path
 

@@ -117,6 +117,11 @@ def test_ood_vqa_set_is_reproducible_balanced_and_loads(tmp_path):
         "yes",
         "no",
     }
+    colour = load_jsonl(tmp_path / "a" / "colour.jsonl").samples  # the colour-only subset
+    assert [(s.question, s.answer) for s in colour] == [
+        (s.question, s.answer) for s in samples if s.answer in ood_vqa.COLORS
+    ]
+    assert len(colour) == 48
     yes_no = [s.answer for s in samples if s.answer in ("yes", "no")]
     assert len(yes_no) == 144 and 0.35 < yes_no.count("yes") / len(yes_no) < 0.65
     # Every image is 96x96, its background far from white, and the colour asked about is the one drawn:

@@ -33,6 +33,11 @@ def test_train_and_held_out_halves_split_every_region(name):
     assert train and held_out and not set(train) & set(held_out)
     assert sorted(train + held_out) == sorted(rgb for _, rgb in regions()[name])
     assert train[0] == regions()[name][0][1]  # the plain name's own shade trains
+    others = [rgb for _, rgb in regions()[name][1:]]  # by lightness
+    if len(others) >= 3:  # both ends train, so the held-out shades lie between seen ones
+        assert others[0] in train and others[-1] in train
+        lightness = [lab(rgb)[0] for rgb in held_out]
+        assert lab(others[0])[0] <= min(lightness) and max(lightness) <= lab(others[-1])[0]
     assert shades("grey") == shades("gray") and shades("no-such-colour") == []
 
 

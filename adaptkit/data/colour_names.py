@@ -9,10 +9,12 @@ left out: people split on it. "grey" and "gray" are one name. Shades within 30 C
 of black are left out (a shape in them vanishes into a light background or reads as black); black keeps
 its own.
 
-Each name's shades are cut in two halves, alternately by lightness (the plain name goes to the first):
-:func:`shades` ``("train")`` for augmentation (``data.augment.shades``) and ``("held_out")`` for the
-out-of-distribution set ``benchmarks/ood_vqa.py --style shades``, so evaluation sees shades no training or
-tuning saw.
+Each name's shades are cut in two: :func:`shades` ``("train")`` for augmentation (``data.augment.shades``)
+and ``("held_out")`` for the out-of-distribution set ``benchmarks/ood_vqa.py --style shades``, so evaluation
+sees shades no training or tuning saw. Training keeps the plain name's shade and both ends of the name's
+lightness range (its darkest and its lightest shade), so the held-out set asks the model to name shades
+*between* ones it has seen, not beyond them; the shades in between alternate, by lightness, starting with
+the held-out half. (A name with one other shade, like black's "almost black", holds that one out.)
 """
 
 from __future__ import annotations
@@ -96,15 +98,19 @@ def regions() -> dict[str, list[tuple[str, tuple[int, int, int]]]]:
 
 def shades(name: str, half: str = "train") -> list[tuple[int, int, int]]:
     """The ``half`` (``train`` or ``held_out``) of the shades people call ``name`` (empty if the survey has
-    none): the plain name's shade and every other one by lightness go to ``train``, the rest to
-    ``held_out``."""
+    none): the plain name's shade, the darkest and the lightest other shade and every second one between
+    them go to ``train``, the rest to ``held_out``."""
     if half not in ("train", "held_out"):
         raise ValueError(f"half must be train or held_out, got {half!r}")
-    found = regions().get(SYNONYMS.get(name, name), [])
-    plain, rest = found[:1], found[1:]
-    if half == "train":
-        return [rgb for _, rgb in plain + rest[1::2]]
-    return [rgb for _, rgb in rest[::2]]
+    found = [rgb for _, rgb in regions().get(SYNONYMS.get(name, name), [])]
+    plain, rest = found[:1], found[1:]  # rest: by lightness
+    if len(rest) < 3:
+        held = rest[-1:]
+        kept = rest[:-1]
+    else:
+        between = rest[1:-1]
+        held, kept = between[::2], [rest[0], *between[1::2], rest[-1]]
+    return plain + kept if half == "train" else held
 
 
 def image_colours(samples) -> dict[str, str]:
