@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import random
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -222,9 +223,9 @@ def prepare_split(
     return dataset, features, skipped
 
 
-def fill_cache(recipe, recipe_path, task, device) -> list[str]:
+def fill_cache(recipe, recipe_path, task, device) -> Iterator[str]:
     """``adaptkit cache``: encode the recipe's training and eval images (and training's augmented views)
-    into the disk cache, reading them with ``task``'s loader; returns one line per data spec."""
+    into the disk cache, reading them with ``task``'s loader; yields one line per data spec as it is done."""
     from adaptkit.backbones.vision import build_vision_backbone
     from adaptkit.data.feature_cache import STORAGE_DTYPES
 
@@ -238,7 +239,6 @@ def fill_cache(recipe, recipe_path, task, device) -> list[str]:
     disk_cache = FeatureCache.for_backbone(root, vision, device, STORAGE_DTYPES[recipe.feature_dtype])
     augment = recipe.data.train_augment()
     views = augment.views if augment is not None else 0
-    lines = []
     for spec in dict.fromkeys([recipe.data.train, recipe.data.eval]):
         data = task.load(spec, recipe.data.on_bad_sample)
         train_views = views if spec == recipe.data.train else 0  # training's augmented views
@@ -257,5 +257,4 @@ def fill_cache(recipe, recipe_path, task, device) -> list[str]:
         cached = f"{len(bank.rows)} images cached" + (
             f" (+ {train_views} augmented views each)" if train_views else ""
         )
-        lines.append(f"{spec}: {cached}, features {bank.shape}, {len(bank.bad)} undecodable")
-    return lines
+        yield f"{spec}: {cached}, features {bank.shape}, {len(bank.bad)} undecodable"
