@@ -4,7 +4,7 @@ adaptkit train RECIPE.yaml [key=value ...]
 adaptkit eval RUN_DIR --data SPEC [--limit N] [--batch-size B] [--json]
 adaptkit cache RECIPE.yaml [key=value ...]   fill the frozen-feature disk cache ahead of training
 adaptkit check-quant RECIPE.yaml [--levels 8bit,4bit] [--samples N] [--json]
-adaptkit export RUN_DIR --out DIR [--dtype ...] [--format adaptkit|hf-llava]   merge LoRA, verified folder
+adaptkit export RUN_DIR --out DIR [--dtype ...] [--format FORMAT]   merge LoRA, a verified folder
 adaptkit predict DIR --image X --question "..." [--json]   the task's output (VQA: the answer)
 adaptkit demo DIR [--host 127.0.0.1] [--port 7860]        the Gradio demo
 adaptkit assets [gemma3-270m]  verify the embedded assets and convert SmolLM2 (and Gemma) once
@@ -123,10 +123,13 @@ def _cmd_export(args: argparse.Namespace) -> int:
     from adaptkit.export import export_run
 
     logging.getLogger("adaptkit").setLevel(logging.INFO)
-    if args.format == "hf-llava":
-        from adaptkit.export_llava import export_llava, summary
+    if args.format in ("hf-llava", "hf-remote-code"):
+        from adaptkit import export_llava, export_remote
 
-        report = export_llava(args.run_dir, args.out, args.dtype, args.verify_samples, args.merge_base)
+        module = export_llava if args.format == "hf-llava" else export_remote
+        write = export_llava.export_llava if args.format == "hf-llava" else export_remote.export_remote
+        report = write(args.run_dir, args.out, args.dtype, args.verify_samples, args.merge_base)
+        summary = module.summary
         print(summary(args.run_dir, args.out, report) + (f"\n{json.dumps(report)}" if args.json else ""))
         return 0
     manifest = export_run(
@@ -296,10 +299,12 @@ def _add_model_commands(sub) -> None:
     )
     p.add_argument(
         "--format",
-        choices=["adaptkit", "hf-llava"],
+        choices=["adaptkit", "hf-llava", "hf-remote-code"],
         default="adaptkit",
         help="adaptkit: any run, loaded by adaptkit; hf-llava: projector runs on an hf tower at LM layer 0, "
-        "loaded by stock transformers (LlavaForConditionalGeneration + AutoProcessor)",
+        "loaded by stock transformers (LlavaForConditionalGeneration + AutoProcessor); hf-remote-code: VQA "
+        "runs of any adapter on torchvision / timm / hf towers, loaded by AutoModelForImageTextToText + "
+        "AutoProcessor with trust_remote_code=True",
     )
     p.add_argument("--verify-samples", type=int, default=32, help="held samples the export is verified on")
     p.add_argument(

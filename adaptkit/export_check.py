@@ -1,7 +1,12 @@
-"""Check an ``--format hf-llava`` export with stock transformers alone, in a process where adaptkit cannot be
-imported (``adaptkit export`` runs this file as a script; it imports nothing of adaptkit's, and refuses to).
+"""Check an ``--format hf-llava`` or ``hf-remote-code`` export with transformers alone, in a process where
+adaptkit cannot be imported (``adaptkit export`` runs this file as a script; it imports nothing of adaptkit's,
+and refuses to).
 
-    python -I export_check.py EXPORT_DIR WORK_DIR DTYPE MAX_NEW_TOKENS
+    python -I export_check.py EXPORT_DIR WORK_DIR DTYPE MAX_NEW_TOKENS [FORMAT]
+
+hf-llava loads the folder with ``LlavaForConditionalGeneration``, hf-remote-code with
+``AutoModelForImageTextToText`` and its own modeling file (``trust_remote_code=True``); both with
+``AutoProcessor``.
 
 ``WORK_DIR/samples.json``: the held samples (image path, chat messages, adaptkit's prompt text and token ids,
 the run's greedy answer); ``WORK_DIR/reference.st``: the run's logits per sample (image, prompt and target
@@ -29,19 +34,32 @@ class _NoAdaptkit(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _NoAdaptkit())
 
 
-def main(export: str, work: str, dtype: str, max_new_tokens: int) -> dict:
+def _load(export: str, dtype: str, fmt: str):
+    import torch
+    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+
+    if fmt == "hf-llava":
+        model = LlavaForConditionalGeneration.from_pretrained(export, dtype=getattr(torch, dtype))
+        processor = AutoProcessor.from_pretrained(export)
+        loaded = f"transformers.LlavaForConditionalGeneration + AutoProcessor ({dtype})"
+        lead = [model.config.image_token_index] * model.config.image_seq_length
+    else:
+        model = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True, dtype=dtype)
+        processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+        loaded = f"transformers.AutoModelForImageTextToText + AutoProcessor, trust_remote_code ({dtype})"
+        lead = None
+    return model.eval(), processor, loaded + ", adaptkit not importable", lead
+
+
+def main(export: str, work: str, dtype: str, max_new_tokens: int, fmt: str = "hf-llava") -> dict:
     import torch
     from PIL import Image
     from safetensors.torch import load_file
-    from transformers import AutoProcessor, LlavaForConditionalGeneration
 
     work_dir = Path(work)
     rows = json.loads((work_dir / "samples.json").read_text())
     reference = load_file(str(work_dir / "reference.st"))
-    processor = AutoProcessor.from_pretrained(export)
-    model = LlavaForConditionalGeneration.from_pretrained(export, dtype=getattr(torch, dtype)).eval()
-    image_id = model.config.image_token_index
-    seq = model.config.image_seq_length
+    model, processor, loaded, lead = _load(export, dtype, fmt)
     eos = processor.tokenizer.eos_token_id
     prompts_ok, answers, inputs = True, [], []
     with torch.no_grad():
@@ -50,7 +68,9 @@ def main(export: str, work: str, dtype: str, max_new_tokens: int) -> dict:
             text = processor.apply_chat_template(row["messages"], add_generation_prompt=True)
             batch = processor(images=image, text=text, return_tensors="pt")
             ids = batch["input_ids"][0].tolist()
-            prompts_ok &= text == "<image>" + row["prompt"] and ids == [image_id] * seq + row["prompt_ids"]
+            expected = row["expected_ids"] if lead is None else lead + row["prompt_ids"]
+            row["expected_ids"] = expected
+            prompts_ok &= text == "<image>" + row["prompt"] and ids == expected
             out = model.generate(**batch, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos)
             new = out[0, batch["input_ids"].shape[1] :]
             answers.append(processor.decode(new, skip_special_tokens=True).strip())
@@ -58,14 +78,13 @@ def main(export: str, work: str, dtype: str, max_new_tokens: int) -> dict:
         model.double()
         worst = 0.0
         for i, (row, pixels) in enumerate(zip(rows, inputs)):
-            ids = torch.tensor([[image_id] * seq + row["prompt_ids"] + row["target_ids"]])
+            ids = torch.tensor([row["expected_ids"] + row["target_ids"]])
             logits = model(input_ids=ids, pixel_values=pixels.double()).logits[0]
             ref = reference[f"logits_{i}"].double()
             worst = max(worst, float((logits[:, : ref.shape[1]] - ref).abs().max()))
     same = sum(a == row["expected_answer"] for a, row in zip(answers, rows))
     return {
-        "loaded_with": f"transformers.LlavaForConditionalGeneration + AutoProcessor ({dtype}), adaptkit not "
-        "importable",
+        "loaded_with": loaded,
         "prompts_identical": bool(prompts_ok),
         "answers_identical": same / max(1, len(rows)),
         "answers": answers[:8],
@@ -76,5 +95,5 @@ def main(export: str, work: str, dtype: str, max_new_tokens: int) -> dict:
 
 if __name__ == "__main__":
     export_dir, work_dir, dtype_name, new_tokens = sys.argv[1:5]
-    report = main(export_dir, work_dir, dtype_name, int(new_tokens))
+    report = main(export_dir, work_dir, dtype_name, int(new_tokens), *sys.argv[5:6])
     (Path(work_dir) / "report.json").write_text(json.dumps(report, indent=2))

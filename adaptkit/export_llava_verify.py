@@ -139,8 +139,10 @@ def reference(recipe, run: Path, merge_base: str, samples, rows, max_new_tokens:
     return answers, logits, trained_adapter, rounding
 
 
-def check(out: Path, rows, reference: list[torch.Tensor], dtype: str, max_new_tokens: int) -> dict:
-    """Run ``export_check.py`` on the folder in a fresh process that cannot import adaptkit."""
+def check(
+    out: Path, rows, reference: list[torch.Tensor], dtype: str, max_new_tokens: int, fmt: str = "hf-llava"
+) -> dict:
+    """Run ``export_check.py`` on the ``fmt`` folder in a fresh process that cannot import adaptkit."""
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix="adaptkit-llava-check-") as tmp:
@@ -149,11 +151,11 @@ def check(out: Path, rows, reference: list[torch.Tensor], dtype: str, max_new_to
         (tmp / "samples.json").write_text(json.dumps(rows))
         report_path = tmp / "report.json"
         env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-        cmd = [sys.executable, "-I", str(CHECK_SCRIPT), str(out), str(tmp), dtype, str(max_new_tokens)]
+        cmd = [sys.executable, "-I", str(CHECK_SCRIPT), str(out), str(tmp), dtype, str(max_new_tokens), fmt]
         done = subprocess.run(cmd, cwd=tmp, env=env, capture_output=True, text=True)
         if done.returncode != 0 or not report_path.is_file():
             raise ExportError(
-                f"the hf-llava check could not load or run the folder {out} in a fresh process "
+                f"the {fmt} check could not load or run the folder {out} in a fresh process "
                 f"(exit {done.returncode}):\n{done.stderr[-3000:]}"
             )
         return json.loads(report_path.read_text())

@@ -1,0 +1,82 @@
+"""The default run through ``--format hf-remote-code`` on the full easy-VQA test split: every answer of the
+stock Auto class (loaded in a process where adaptkit cannot be imported) against ``adaptkit eval``'s.
+
+    python benchmarks/hf_remote_code_easyvqa.py RUN --out EXPORT_DIR [--data easyvqa:test]
+
+Exports RUN to EXPORT_DIR (unless it exists), runs ``adaptkit eval RUN --data DATA`` (unless RUN's
+``eval_predictions.jsonl`` is of DATA already), answers every question with ``benchmarks/remote_answers.py``
+under ``python -I``, and prints one JSON line: questions, answers identical, accuracy of each side, and the
+first differences.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("run")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--data", default="easyvqa:test")
+    parser.add_argument("--batch-size", type=int, default=64)
+    args = parser.parse_args()
+    run, out = Path(args.run), Path(args.out)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if not out.exists():
+        subprocess.run(
+            ["adaptkit", "export", str(run), "--out", str(out), "--format", "hf-remote-code"], check=True
+        )
+    evaluated = (
+        json.loads((run / "eval.json").read_text()).get("data") if (run / "eval.json").exists() else None
+    )
+    if evaluated != args.data:
+        subprocess.run(["adaptkit", "eval", str(run), "--data", args.data, "--json"], check=True, env=env)
+    from adaptkit.recipes import load_recipe
+    from adaptkit.tasks import get_task
+
+    recipe = load_recipe(run / "recipe.yaml")
+    samples = get_task(recipe).load(args.data, recipe.data.on_bad_sample).samples
+    ours = [json.loads(line) for line in (run / "eval_predictions.jsonl").open()]
+    assert len(ours) == len(samples), "eval_predictions.jsonl is not of this data"
+    questions = out.with_name(out.name + "-questions.jsonl")
+    answers = out.with_name(out.name + "-answers.jsonl")
+    with questions.open("w") as handle:
+        for s in samples:
+            handle.write(
+                json.dumps({"image": str(s.image), "question": s.question, "answer": s.answer}) + "\n"
+            )
+    script = Path(__file__).with_name("remote_answers.py")
+    cmd = [sys.executable, "-I", str(script), str(out), str(questions), str(answers)]
+    subprocess.run(
+        cmd + ["--batch-size", str(args.batch_size), "--max-new-tokens", str(recipe.max_new_tokens)],
+        check=True,
+        env={k: v for k, v in env.items() if k != "PYTHONPATH"},
+    )
+    theirs = [json.loads(line) for line in answers.open()]
+    differ = [
+        (o["question"], o["prediction"], t["prediction"])
+        for o, t in zip(ours, theirs)
+        if o["prediction"] != t["prediction"]
+    ]
+    print(
+        json.dumps(
+            {
+                "data": args.data,
+                "questions": len(ours),
+                "answers_identical": len(ours) - len(differ),
+                "accuracy_adaptkit": sum(o["prediction"] == o["answer"] for o in ours) / len(ours),
+                "accuracy_remote_code": sum(t["prediction"] == t["answer"] for t in theirs) / len(theirs),
+                "first_differences": differ[:10],
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""``adaptkit export --format hf-remote-code``: runs of every adapter kind and entry layer, on torchvision,
+timm and transformers towers and Llama / Gemma-3 LMs, become folders that a fresh process without adaptkit
+loads with ``AutoModelForImageTextToText`` + ``AutoProcessor`` (``trust_remote_code=True``) and that answer
+as the run did, logits within the merge's tolerance of adaptkit's; their ``generate`` picks what their own
+full forward pass picks; runs the format cannot carry are refused."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from adaptkit.artifacts import ExportError
+from adaptkit.export_remote import export_remote, problems
+from adaptkit.recipes import load_recipe
+from adaptkit.train import train
+from tests.conftest import AT_INPUT, overrides_for, save_tiny_lm
+
+RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "easyvqa_qformer_lora.yaml"
+FAST = ["lora.start_step=0", "lr_lora=0.02", "lr_adapter=0.01", "max_steps=40", "eval_every=0"]
+
+
+@pytest.fixture(scope="module")
+def gemma_dir(tmp_path_factory) -> Path:
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    root = tmp_path_factory.mktemp("remote_gemma")
+    return save_tiny_lm(
+        root / "gemma3",
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        num_hidden_layers=2,
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=4,
+        layer_types=["sliding_attention", "full_attention"],
+        tie_word_embeddings=True,
+    )
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory) -> Path:
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    root = tmp_path_factory.mktemp("remote_siglip")
+    torch.manual_seed(0)
+    vision = {"image_size": 32, "patch_size": 8, "hidden_size": 48, "intermediate_size": 64}
+    SiglipVisionModel(
+        SiglipVisionConfig(**vision, num_hidden_layers=2, num_attention_heads=4)
+    ).save_pretrained(root)
+    SiglipImageProcessor(size={"height": 32, "width": 32}).save_pretrained(root)
+    return root
+
+
+def _run(root: Path, base: list[str], extra: list[str]) -> Path:
+    train(load_recipe(RECIPE, base + FAST + extra))
+    return root / "run"
+
+
+def _export(run: Path, out: Path) -> dict:
+    report = export_remote(run, out, verify_samples=6)
+    assert (out / "modeling_adaptkit.py").is_file() and not out.with_name(out.name + ".partial").exists()
+    assert report["passed"] and report["prompts_identical"] and report["answers_identical"] == 1.0
+    assert report["max_abs_logit_diff"] <= 1e-4
+    assert "adaptkit not importable" in report["loaded_with"]
+    return report
+
+
+CASES = {
+    # the shipped recipe's path, scaled down: Q-Former soft tokens entering layer 1 behind the sink token
+    "qformer_layer1_mobilenet_llama": [],
+    "qformer_prompt_conditioned_at_input": AT_INPUT,
+    "resampler_layer1": ["adapter.kind=resampler"],
+    "projector_at_input_pooled": [
+        "adapter.kind=projector",
+        "adapter.inject_layer=0",
+        "adapter.projector.pool_tokens=4",
+    ],
+    "xattn_resampler": [
+        "adapter.kind=xattn",
+        "adapter.inject_layer=0",
+        "adapter.xattn.layers=[1]",
+        "adapter.xattn.resampler=true",
+    ],
+    "xattn_layer0": ["adapter.kind=xattn", "adapter.inject_layer=0", "adapter.xattn.layers=[0,1]"],
+}
+
+
+def _decode_path_matches_full_forward(export: Path, image: Path) -> None:
+    """The folder's ``generate`` (key/value cache, left-padded rows, ``pixel_values`` only at the prompt
+    for soft tokens) picks the tokens its own full forward pass picks, EOS ignored so every step runs."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    model = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+    texts = ["<image>what is the shape?", "<image>is there a red shape in the image?"]
+    pil = Image.open(image)
+    inputs = processor(images=[pil, pil], text=texts)
+    assert inputs["attention_mask"][0, 0] == 0  # the shorter prompt is left-padded
+    model.generation_config.eos_token_id = None
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        out = out[:, inputs["input_ids"].shape[1] :]
+        for row, text in enumerate(texts):
+            one = processor(images=[pil], text=[text])
+            ids, px = one["input_ids"], one["pixel_values"]
+            for _ in range(4):
+                token = model(input_ids=ids, pixel_values=px).logits[0, -1].argmax()
+                ids = torch.cat([ids, token.view(1, 1)], dim=1)
+            assert out[row].tolist() == ids[0, -4:].tolist()
+
+
+CASES = {
+    # the shipped recipe's path, scaled down: Q-Former soft tokens entering layer 1 behind the sink token
+    "qformer_layer1": [],
+    "qformer_prompt_conditioned_at_input": AT_INPUT,
+    "resampler_layer1": ["adapter.kind=resampler"],
+    "projector_pooled_at_input": [
+        "adapter.kind=projector",
+        "adapter.inject_layer=0",
+        "adapter.projector.pool_tokens=4",
+    ],
+    "xattn_resampler": [
+        "adapter.kind=xattn",
+        "adapter.inject_layer=0",
+        "adapter.xattn.layers=[1]",
+        "adapter.xattn.resampler=true",
+    ],
+    "xattn_layer0": ["adapter.kind=xattn", "adapter.inject_layer=0", "adapter.xattn.layers=[0,1]"],
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_mobilenet_llama_runs_load_without_adaptkit(
+    case, tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path
+):
+    run = _run(tmp_path, overrides_for(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path), CASES[case])
+    _export(run, tmp_path / "export")
+    config = json.loads((tmp_path / "export" / "config.json").read_text())
+    assert config["model_type"] == "adaptkit"
+    assert config["auto_map"]["AutoModelForImageTextToText"] == "modeling_adaptkit.AdaptkitForImageTextToText"
+    _decode_path_matches_full_forward(tmp_path / "export", tiny_vqa.parent / "images" / "0.png")
+
+
+def test_timm_tower_and_gemma3(gemma_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path):
+    """A random timm CNN's tokens into a Gemma-3 LM (sliding-window layers, tied embeddings) at layer 1."""
+    base = overrides_for(gemma_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path)
+    tower = ["vision.family=timm", "vision.name=mobilenetv3_small_050", "vision.weights=random"]
+    _export(_run(tmp_path, base, tower), tmp_path / "export")
+    _decode_path_matches_full_forward(tmp_path / "export", tiny_vqa.parent / "images" / "0.png")
+
+
+def test_siglip_tower_projector_at_input(siglip_dir, tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path):
+    """A transformers SigLIP tower (its own image processor) and LLaVA's projector at the LM's input."""
+    base = overrides_for(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path)
+    extra = [
+        "vision.family=hf",
+        f"vision.name={siglip_dir}",
+        "vision.image_size=32",
+        "adapter.kind=projector",
+        "adapter.inject_layer=0",
+    ]
+    _export(_run(tmp_path, base, extra), tmp_path / "export")
+    reads = json.loads((tmp_path / "export" / "processor_config.json").read_text())["tower"]
+    assert reads["image_processor"]["class"].startswith("Siglip")
+
+
+def test_refuses_what_it_cannot_carry(tiny_run, tmp_path):
+    retrieval = load_recipe(Path(RECIPE).with_name("easyvqa_retrieval.yaml"))
+    assert any(p.startswith("task=retrieval") for p in problems(retrieval))
+    clip = load_recipe(RECIPE, ["vision.family=open_clip", "vision.name=ViT-B-32"])
+    assert any(p.startswith("vision.family=open_clip") for p in problems(clip))
+    assert problems(load_recipe(RECIPE)) == []  # the shipped default exports
+    with pytest.raises(ExportError, match="--dtype bfloat16"):
+        export_remote(tiny_run, tmp_path / "out", dtype="bfloat16")
+    assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+def test_modeling_files_need_no_adaptkit():
+    """The files that travel import torch, transformers and the towers' libraries only."""
+    import ast
+
+    from adaptkit.export_remote import FILES, REMOTE_DIR
+
+    for name in FILES:
+        tree = ast.parse((REMOTE_DIR / name).read_text())
+        modules = {
+            node.module if isinstance(node, ast.ImportFrom) else alias.name
+            for node in ast.walk(tree)
+            if isinstance(node, (ast.Import, ast.ImportFrom))
+            for alias in node.names
+        }
+        roots = {m.split(".")[0] for m in modules if m}
+        assert roots <= {"__future__", "math", "torch", "transformers", "torchvision", "timm", "PIL"}, roots
