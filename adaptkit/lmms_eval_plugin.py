@@ -116,7 +116,7 @@ def __getattr__(name: str):
     if name == "AdaptkitLMMS":  # made on first access: it needs lmms-eval, which adaptkit does not require
         from lmms_eval.api.model import lmms
 
-        class AdaptkitLMMS(lmms, AdaptkitRequests):
+        class AdaptkitLMMS(AdaptkitRequests, lmms):  # ours first: they implement lmms' abstract methods
             """adaptkit in lmms-eval (``--model adaptkit --model_args path=DIR``)."""
 
             def __init__(self, path: str, batch_size=None, device=None, **kwargs) -> None:
