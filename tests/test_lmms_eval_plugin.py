@@ -95,4 +95,6 @@ def test_registered_for_lmms_eval():
         pytest.skip("lmms-eval is not installed (adaptkit does not depend on it)")
     from lmms_eval.models import get_model
 
-    assert get_model("adaptkit").__name__ == "AdaptkitLMMS"
+    model_class = get_model("adaptkit")
+    assert model_class.__name__ == "AdaptkitLMMS"
+    assert not model_class.__abstractmethods__  # lmms-eval can instantiate it
