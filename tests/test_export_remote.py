@@ -68,26 +68,6 @@ def _export(run: Path, out: Path) -> dict:
     return report
 
 
-CASES = {
-    # the shipped recipe's path, scaled down: Q-Former soft tokens entering layer 1 behind the sink token
-    "qformer_layer1_mobilenet_llama": [],
-    "qformer_prompt_conditioned_at_input": AT_INPUT,
-    "resampler_layer1": ["adapter.kind=resampler"],
-    "projector_at_input_pooled": [
-        "adapter.kind=projector",
-        "adapter.inject_layer=0",
-        "adapter.projector.pool_tokens=4",
-    ],
-    "xattn_resampler": [
-        "adapter.kind=xattn",
-        "adapter.inject_layer=0",
-        "adapter.xattn.layers=[1]",
-        "adapter.xattn.resampler=true",
-    ],
-    "xattn_layer0": ["adapter.kind=xattn", "adapter.inject_layer=0", "adapter.xattn.layers=[0,1]"],
-}
-
-
 def _decode_path_matches_full_forward(export: Path, image: Path) -> None:
     """The folder's ``generate`` (key/value cache, left-padded rows, ``pixel_values`` only at the prompt
     for soft tokens) picks the tokens its own full forward pass picks, EOS ignored so every step runs."""
