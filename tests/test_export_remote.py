@@ -69,8 +69,9 @@ def _export(run: Path, out: Path) -> dict:
 
 
 def _decode_path_matches_full_forward(export: Path, image: Path) -> None:
-    """The folder's ``generate`` (key/value cache, left-padded rows, ``pixel_values`` only at the prompt
-    for soft tokens) picks the tokens its own full forward pass picks, EOS ignored so every step runs."""
+    """The folder's ``generate`` (key/value cache, ``pixel_values`` only at the prompt for soft tokens), on
+    left-padded rows and on a row alone (whose all-ones mask generate drops), picks the tokens its own full
+    forward pass picks, EOS ignored so every step runs."""
     from PIL import Image
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -91,6 +92,8 @@ def _decode_path_matches_full_forward(export: Path, image: Path) -> None:
                 token = model(input_ids=ids, pixel_values=px).logits[0, -1].argmax()
                 ids = torch.cat([ids, token.view(1, 1)], dim=1)
             assert out[row].tolist() == ids[0, -4:].tolist()
+            alone = model.generate(**one, max_new_tokens=4, do_sample=False, pad_token_id=0)  # no padding
+            assert alone[0, -4:].tolist() == ids[0, -4:].tolist()
 
 
 CASES = {

@@ -351,17 +351,16 @@ class AdaptkitForImageTextToText(PreTrainedModel, GenerationMixin):
         embedding = self.get_input_embeddings()
         if inputs_embeds is None:
             inputs_embeds = embedding(input_ids.masked_fill(where, 0))
-        if attention_mask is None:
-            attention_mask = torch.ones(input_ids.shape[0], input_ids.shape[1], dtype=torch.long)
-        attention_mask = attention_mask.to(inputs_embeds.device)
-        if position_ids is None:  # from the mask, so left padding does not shift positions
+        # generate() passes position ids (from the mask) and drops an all-ones mask: both then go on as given
+        if position_ids is None and attention_mask is not None:  # left padding does not shift positions
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         tokens = self.fusion == "tokens"
         if pixel_values is not None and (where.any() or not tokens):
             features = self.image_features(pixel_values).to(inputs_embeds.dtype)
             # a text-conditioned adapter reads the prompt: what follows the sink token and the placeholders
             lead = int(bool(self.config.entry_layer)) + int(where[0].sum())
-            read = attention_mask[:, -input_ids.shape[1] :].long()
+            mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
+            read = mask[:, -input_ids.shape[1] :].long()
             read = read * (read.cumsum(-1) > lead)
             out = self.adapter(features, inputs_embeds, read).to(inputs_embeds.dtype)
             if not tokens:
