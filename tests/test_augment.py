@@ -17,8 +17,9 @@ from adaptkit.config import AugmentConfig, RecipeError, VisionConfig
 from adaptkit.data.augment import augment_image, border_colour, make_view, view_choice, view_key
 from adaptkit.data.encoding import encode_images
 from adaptkit.data.feature_cache import FeatureCache, file_key
-from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
+from adaptkit.data.features import FeatureBank
 from adaptkit.data.images import open_image
+from adaptkit.data.pixels import OnTheFlyFeatures
 from adaptkit.recipes import load_recipe
 from tests.conftest import draw_sample
 

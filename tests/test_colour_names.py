@@ -13,7 +13,8 @@ from adaptkit.config import AugmentConfig
 from adaptkit.data.augment import make_view, recolour_shape, settings, view_key
 from adaptkit.data.colour_names import image_colours, lab, regions, shades
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
+from adaptkit.data.features import FeatureBank
+from adaptkit.data.pixels import OnTheFlyFeatures
 
 
 def test_regions_come_from_the_survey_with_tone_only_modifiers():

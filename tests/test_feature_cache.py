@@ -11,9 +11,10 @@ from adaptkit.backbones.vision import build_vision_backbone
 from adaptkit.config import VisionConfig
 from adaptkit.data.encoding import encode_images
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
+from adaptkit.data.features import FeatureBank
 from adaptkit.data.formats import DataError
 from adaptkit.data.images import open_image
+from adaptkit.data.pixels import OnTheFlyFeatures
 from tests.conftest import draw_sample
 
 

@@ -271,6 +271,13 @@ class Recipe:
         "no", "accelerate autocast: no | bf16 | fp16 (bf16 on recent GPUs)", choices=("no", "bf16", "fp16")
     )
     cache_features: bool = knob(True, "encode each image once with the frozen backbone (false: every step)")
+    image_workers: int = knob(
+        2,
+        """with cache_features=false: DataLoader worker processes that decode, augment and preprocess each
+        batch's images ahead of its step (the backbone encodes them in the training process); 0: the
+        training process does it all""",
+        low=0,
+    )
     feature_cache_dir: str = knob(
         "auto",
         """keep those features on disk for later runs, keyed by backbone + image bytes: auto =

@@ -5,7 +5,7 @@ A frozen backbone in eval mode maps an image to the same features every time, so
 epoch; easy-VQA asks about 10 questions per image. With a ``FeatureCache`` the features persist on disk
 across runs and stay there: each batch reads its rows (see ``feature_cache.py``), so memory does not grow
 with the number of images. Without one (``feature_cache_dir: none``) they are held in memory.
-``OnTheFlyFeatures`` encodes at every step and is what ``cache_features: false`` selects.
+``cache_features: false`` encodes at every step instead (``pixels.py``).
 
 Features are kept in a storage dtype (``feature_dtype``: float32 by default) and handed to the model as
 float32; every path that gives the model features (the bank, the per-step encoder, and
@@ -24,11 +24,11 @@ import torch
 from tqdm.auto import tqdm
 
 from adaptkit.backbones.vision import VisionBackbone
-from adaptkit.data.augment import make_view, view_choice, view_key
-from adaptkit.data.encoding import BatchEncoder, encode_images, encode_items
-from adaptkit.data.feature_cache import SHARD_IMAGES, FeatureCache, StoredFeatures, file_key
+from adaptkit.data.augment import view_choice, view_key
+from adaptkit.data.encoding import BatchEncoder, encode_items
+from adaptkit.data.feature_cache import SHARD_IMAGES, FeatureCache, StoredFeatures
 from adaptkit.data.formats import DataError
-from adaptkit.data.images import content_keys, open_image
+from adaptkit.data.images import content_keys
 
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
@@ -287,62 +287,3 @@ class FeatureBank:
             count = total
         std = (m2 / max(count - 1, 1)).sqrt()
         return mean.float(), std.float()
-
-
-class OnTheFlyFeatures:
-    """Encodes the images of each batch at every step (no caching); with augmented views, the same views
-    a :class:`FeatureBank` would hold, made again at each lookup."""
-
-    def __init__(
-        self,
-        backbone: VisionBackbone,
-        paths: Sequence[str],
-        device: torch.device,
-        origins: dict[str, str] | None = None,
-        skip_bad: bool = False,
-        augment: AugmentConfig | None = None,
-        seed: int = 0,
-        dtype: torch.dtype = torch.float32,
-        colours: dict[str, str] | None = None,
-    ) -> None:
-        """Every image is decoded once up front, so a bad one is known (skipped or raised) before training.
-        ``dtype``: the storage dtype features are rounded through, as a bank would store them."""
-        self.colours = colours or {}
-        self.backbone = backbone
-        self.device = device
-        self.dtype = dtype
-        self.augment = augment
-        self.views = augment.views if augment is not None else 0
-        self.seed = seed
-        self.bad: dict[str, str] = {}
-        self.paths = []
-        for path in dict.fromkeys(paths):
-            try:
-                open_image(path, (origins or {}).get(path, ""))
-                self.paths.append(path)
-            except DataError as err:
-                if not skip_bad:
-                    raise
-                self.bad[path] = str(err)
-        if not self.paths:
-            raise DataError("no image could be decoded")
-        self.rows = {path: i for i, path in enumerate(self.paths)}
-        self.keys = {path: file_key(path) for path in self.paths} if self.views else {}
-
-    def lookup(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """Encodes image ``rows`` (with ``step``: the views :func:`view_choice` picks, like FeatureBank)."""
-        rows = rows.to(torch.int64).cpu()
-        views = view_choice(self.seed, step, self.views, rows) if step is not None else torch.zeros_like(rows)
-        images = []
-        for r, v in zip(rows.tolist(), views.tolist()):
-            path = self.paths[r]
-            key, colour = self.keys.get(path, ""), self.colours.get(path)
-            images.append(make_view(open_image(path), key, self.augment, v, colour))
-        return encode_images(self.backbone, images, self.device, self.dtype)
-
-    def stats(self, max_images: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-dimension mean and std estimated from the first ``max_images`` images."""
-        rows = torch.arange(min(max_images, len(self.paths)))
-        feats = torch.cat([self.lookup(chunk) for chunk in rows.split(64)])
-        flat = feats.reshape(-1, feats.shape[-1])
-        return flat.mean(0), flat.std(0)

@@ -17,8 +17,9 @@ import torch
 from adaptkit.assets import cache_dir
 from adaptkit.data.colour_names import image_colours
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.data.features import FeatureBank, OnTheFlyFeatures
+from adaptkit.data.features import FeatureBank
 from adaptkit.data.formats import DataError
+from adaptkit.data.pixels import OnTheFlyFeatures
 from adaptkit.data.records import bad_sample
 from adaptkit.data.sampling import shown_views
 
@@ -56,6 +57,7 @@ def build_features(
     dtype: torch.dtype = torch.float32,
     compile: bool = False,
     defer_views: bool = False,
+    workers: int = 0,
 ):
     """Feature source for the images of ``samples``: encoded once (cache) or at every lookup; with
     ``augment`` (a :class:`~adaptkit.config.AugmentConfig` with views > 0), also its augmented views.
@@ -65,6 +67,7 @@ def build_features(
     ``dtype``: the storage dtype (recipe key ``feature_dtype``); a given ``FeatureCache`` has its own.
     ``compile``: encode through the compiled backbone where it pays (recipe key ``vision.compile``).
     ``defer_views``: encode the augmented views later, those the run shows (:func:`encode_shown_views`).
+    ``workers``: processes that check the images when features are computed every step (``cache=False``).
     """
     paths = [s.image for s in samples]
     origins: dict[str, str] = {}
@@ -75,7 +78,10 @@ def build_features(
         found = f"{len(colours)} of {len(origins)} images have one colour name in their answers"
         log.info("data.augment.shades: %s", found)
     if not cache:
-        return OnTheFlyFeatures(vision, paths, device, origins, skip_bad, augment, seed, dtype, colours)
+        checks = desc.replace("encoding", "checking")
+        return OnTheFlyFeatures(
+            vision, paths, device, origins, skip_bad, augment, seed, dtype, colours, workers, checks, progress
+        )
     disk = cache_root
     if cache_root is not None and not isinstance(cache_root, FeatureCache):
         disk = FeatureCache.for_backbone(cache_root, vision, device, dtype)
@@ -197,6 +203,7 @@ def prepare_split(
         model.feature_dtype,  # the run's feature_dtype: what it trained on
         task.recipe.vision.compile,
         defer_views,
+        task.recipe.image_workers,
     )
     skipped = (
         list(data.skipped) + too_long + [features.bad[s.image] for s in samples if s.image in features.bad]

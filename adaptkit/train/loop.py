@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from adaptkit import checkpoint as ckpt
 from adaptkit.artifacts import seal_run, write_json
 from adaptkit.data.feature_cache import tensor_digest
+from adaptkit.data.pixels import step_features
 from adaptkit.model.build import frozen_fingerprint
 from adaptkit.model.trainables import save_trainables
 from adaptkit.objectives import IGNORE
@@ -43,6 +44,9 @@ def _batches(run: TrainingRun):
             run.sampler.set_epoch(epoch)
         if hasattr(run.loader, "set_epoch"):
             run.loader.set_epoch(epoch)
+        if run.tagged is not None:  # workers make pixels for the micro-batches the loop uses
+            run.tagged.set_epoch(epoch)
+            run.tagged.skip = skip
         for index, batch in enumerate(run.loader):
             if index >= skip:
                 yield epoch, index, batch
@@ -86,7 +90,7 @@ def train_step(run: TrainingRun, batch: dict) -> float:
     recipe, accelerator = run.recipe, run.accelerator
     run.model.lora_active = run.step >= recipe.lora.start_step
     with accelerator.accumulate(run.prepared):
-        feats = run.train.features.lookup(batch["image"], step=run.step)  # the step picks augmented views
+        feats = step_features(run, batch)  # the step picks augmented views
         chunks = token_chunks(batch, run.token_budget)
         loss, run.step_parts = 0.0, {}
         for n, (rows, part, weight) in enumerate(chunks):

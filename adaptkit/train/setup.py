@@ -24,13 +24,14 @@ from typing import TYPE_CHECKING
 import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
-from torch.utils.data import DataLoader
+from torch.utils.data import BatchSampler, DataLoader, RandomSampler
 
 from adaptkit import checkpoint as ckpt
 from adaptkit.artifacts import RECIPE_FILE
 from adaptkit.config import recipe_to_yaml
 from adaptkit.data.collate import pack_runs
 from adaptkit.data.feature_cache import FeatureCache
+from adaptkit.data.pixels import OnTheFlyFeatures, StepTaggedBatches, pixel_loader
 from adaptkit.data.sampling import LengthGroupedBatches, ProcessSplitBatches, epoch_batches, padding_fraction
 from adaptkit.data.splits import encode_shown_views, feature_cache_root, prepare_split
 from adaptkit.model.build import build_model, count_parameters, frozen_fingerprint, prepare_for_training
@@ -76,6 +77,8 @@ class TrainingRun:
     step_parts: dict = field(default_factory=dict)
     loader: DataLoader | None = None
     sampler: ProcessSplitBatches | None = None
+    #: with features computed every step: the loader's batches, tagged with the step each is trained at
+    tagged: StepTaggedBatches | None = None
     generator: torch.Generator | None = None
     prepared: torch.nn.Module | None = None
     optimizer: torch.optim.Optimizer | None = None
@@ -298,9 +301,23 @@ def build_loader(run: TrainingRun) -> None:
             f"{100 * padding_fraction(lengths, run.sampler.batches(0)):.1f}% of text token slots "
             f"({100 * padding_fraction(lengths, plain.batches(0)):.1f}% shuffled plainly)"
         )
-    if run.sampler is not None:
+    if run.sampler is None:  # a plain seeded shuffle (the order every run before length grouping used)
+        what = (
+            f"{len(dataset) // recipe.batch_size} per epoch, shuffled (padding about "
+            f"{100 * padding_fraction(lengths, plain.batches(0)):.1f}% of text token slots; "
+            "length_grouping=4 cuts it)"
+        )
+    if isinstance(run.train.features, OnTheFlyFeatures):  # images decoded in workers, encoded per step
+        order = run.sampler
+        if order is None:  # the plain shuffle, drawn as the DataLoader below draws it
+            order = BatchSampler(RandomSampler(dataset, generator=run.generator), recipe.batch_size, True)
+        run.tagged = StepTaggedBatches(order, procs, recipe.grad_accum_steps)
+        workers = recipe.image_workers
+        run.loader = pixel_loader(dataset, run.tagged, collate, run.train.features, workers, run.generator)
+        log.info("images: decoded, augmented and preprocessed for each step in %d worker processes", workers)
+    elif run.sampler is not None:
         run.loader = DataLoader(dataset, batch_sampler=run.sampler, collate_fn=collate)
-    else:  # a plain seeded shuffle (the order every run before length grouping existed used)
+    else:
         run.loader = DataLoader(
             dataset,
             batch_size=recipe.batch_size,
@@ -308,11 +325,6 @@ def build_loader(run: TrainingRun) -> None:
             drop_last=True,
             generator=run.generator,
             collate_fn=collate,
-        )
-        what = (
-            f"{len(run.loader)} per epoch, shuffled (padding about "
-            f"{100 * padding_fraction(lengths, plain.batches(0)):.1f}% of text token slots; "
-            "length_grouping=4 cuts it)"
         )
     log.info("batches: %s", what)
 

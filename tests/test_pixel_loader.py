@@ -1,0 +1,118 @@
+"""Training without a feature cache (``cache_features=false``): DataLoader workers decode, augment and
+preprocess each micro-batch's images for the step it is trained at; the run shows the views a feature
+bank's lookups would show, resumes exactly, and decodes nothing for the micro-batches a resume drops."""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+
+import pytest
+import torch
+
+from adaptkit import checkpoint as ckpt
+from adaptkit.cli import main
+from adaptkit.data.augment import view_choice
+from adaptkit.data.features import FeatureBank
+from adaptkit.data.pixels import OnTheFlyFeatures, StepTaggedBatches
+from tests.test_augment import RECIPE, _augmented
+
+# 24 questions in micro-batches of 4, 4 per optimizer step: 6 micro-batches an epoch, so Accelerate also
+# steps at each epoch's end (after 2), which the workers' tags must foresee.
+ACCUMULATE = ["grad_accum_steps=4", "max_steps=5", "checkpoint_every=0"]
+
+
+def _spy_pixels(monkeypatch, log):
+    """Record (step, row, view) of every pixels call in a file: workers are other processes."""
+    real = OnTheFlyFeatures.pixels
+
+    def spy(self, rows, step=None):
+        if step is not None:
+            views = view_choice(self.seed, step, self.views, rows)
+            with open(log, "a") as out:
+                out.write(json.dumps([step, rows.tolist(), views.tolist()]) + "\n")
+        return real(self, rows, step)
+
+    monkeypatch.setattr(OnTheFlyFeatures, "pixels", spy)
+
+
+def _shown(log, steps: int) -> dict[int, list[tuple[int, int]]]:
+    """(row, view) pairs per step below ``steps`` (workers may have made later ones ahead of the end)."""
+    per_step = defaultdict(list)
+    for line in log.read_text().splitlines():
+        step, rows, views = json.loads(line)
+        if step < steps:
+            per_step[step] += zip(rows, views)
+    return {step: sorted(pairs) for step, pairs in per_step.items()}
+
+
+def _samples(run):
+    return [json.loads(line) for line in (run / "samples.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("batching", ["packed", "plain"])
+def test_workers_make_the_views_a_feature_bank_would_show(tiny_overrides, tmp_path, monkeypatch, batching):
+    extra = [*ACCUMULATE] + (["pack_questions=1", "length_grouping=1"] if batching == "plain" else [])
+    bank_log: dict[int, list[tuple[int, int]]] = defaultdict(list)
+    real = FeatureBank.lookup
+
+    def lookups(self, rows, step=None):
+        if step is not None:
+            views = view_choice(self.seed, step, self.views, rows.to(torch.int64).cpu())
+            bank_log[step] += zip(rows.tolist(), views.tolist())
+        return real(self, rows, step)
+
+    monkeypatch.setattr(FeatureBank, "lookup", lookups)
+    cached = tmp_path / "cached"
+    assert main(["train", RECIPE, *_augmented(tiny_overrides, cached), *extra]) == 0
+    log = tmp_path / "pixels.jsonl"
+    _spy_pixels(monkeypatch, log)
+    fly = tmp_path / "fly"
+    overrides = [*_augmented(tiny_overrides, fly), *extra, "cache_features=false", "image_workers=2"]
+    assert main(["train", RECIPE, *overrides]) == 0
+    assert "decoded, augmented and preprocessed for each step in 2 worker processes" in (
+        (fly / "train.log").read_text()
+    )
+    shown = _shown(log, 5)
+    assert shown == {step: sorted(pairs) for step, pairs in bank_log.items()}
+    assert sorted(shown) == [0, 1, 2, 3, 4]
+    assert any(v > 0 for pairs in shown.values() for _, v in pairs)  # augmented views, not only images
+    assert [r["indices"] for r in _samples(fly)] == [r["indices"] for r in _samples(cached)]
+
+
+def test_workers_or_not_the_run_is_the_same_and_resumes_exactly(tiny_overrides, tmp_path, monkeypatch):
+    def overrides(out, workers):
+        return [*_augmented(tiny_overrides, out), "cache_features=false", f"image_workers={workers}"]
+
+    ref = tmp_path / "ref"
+    assert main(["train", RECIPE, *overrides(ref, 0)]) == 0
+    real_commit, calls = ckpt.commit, []
+
+    def crash_on_second(tmp, keep):
+        calls.append(tmp)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("injected crash")
+        return real_commit(tmp, keep)
+
+    cut = tmp_path / "cut"
+    monkeypatch.setattr(ckpt, "commit", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        main(["train", RECIPE, *overrides(cut, 2)])
+    monkeypatch.setattr(ckpt, "commit", real_commit)
+    assert ckpt.latest_checkpoint(cut).name == "checkpoint-000004"
+    log = tmp_path / "pixels.jsonl"
+    _spy_pixels(monkeypatch, log)
+    assert main(["train", RECIPE, *overrides(cut, 2), "resume=auto"]) == 0
+    assert sorted(_shown(log, 8)) == [4, 5, 6, 7]  # the 4 steps the checkpoint had done: dropped undecoded
+    assert _samples(ref) == _samples(cut) and len(_samples(ref)) == 8
+    from safetensors.torch import load_file
+
+    a, b = load_file(str(ref / "adapter.safetensors")), load_file(str(cut / "adapter.safetensors"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_loader_out_of_step_with_the_loop_fails_loudly(tiny_overrides, tmp_path, monkeypatch):
+    monkeypatch.setattr(StepTaggedBatches, "steps_per_epoch", lambda self: 3)  # the loop takes 2 an epoch
+    overrides = [*_augmented(tiny_overrides, tmp_path / "run"), *ACCUMULATE, "cache_features=false"]
+    with pytest.raises(RuntimeError, match=r"made step 3's views for step 2: .* out of step"):
+        main(["train", RECIPE, *overrides, "image_workers=0"])
