@@ -1,8 +1,9 @@
-"""Training without a feature cache (``cache_features=false``): samples/s and memory by ``image_workers``.
+"""Samples/s and memory by ``image_workers``: without a feature store (``cache_features=false``), or with it.
 
 Where there is no disk for a feature store, every step decodes, augments, preprocesses and encodes its
-images. This runs ``adaptkit train`` (the default recipe) with ``cache_features=false`` at each worker
-count, one run at a time, on one of two kinds of data:
+images; with the store (``--features store``), the workers read each batch's stored rows. This runs
+``adaptkit train`` (the default recipe) at each worker count, one run at a time (with the store, a first
+untimed run fills it), on one of two kinds of data:
 
 - ``--data photos``: photo-sized JPEGs (Fashion-MNIST's labelled photos, resized to ``--side`` px with
   sensor-like noise, quality 90, written once into ``--out``; two questions per photo, as
@@ -16,6 +17,7 @@ together, sampled every second (PSS shares a page among the processes that map i
 pages are counted once).
 
     python benchmarks/image_workers.py --data photos --workers 0 2 --steps 30
+    python benchmarks/image_workers.py --data easyvqa --features store --workers 0 2 --steps 30
 """
 
 from __future__ import annotations
@@ -73,11 +75,11 @@ def _pss_mb(pid: int) -> float:
     return total / 2**20
 
 
-def run(data: list[str], workers: int, steps: int, out: Path) -> dict:
-    """One ``adaptkit train`` run with features computed every step; its figures."""
+def run(data: list[str], workers: int, steps: int, out: Path, store: bool = False) -> dict:
+    """One ``adaptkit train`` run (features computed every step, or read from the store); its figures."""
     overrides = [
         *data,
-        "cache_features=false",
+        f"cache_features={str(store).lower()}",
         f"image_workers={workers}",
         f"max_steps={steps}",
         "log_every=5",
@@ -118,6 +120,7 @@ def main() -> None:
     parser.add_argument("--data", choices=("photos", "easyvqa"), default="photos")
     parser.add_argument("--workers", type=int, nargs="+", default=[0, 2])
     parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--features", choices=("every-step", "store"), default="every-step")
     parser.add_argument("--photos", type=int, default=2000, help="photos written for --data photos")
     parser.add_argument("--side", type=int, default=640, help="their side in pixels")
     parser.add_argument("--out", type=Path, default=Path("/tmp/adaptkit_image_workers"))
@@ -127,9 +130,14 @@ def main() -> None:
         data = [f"data.train={questions}", f"data.eval={questions}"]
     else:
         data = []
+    store = args.features == "store"
+    runs = args.out / f"{args.data}_{args.features}_{time.strftime('%Y%m%d-%H%M%S')}"  # this call's runs
+    if store:  # fill the store (the images and the views these steps show) before the timed runs
+        run(data, 0, args.steps, runs / "fill", store)
     results = []
-    for workers in args.workers:
-        results.append(run(data, workers, args.steps, args.out / f"{args.data}_w{workers}"))
+    for n, workers in enumerate(args.workers):  # a count may repeat (ABBA order): each run its own folder
+        out = runs / f"{n}_w{workers}"
+        results.append(run(data, workers, args.steps, out, store))
         print(json.dumps(results[-1]), flush=True)
     base = results[0]["samples_per_s"]
     for r in results:

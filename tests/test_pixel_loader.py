@@ -22,9 +22,9 @@ from tests.test_augment import RECIPE, _augmented
 ACCUMULATE = ["grad_accum_steps=4", "max_steps=5", "checkpoint_every=0"]
 
 
-def _spy_pixels(monkeypatch, log):
-    """Record (step, row, view) of every pixels call in a file: workers are other processes."""
-    real = OnTheFlyFeatures.pixels
+def _spy_loads(monkeypatch, log, source=OnTheFlyFeatures):
+    """Record (step, row, view) of every ``load`` of ``source`` in a file: workers are other processes."""
+    real = source.load
 
     def spy(self, rows, step=None):
         if step is not None:
@@ -33,16 +33,15 @@ def _spy_pixels(monkeypatch, log):
                 out.write(json.dumps([step, rows.tolist(), views.tolist()]) + "\n")
         return real(self, rows, step)
 
-    monkeypatch.setattr(OnTheFlyFeatures, "pixels", spy)
+    monkeypatch.setattr(source, "load", spy)
 
 
-def _shown(log, steps: int) -> dict[int, list[tuple[int, int]]]:
-    """(row, view) pairs per step below ``steps`` (workers may have made later ones ahead of the end)."""
+def _shown(log) -> dict[int, list[tuple[int, int]]]:
+    """(row, view) pairs per step, of every batch prepared (none past the run's last step)."""
     per_step = defaultdict(list)
     for line in log.read_text().splitlines():
         step, rows, views = json.loads(line)
-        if step < steps:
-            per_step[step] += zip(rows, views)
+        per_step[step] += zip(rows, views)
     return {step: sorted(pairs) for step, pairs in per_step.items()}
 
 
@@ -51,7 +50,9 @@ def _samples(run):
 
 
 @pytest.mark.parametrize("batching", ["packed", "plain"])
-def test_workers_make_the_views_a_feature_bank_would_show(tiny_overrides, tmp_path, monkeypatch, batching):
+def test_workers_prepare_the_views_the_step_looks_up(tiny_overrides, tmp_path, monkeypatch, batching):
+    """Against the training process's own lookups (image_workers=0): workers decoding images
+    (cache_features=false) and workers reading the store make the same (image, view) pairs per step."""
     extra = [*ACCUMULATE] + (["pack_questions=1", "length_grouping=1"] if batching == "plain" else [])
     bank_log: dict[int, list[tuple[int, int]]] = defaultdict(list)
     real = FeatureBank.lookup
@@ -63,21 +64,29 @@ def test_workers_make_the_views_a_feature_bank_would_show(tiny_overrides, tmp_pa
         return real(self, rows, step)
 
     monkeypatch.setattr(FeatureBank, "lookup", lookups)
-    cached = tmp_path / "cached"
-    assert main(["train", RECIPE, *_augmented(tiny_overrides, cached), *extra]) == 0
-    log = tmp_path / "pixels.jsonl"
-    _spy_pixels(monkeypatch, log)
-    fly = tmp_path / "fly"
-    overrides = [*_augmented(tiny_overrides, fly), *extra, "cache_features=false", "image_workers=2"]
-    assert main(["train", RECIPE, *overrides]) == 0
-    assert "decoded, augmented and preprocessed for each step in 2 worker processes" in (
-        (fly / "train.log").read_text()
-    )
-    shown = _shown(log, 5)
-    assert shown == {step: sorted(pairs) for step, pairs in bank_log.items()}
-    assert sorted(shown) == [0, 1, 2, 3, 4]
-    assert any(v > 0 for pairs in shown.values() for _, v in pairs)  # augmented views, not only images
-    assert [r["indices"] for r in _samples(fly)] == [r["indices"] for r in _samples(cached)]
+    alone = tmp_path / "alone"
+    assert main(["train", RECIPE, *_augmented(tiny_overrides, alone), *extra, "image_workers=0"]) == 0
+    expected = {step: sorted(pairs) for step, pairs in bank_log.items()}
+    assert sorted(expected) == [0, 1, 2, 3, 4]
+    assert any(v > 0 for pairs in expected.values() for _, v in pairs)  # augmented views, not only images
+    from adaptkit.data import pixels
+    from adaptkit.train import setup
+
+    # A GPU run reads the store in its workers (on CPU the step reads it): the same path, here on CPU.
+    monkeypatch.setattr(setup, "reads_ahead", lambda features, workers, device: workers > 0)
+    runs = {}
+    for what, source, flag in [("decoded", OnTheFlyFeatures, "false"), ("read", FeatureBank, "true")]:
+        log, out = tmp_path / f"{what}.jsonl", tmp_path / what
+        _spy_loads(monkeypatch, log, source)
+        overrides = [*_augmented(tiny_overrides, out), *extra, f"cache_features={flag}", "image_workers=2"]
+        assert main(["train", RECIPE, *overrides]) == 0
+        assert "for each step in 2 worker processes" in (out / "train.log").read_text()
+        assert _shown(log) == expected, what
+        assert [r["indices"] for r in _samples(out)] == [r["indices"] for r in _samples(alone)]
+        runs[what] = out
+    assert _samples(runs["read"]) == _samples(alone)  # the same features: the same losses, bit for bit
+    cpu = torch.device("cpu")
+    assert not pixels.reads_ahead(None, 2, cpu) and not pixels.reads_ahead(None, 0, torch.device("cuda"))
 
 
 def test_workers_or_not_the_run_is_the_same_and_resumes_exactly(tiny_overrides, tmp_path, monkeypatch):
@@ -100,10 +109,10 @@ def test_workers_or_not_the_run_is_the_same_and_resumes_exactly(tiny_overrides, 
         main(["train", RECIPE, *overrides(cut, 2)])
     monkeypatch.setattr(ckpt, "commit", real_commit)
     assert ckpt.latest_checkpoint(cut).name == "checkpoint-000004"
-    log = tmp_path / "pixels.jsonl"
-    _spy_pixels(monkeypatch, log)
+    log = tmp_path / "loads.jsonl"
+    _spy_loads(monkeypatch, log)
     assert main(["train", RECIPE, *overrides(cut, 2), "resume=auto"]) == 0
-    assert sorted(_shown(log, 8)) == [4, 5, 6, 7]  # the 4 steps the checkpoint had done: dropped undecoded
+    assert sorted(_shown(log)) == [4, 5, 6, 7]  # the 4 steps the checkpoint had done: dropped undecoded
     assert _samples(ref) == _samples(cut) and len(_samples(ref)) == 8
     from safetensors.torch import load_file
 

@@ -235,16 +235,23 @@ class FeatureBank:
             self._place(self._encode(items), start)
         return len(items)
 
-    def _read(self, index: torch.Tensor) -> torch.Tensor:
+    def _gather(self, index: torch.Tensor) -> torch.Tensor:
         if isinstance(self.source, torch.Tensor):
-            picked = self.source[index.to(self.source.device)]
-        else:
-            picked = self.source.read(index)
-        return picked.to(self.device, torch.float32, non_blocking=True)
+            return self.source[index.to(self.source.device)]
+        return self.source.read(index)
 
-    def lookup(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
-        """Float32 features of image ``rows`` on the bank's device; with ``step`` (training) each row shows
-        the view :func:`view_choice` picks for that step, otherwise the image itself."""
+    def _read(self, index: torch.Tensor) -> torch.Tensor:
+        return self.finish(self._gather(index))
+
+    @property
+    def loadable_elsewhere(self) -> bool:
+        """Whether another process (a DataLoader worker) can read rows: from the disk store or CPU memory,
+        not from a GPU."""
+        return not isinstance(self.source, torch.Tensor) or self.source.device.type == "cpu"
+
+    def load(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """The stored rows :meth:`lookup` returns, as stored (storage dtype, where the source keeps them):
+        what a DataLoader worker reads ahead of the step; :meth:`finish` makes them the step's features."""
         rows = rows.to(torch.int64).cpu()
         views = torch.zeros_like(rows)
         if step is not None and self.views:
@@ -256,7 +263,16 @@ class FeatureBank:
                 f"view {int(views[lacking])} of image row {int(rows[lacking])} (step {step}) was never "
                 "encoded: the bank holds the views its run's schedule shows; this is a bug, please report it"
             )
-        return self._read(index)
+        return self._gather(index)
+
+    def finish(self, loaded: torch.Tensor) -> torch.Tensor:
+        """Rows :meth:`load` read, as float32 features on the bank's device."""
+        return loaded.to(self.device, torch.float32, non_blocking=True)
+
+    def lookup(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """Float32 features of image ``rows`` on the bank's device; with ``step`` (training) each row shows
+        the view :func:`view_choice` picks for that step, otherwise the image itself."""
+        return self.finish(self.load(rows, step))
 
     def all(self) -> torch.Tensor:
         """Every encoded row, view by view, as one float32 tensor in memory (for small sets and tests)."""

@@ -1,23 +1,25 @@
-"""Training without a feature cache (``cache_features: false``): images decoded in DataLoader workers,
-encoded by the frozen backbone at every step.
+"""Each micro-batch's images prepared in DataLoader workers, ahead of its step: decoded, augmented and
+preprocessed when features are computed every step (``cache_features: false``), or their stored features
+read from the feature store.
 
 Where there is no room for a feature store, each step needs its images' pixels. Decoding, the augmented
 view and the backbone's preprocessing (resize, scale) are per-image Python and PIL work, so they run in
 ``image_workers`` DataLoader worker processes, batches ahead of the step that needs them; the backbone
 itself runs in the training process, on the training device (a worker cannot share a GPU, and on CPU the
-step's own threads do the matrix work). ``OnTheFlyFeatures`` is the feature source: :meth:`pixels` (what a
-worker makes), :meth:`encode` (what the step does), and ``lookup`` (both at once, for evaluation and the
-adapter's feature statistics).
+step's own threads do the matrix work). With a store, the workers read each batch's rows from the disk
+(or from CPU memory) the same way, so a step does not wait on the disk. A feature source has ``load``
+(what a worker makes: :meth:`OnTheFlyFeatures.pixels`, or a bank's stored rows), ``finish`` (what the step
+does with it: encode, or convert to float32 on the device) and ``lookup`` (both at once, for evaluation
+and the adapter's feature statistics).
 
 A worker must know the step a batch will be trained at before the loop gets there: the step picks each
-image's augmented view (:func:`~adaptkit.data.augment.view_choice`), exactly as a feature bank's lookup
-does. ``StepTaggedBatches`` tags every index of a micro-batch with that step, from Accelerate's
-accumulation rule (an optimizer step after every ``grad_accum_steps`` micro-batches and at each epoch's
-end, as :func:`~adaptkit.data.sampling.shown_views` replays it), and whether the loop will use the batch
-at all (a resumed run draws and drops the micro-batches its checkpoint had consumed: those are not
-decoded). ``PixelDataset`` and ``PixelCollate`` turn tagged indices into the task's batch plus ``pixels``
-and ``step``; the loop checks ``step`` against its own count, so a schedule out of step fails loudly
-instead of training on other views.
+image's augmented view (:func:`~adaptkit.data.augment.view_choice`). ``StepTaggedBatches`` tags every
+index of a micro-batch with that step, from Accelerate's accumulation rule (an optimizer step after every
+``grad_accum_steps`` micro-batches and at each epoch's end, as :func:`~adaptkit.data.sampling.shown_views`
+replays it), and whether the loop will use the batch at all (a resumed run draws and drops the
+micro-batches its checkpoint had consumed: those are not prepared). ``TaggedDataset`` and ``StepCollate``
+turn tagged indices into the task's batch plus ``loaded`` and ``step``; the loop checks ``step`` against
+its own count, so a schedule out of step fails loudly instead of training on other views.
 """
 
 from __future__ import annotations
@@ -121,15 +123,22 @@ class OnTheFlyFeatures:
             images.append(make_view(img, self.keys.get(path, ""), self.augment, v, self.colours.get(path)))
         return self.backbone.preprocess(images)
 
+    #: pixels are made on the CPU, so a DataLoader worker can make them
+    loadable_elsewhere = True
+
+    def load(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
+        """What a DataLoader worker makes ahead of the step: :meth:`pixels`."""
+        return self.pixels(rows, step)
+
     @torch.no_grad()
-    def encode(self, pixels: torch.Tensor) -> torch.Tensor:
+    def finish(self, pixels: torch.Tensor) -> torch.Tensor:
         """``(B, T, D)`` float32 features of ``pixels`` on the training device, rounded through the storage
         dtype."""
         return self.backbone(pixels.to(self.device)).to(self.dtype).float()
 
     def lookup(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """Encodes image ``rows`` (with ``step``: the views :func:`view_choice` picks, like FeatureBank)."""
-        return self.encode(self.pixels(rows, step))
+        return self.finish(self.pixels(rows, step))
 
     def stats(self, max_images: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-dimension mean and std estimated from the first ``max_images`` images."""
@@ -142,13 +151,15 @@ class OnTheFlyFeatures:
 class StepTaggedBatches(Sampler[list[tuple[int, int, bool]]]):
     """The batches of ``inner`` (what this process's loader would draw, before Accelerate's sharding),
     each index tagged ``(index, step, used)``: the optimizer step the micro-batch is trained at, and False
-    for the first ``skip`` micro-batches of this process in the epoch (a resumed run's consumed ones).
+    for the first ``skip`` micro-batches of this process in the epoch (a resumed run's consumed ones) and
+    from step ``max_steps`` on (the loader draws ahead of the loop's end; a bank holds no views for them).
 
     With N processes, Accelerate hands process p the batches p, p + N, ... of ``inner``, so batch j is
     micro-batch j // N of every process's epoch."""
 
-    def __init__(self, inner: Sampler, processes: int, accumulate: int) -> None:
+    def __init__(self, inner: Sampler, processes: int, accumulate: int, max_steps: int) -> None:
         self.inner, self.processes, self.accumulate = inner, processes, accumulate
+        self.max_steps = max_steps
         self.batch_size = inner.batch_size
         self.drop_last = getattr(inner, "drop_last", False)
         self.epoch, self.skip = 0, 0
@@ -169,10 +180,11 @@ class StepTaggedBatches(Sampler[list[tuple[int, int, bool]]]):
         for j, batch in enumerate(self.inner):
             micro = j // self.processes
             step = first + micro // self.accumulate
-            yield [(index, step, micro >= self.skip) for index in batch]
+            used = micro >= self.skip and step < self.max_steps
+            yield [(index, step, used) for index in batch]
 
 
-class PixelDataset(Dataset):
+class TaggedDataset(Dataset):
     """The task's dataset read by tagged batches: ``__getitems__`` hands the collate function the items
     with their batch's step and whether it is used."""
 
@@ -189,11 +201,11 @@ class PixelDataset(Dataset):
         return [self.dataset[t[0]] for t in tagged], tagged[0][1], tagged[0][2]
 
 
-class PixelCollate:
-    """The task's collate function, plus ``step`` and (for a batch the loop uses) the ``pixels`` of its
-    image rows, made where the loader runs it: in a worker process."""
+class StepCollate:
+    """The task's collate function, plus ``step`` and (for a batch the loop uses) what the feature source
+    ``load``s for its image rows, made where the loader runs it: in a worker process."""
 
-    def __init__(self, collate, features: OnTheFlyFeatures) -> None:
+    def __init__(self, collate, features) -> None:
         self.collate, self.features = collate, features
 
     def __call__(self, data: tuple[list, int, bool]) -> dict:
@@ -201,29 +213,37 @@ class PixelCollate:
         batch = self.collate(items)
         batch["step"] = torch.tensor(step)
         if used:
-            batch["pixels"] = self.features.pixels(batch["image"], step)
+            batch["loaded"] = self.features.load(batch["image"], step)
         return batch
 
 
-def pixel_loader(
+def reads_ahead(features, workers: int, device: torch.device) -> bool:
+    """Whether DataLoader workers read a feature store's rows ahead of the steps: with workers, on an
+    accelerator. On CPU they measured slower (``benchmarks/image_workers.py --features store``, the default
+    recipe, ABBA order: 2-4% fewer samples/s at the median, 14% more training time with 2): they share the
+    cores with the step, and a batch's reads are under 1% of a CPU step."""
+    return bool(workers) and torch.device(device).type != "cpu" and features.loadable_elsewhere
+
+
+def step_loader(
     dataset: Dataset,
     sampler: StepTaggedBatches,
     collate,
-    features: OnTheFlyFeatures,
+    features,
     workers: int,
     generator: torch.Generator | None = None,
 ) -> DataLoader:
-    """Training's loader when features are computed every step: ``workers`` processes (0: the training
-    process itself) make each batch's pixels, two batches ahead each, started afresh each epoch.
+    """Training's loader with each batch's images prepared by ``features.load``: in ``workers`` processes
+    (0: the training process itself), two batches ahead each, started afresh each epoch.
     ``generator``: the run's shuffle generator, which a DataLoader also draws its workers' base seed from
     (so the order matches the plain loader's)."""
     # Workers start afresh each epoch (not persistent): a new iterator draws its base seed from the
     # generator before the shuffle does, each epoch, as the plain loader's does; a resumed run's too.
     extra = {"prefetch_factor": 2} if workers else {}
     return DataLoader(
-        PixelDataset(dataset),
+        TaggedDataset(dataset),
         batch_sampler=sampler,
-        collate_fn=PixelCollate(collate, features),
+        collate_fn=StepCollate(collate, features),
         num_workers=workers,
         generator=generator,
         **extra,
@@ -231,14 +251,14 @@ def pixel_loader(
 
 
 def step_features(run, batch: dict) -> torch.Tensor:
-    """The features of a training micro-batch at ``run.step``: encoded from the pixels its loader made
-    (checking the step they were made for), or looked up in the run's feature source."""
-    pixels, step = batch.pop("pixels", None), batch.pop("step", None)
+    """The features of a training micro-batch at ``run.step``: finished from what its loader prepared
+    (checking the step it was prepared for), or looked up in the run's feature source."""
+    loaded, step = batch.pop("loaded", None), batch.pop("step", None)
     if step is not None and int(step) != run.step:
         raise RuntimeError(
             f"the image loader made step {int(step)}'s views for step {run.step}: its schedule of "
             "optimizer steps is out of step with the loop's (a bug; please report it)"
         )
-    if pixels is not None:
-        return run.train.features.encode(pixels)
+    if loaded is not None:
+        return run.train.features.finish(loaded)
     return run.train.features.lookup(batch["image"], step=run.step)

@@ -31,7 +31,7 @@ from adaptkit.artifacts import RECIPE_FILE
 from adaptkit.config import recipe_to_yaml
 from adaptkit.data.collate import pack_runs
 from adaptkit.data.feature_cache import FeatureCache
-from adaptkit.data.pixels import OnTheFlyFeatures, StepTaggedBatches, pixel_loader
+from adaptkit.data.pixels import OnTheFlyFeatures, StepTaggedBatches, reads_ahead, step_loader
 from adaptkit.data.sampling import LengthGroupedBatches, ProcessSplitBatches, epoch_batches, padding_fraction
 from adaptkit.data.splits import encode_shown_views, feature_cache_root, prepare_split
 from adaptkit.model.build import build_model, count_parameters, frozen_fingerprint, prepare_for_training
@@ -307,14 +307,16 @@ def build_loader(run: TrainingRun) -> None:
             f"{100 * padding_fraction(lengths, plain.batches(0)):.1f}% of text token slots; "
             "length_grouping=4 cuts it)"
         )
-    if isinstance(run.train.features, OnTheFlyFeatures):  # images decoded in workers, encoded per step
+    features, workers = run.train.features, recipe.image_workers
+    on_the_fly = isinstance(features, OnTheFlyFeatures)
+    if on_the_fly or reads_ahead(features, workers, run.accelerator.device):  # prepared in workers
         order = run.sampler
         if order is None:  # the plain shuffle, drawn as the DataLoader below draws it
             order = BatchSampler(RandomSampler(dataset, generator=run.generator), recipe.batch_size, True)
-        run.tagged = StepTaggedBatches(order, procs, recipe.grad_accum_steps)
-        workers = recipe.image_workers
-        run.loader = pixel_loader(dataset, run.tagged, collate, run.train.features, workers, run.generator)
-        log.info("images: decoded, augmented and preprocessed for each step in %d worker processes", workers)
+        run.tagged = StepTaggedBatches(order, procs, recipe.grad_accum_steps, recipe.max_steps)
+        run.loader = step_loader(dataset, run.tagged, collate, features, workers, run.generator)
+        done = "decoded, augmented and preprocessed" if on_the_fly else "their features read from the store"
+        log.info("images: %s for each step in %d worker processes", done, workers)
     elif run.sampler is not None:
         run.loader = DataLoader(dataset, batch_sampler=run.sampler, collate_fn=collate)
     else:
