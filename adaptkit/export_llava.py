@@ -26,9 +26,6 @@ its logits within ``TOLERANCE``; a failed check leaves ``OUT.partial/`` with the
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import time
 from pathlib import Path
 
 import torch
@@ -218,71 +215,32 @@ def export_llava(
     run_dir, out_dir, dtype: str = "float32", verify_samples: int = 32, merge_base: str = "dequantized"
 ) -> dict:
     """Write the run as a stock LLaVA folder ``out_dir`` (which must not exist) and verify it in a fresh
-    process; returns the verification report.
+    process; returns the verification report (:func:`~adaptkit.export_llava_verify.export_checked` says
+    what it raises)."""
+    from adaptkit.export_llava_verify import Written, export_checked, held, reference
+    from adaptkit.runs import load_run
 
-    Raises:
-        FileExistsError: ``out_dir`` exists.
-        ExportError: the run is not expressible as LLaVA (the message names the recipe keys), or the folder
-            failed its check (``OUT.partial/`` is kept with ``verification.json``).
-    """
-    from adaptkit.export import DTYPES, MIN_AGREEMENT_16BIT, TOLERANCE
-    from adaptkit.export_llava_verify import check, held, reference
-    from adaptkit.runs import check_run
+    def write(recipe, run: Path, partial: Path) -> Written:
+        from transformers import AutoTokenizer
 
-    if dtype not in DTYPES:
-        raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
-    run, out = Path(run_dir), Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; exports are never overwritten, choose another --out")
-    recipe = check_run(run)
-    found = problems(recipe)
-    if found:
-        listed = "\n- ".join(found)
-        raise ExportError(
-            f"--format hf-llava cannot express this run:\n- {listed}\n(--format adaptkit exports any run)"
+        from adaptkit.backbones.language import resolve_lm_path
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_lm_path(recipe.language.name))
+        spec, samples, rows = held(recipe, verify_samples, tokenizer)
+        _, trained = load_run(run, "cpu", verify=False)  # the frame's check_run has verified its files
+        answers, logits, fold = reference(
+            recipe, run, merge_base, trained, samples, rows, recipe.max_new_tokens
         )
-    started = time.perf_counter()
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    from transformers import AutoTokenizer
+        model, processor = build(recipe, run, dtype, merge_base, trained.adapter)
+        model.save_pretrained(partial, safe_serialization=True)
+        processor.save_pretrained(partial)
+        for row, answer in zip(rows, answers):
+            row["expected_answer"] = answer
+        # adaptkit on the exported weights against the run (LoRA merged and the projector folded, in float32)
+        extra = {"max_abs_logit_diff_weights_vs_run": fold}
+        return Written(spec, rows, logits, extra, lambda report: _model_card(recipe, report, dtype))
 
-    from adaptkit.backbones.language import resolve_lm_path
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_lm_path(recipe.language.name))
-    spec, samples, rows = held(recipe, verify_samples, tokenizer)
-    new = recipe.max_new_tokens
-    answers, logits, adapter, fold = reference(recipe, run, merge_base, samples, rows, new)
-    model, processor = build(recipe, run, dtype, merge_base, adapter)
-    model.save_pretrained(partial, safe_serialization=True)
-    processor.save_pretrained(partial)
-    del model
-    for row, answer in zip(rows, answers):
-        row["expected_answer"] = answer
-    report = {"format": "hf-llava", "source_run": str(run.resolve()), "data": spec, "samples": len(rows)}
-    report["dtype"] = dtype
-    report.update(check(partial, rows, logits, dtype, new))
-    # adaptkit on the exported weights against the run (LoRA merged and the projector folded, in float32)
-    report["max_abs_logit_diff_weights_vs_run"] = fold
-    report["tolerance"] = TOLERANCE[dtype]
-    need = 1.0 if dtype == "float32" else MIN_AGREEMENT_16BIT
-    report["passed"] = bool(
-        report["prompts_identical"]
-        and report["answers_identical"] >= need
-        and report["max_abs_logit_diff"] <= TOLERANCE[dtype]
-    )
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
-    (partial / "README.md").write_text(_model_card(recipe, report, dtype))
-    if not report["passed"]:
-        raise ExportError(
-            f"the hf-llava folder does not reproduce the run on {len(rows)} held samples (prompts identical: "
-            f"{report['prompts_identical']}, answers identical {report['answers_identical']:.1%}, max |logit "
-            f"diff| {report['max_abs_logit_diff']:.3g} > tolerance {report['tolerance']}); kept in {partial} "
-            "with verification.json"
-        )
-    os.replace(partial, out)
-    return report
+    return export_checked("hf-llava", run_dir, out_dir, dtype, problems, write)
 
 
 def _model_card(recipe, report: dict, dtype: str) -> str:

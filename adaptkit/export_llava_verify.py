@@ -1,15 +1,20 @@
-"""The check of an ``--format hf-llava`` export (``adaptkit.export_llava``): the run's own answers and logits
-on held samples, and ``export_check.py`` run on the folder in a fresh process where adaptkit cannot be
-imported.
+"""What the two transformers formats (``--format hf-llava``: ``adaptkit.export_llava``; ``hf-remote-code``:
+``adaptkit.export_remote``) share: the frame of an export checked before it is kept (:func:`export_checked`),
+the run's own answers and logits on held samples, and ``export_check.py`` run on the folder in a fresh
+process where adaptkit cannot be imported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -95,11 +100,35 @@ def _logits(model, samples, rows) -> list[torch.Tensor]:
     return out
 
 
-def reference(recipe, run: Path, merge_base: str, samples, rows, max_new_tokens: int):
-    """The run's own greedy answers (float32, LoRA unmerged on the float32 base); the logits at every
-    position of image + prompt + target, computed in float64 by adaptkit on the exported weights (LoRA
-    merged into float32, the projector folded, :func:`as_exported`); and how far those weights' float32
-    rounding moves the logits from the run's (float64 both).
+def run_answers(recipe, run: Path, merge_base: str, trained, samples, rows, max_new_tokens: int, entry: int):
+    """The run's own greedy answers on ``samples`` (float32 base, LoRA unmerged, its feature dtype), and
+    the model that gave them (the caller removes its fusion hooks when done)."""
+    from adaptkit.data.images import open_image
+    from adaptkit.export import full_precision_base
+    from adaptkit.model.multimodal import MultimodalModel
+
+    base, tokenizer = full_precision_base(recipe, merge_base)
+    if recipe.lora.enabled:
+        from peft import PeftModel
+
+        from adaptkit.artifacts import LORA_DIR
+
+        base = PeftModel.from_pretrained(base, str(run / LORA_DIR), is_trainable=False)
+    model = MultimodalModel(trained.vision, trained.adapter, base, tokenizer, entry_layer=entry).eval()
+    model.feature_dtype = trained.feature_dtype
+    answers = []
+    for sample, row in zip(samples, rows):
+        feats = model.encode_images([open_image(sample.image)])
+        ids = torch.tensor([row["prompt_ids"]])
+        answers.append(model.generate(feats, ids, torch.ones_like(ids), max_new_tokens)[0][0])
+    return answers, model
+
+
+def reference(recipe, run: Path, merge_base: str, trained, samples, rows, max_new_tokens: int):
+    """The run's own greedy answers (:func:`run_answers`); the logits at every position of image + prompt +
+    target, computed in float64 by adaptkit on the exported weights (LoRA merged into float32, the
+    projector folded, :func:`as_exported`); and how far those weights' float32 rounding moves the logits
+    from the run's (float64 both).
 
     Folding is exact arithmetic, but the folded float32 weights are rounded where adaptkit computed the
     standardisation: on feature dimensions whose mean is large against their spread, ``W x / std`` and the
@@ -108,35 +137,93 @@ def reference(recipe, run: Path, merge_base: str, samples, rows, max_new_tokens:
     a logit scale of ~38; benchmarks/hf_llava_real_lm.py). So the stock class is checked against adaptkit
     on the same weights, to the merge's tolerance, the answers against the run's, and the rounding's effect
     is reported."""
-    from adaptkit.data.images import open_image
-    from adaptkit.export import full_precision_base
+    from adaptkit.export import _merged_lm
     from adaptkit.model.multimodal import MultimodalModel
-    from adaptkit.runs import load_run
 
-    _, trained = load_run(run, "cpu")
-    base, tokenizer = full_precision_base(recipe, merge_base)
-    if recipe.lora.enabled:
-        from peft import PeftModel
-
-        from adaptkit.artifacts import LORA_DIR
-
-        base = PeftModel.from_pretrained(base, str(run / LORA_DIR), is_trainable=False)
-    model = MultimodalModel(trained.vision, trained.adapter, base, tokenizer, entry_layer=0).eval()
-    answers = []
-    for sample, row in zip(samples, rows):
-        feats = model.encode_images([open_image(sample.image)])
-        ids = torch.tensor([row["prompt_ids"]])
-        answers.append(model.generate(feats, ids, torch.ones_like(ids), max_new_tokens)[0][0])
-    trained_adapter = trained.adapter
+    answers, model = run_answers(recipe, run, merge_base, trained, samples, rows, max_new_tokens, 0)
     model.double()
     run_logits = _logits(model, samples, rows)
-    from adaptkit.export import _merged_lm
-
     merged, tokenizer = _merged_lm(recipe, run, "float32", merge_base)
-    exported = MultimodalModel(trained.vision, as_exported(trained_adapter), merged, tokenizer, entry_layer=0)
+    exported = MultimodalModel(trained.vision, as_exported(trained.adapter), merged, tokenizer, entry_layer=0)
     logits = _logits(exported.eval().double(), samples, rows)
     rounding = max(float((a.double() - b.double()).abs().max()) for a, b in zip(run_logits, logits))
-    return answers, logits, trained_adapter, rounding
+    return answers, logits, rounding
+
+
+@dataclass
+class Written:
+    """What a format's writer leaves for :func:`export_checked`: the held data's spec, its rows (each with
+    the run's ``expected_answer``), adaptkit's logits on them, report entries of its own, and the model
+    card made from the finished report."""
+
+    spec: str
+    rows: list
+    logits: list
+    extra: dict
+    card: Callable[[dict], str]
+
+
+def export_checked(
+    fmt: str,
+    run_dir,
+    out_dir,
+    dtype: str,
+    refuse: Callable[[object], list[str]],
+    write: Callable[[object, Path, Path], Written],
+) -> dict:
+    """The frame of a transformers-format export: refuse a run ``refuse(recipe)`` finds problems with
+    (before anything is written), ``write(recipe, run, partial)`` the folder into ``OUT.partial/``, check it
+    in a fresh process and keep it as ``out_dir`` only if it reproduces the run; returns the report.
+
+    Raises:
+        FileExistsError: ``out_dir`` exists.
+        ExportError: the format cannot express the run (the message names the keys), or the folder failed
+            its check (``OUT.partial/`` is kept with ``verification.json``).
+    """
+    from adaptkit.export import DTYPES, MIN_AGREEMENT_16BIT, TOLERANCE
+    from adaptkit.runs import check_run
+
+    if dtype not in DTYPES:
+        raise ValueError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    run, out = Path(run_dir), Path(out_dir)
+    if out.exists():
+        raise FileExistsError(f"{out} exists; exports are never overwritten, choose another --out")
+    recipe = check_run(run)
+    found = refuse(recipe)
+    if found:
+        listed = "\n- ".join(found)
+        raise ExportError(
+            f"--format {fmt} cannot express this run:\n- {listed}\n(--format adaptkit exports any run)"
+        )
+    started = time.perf_counter()
+    partial = out.with_name(out.name + ".partial")
+    if partial.exists():
+        shutil.rmtree(partial)
+    written = write(recipe, run, partial)
+    rows = written.rows
+    report = {"format": fmt, "source_run": str(run.resolve()), "data": written.spec, "samples": len(rows)}
+    report["dtype"] = dtype
+    report.update(check(partial, rows, written.logits, dtype, recipe.max_new_tokens, fmt))
+    report.update(written.extra)
+    report["tolerance"] = TOLERANCE[dtype]
+    need = 1.0 if dtype == "float32" else MIN_AGREEMENT_16BIT
+    report["passed"] = bool(
+        report["prompts_identical"]
+        and report["answers_identical"] >= need
+        and report["max_abs_logit_diff"] <= TOLERANCE[dtype]
+    )
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
+    (partial / "README.md").write_text(written.card(report))
+    if not report["passed"]:
+        raise ExportError(
+            f"the {fmt} folder does not reproduce the run on {len(rows)} held samples (prompts identical: "
+            f"{report['prompts_identical']}, answers identical {report['answers_identical']:.1%}, max |logit "
+            f"diff| {report['max_abs_logit_diff']:.3g}, tolerance {report['tolerance']}); kept in {partial} "
+            "with verification.json"
+        )
+    os.replace(partial, out)
+    return report
 
 
 def check(

@@ -20,15 +20,8 @@ imported) requires the processor's ids to be adaptkit's, the greedy answers the 
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import shutil
-import time
 from pathlib import Path
-
-import torch
-
-from adaptkit.artifacts import ExportError
 
 REMOTE_DIR = Path(__file__).with_name("remote")
 FILES = ("modeling_adaptkit.py", "processing_adaptkit.py")
@@ -128,93 +121,37 @@ def export_remote(
     run_dir, out_dir, dtype: str = "float32", verify_samples: int = 32, merge_base: str = "dequantized"
 ) -> dict:
     """Write the run as a remote-code folder ``out_dir`` (which must not exist) and check it in a fresh
-    process; returns the verification report.
+    process; returns the verification report (:func:`~adaptkit.export_llava_verify.export_checked` says
+    what it raises)."""
+    from adaptkit.export_llava_verify import Written, export_checked, held
+    from adaptkit.runs import load_run
 
-    Raises:
-        FileExistsError: ``out_dir`` exists.
-        ExportError: the format cannot carry the run (the message names the keys), or the folder failed its
-            check (``OUT.partial/`` is kept with ``verification.json``).
-    """
-    from adaptkit.export import TOLERANCE
-    from adaptkit.export_llava_verify import check, held
-    from adaptkit.runs import check_run, load_run
+    def write(recipe, run: Path, partial: Path) -> Written:
+        _, trained = load_run(run, "cpu", verify=False)  # the frame's check_run has verified its files
+        spec, samples, rows = held(recipe, verify_samples, trained.tokenizer)
+        answers, logits = reference(recipe, run, merge_base, trained, samples, rows, recipe.max_new_tokens)
+        model, processor = build(recipe, run, merge_base, trained)
+        model.save_pretrained(partial, safe_serialization=True)
+        processor.save_pretrained(partial)
+        for name in FILES:
+            shutil.copy2(REMOTE_DIR / name, partial / name)
+        for row, answer in zip(rows, answers):
+            row["expected_answer"] = answer
+            row["expected_ids"] = processor.lead + row["prompt_ids"]
+        return Written(spec, rows, logits, {}, lambda report: _model_card(recipe, trained, report))
 
-    run, out = Path(run_dir), Path(out_dir)
-    if out.exists():
-        raise FileExistsError(f"{out} exists; exports are never overwritten, choose another --out")
-    recipe = check_run(run)
-    found = problems(recipe, dtype)
-    if found:
-        listed = "\n- ".join(found)
-        raise ExportError(f"--format hf-remote-code cannot carry this run:\n- {listed}")
-    started = time.perf_counter()
-    partial = out.with_name(out.name + ".partial")
-    if partial.exists():
-        shutil.rmtree(partial)
-    _, trained = load_run(run, "cpu", verify=False)  # check_run above has verified the run's files
-    spec, samples, rows = held(recipe, verify_samples, trained.tokenizer)
-    new = recipe.max_new_tokens
-    answers, logits = reference(recipe, run, merge_base, trained, samples, rows, new)
-    model, processor = build(recipe, run, merge_base, trained)
-    model.save_pretrained(partial, safe_serialization=True)
-    processor.save_pretrained(partial)
-    for name in FILES:
-        shutil.copy2(REMOTE_DIR / name, partial / name)
-    del model
-    for row, answer in zip(rows, answers):
-        row["expected_answer"] = answer
-        row["expected_ids"] = processor.lead + row["prompt_ids"]
-    report = {
-        "format": "hf-remote-code",
-        "source_run": str(run.resolve()),
-        "data": spec,
-        "samples": len(rows),
-    }
-    report["dtype"] = dtype
-    report.update(check(partial, rows, logits, dtype, new, "hf-remote-code"))
-    report["tolerance"] = TOLERANCE[dtype]
-    report["passed"] = bool(
-        report["prompts_identical"]
-        and report["answers_identical"] == 1.0
-        and report["max_abs_logit_diff"] <= TOLERANCE[dtype]
-    )
-    report["seconds"] = round(time.perf_counter() - started, 2)
-    (partial / "verification.json").write_text(json.dumps(report, indent=2) + "\n")
-    (partial / "README.md").write_text(_model_card(recipe, trained, report))
-    if not report["passed"]:
-        raise ExportError(
-            f"the hf-remote-code folder does not reproduce the run on {len(rows)} held samples (prompts "
-            f"identical: {report['prompts_identical']}, answers identical {report['answers_identical']:.1%}, "
-            f"max |logit diff| {report['max_abs_logit_diff']:.3g}, tolerance {report['tolerance']}); kept in "
-            f"{partial} with verification.json"
-        )
-    os.replace(partial, out)
-    return report
+    return export_checked("hf-remote-code", run_dir, out_dir, dtype, lambda r: problems(r, dtype), write)
 
 
 def reference(recipe, run: Path, merge_base: str, trained, samples, rows, max_new_tokens: int):
     """The run's greedy answers (float32, LoRA unmerged on the float32 base) and adaptkit's logits on the
     exported weights (LoRA merged), at every position of lead + prompt + target, in float64."""
-    from adaptkit.data.images import open_image
-    from adaptkit.export import _merged_lm, full_precision_base
-    from adaptkit.export_llava_verify import _logits
+    from adaptkit.export import _merged_lm
+    from adaptkit.export_llava_verify import _logits, run_answers
     from adaptkit.model.multimodal import MultimodalModel
 
-    base, tokenizer = full_precision_base(recipe, merge_base)
-    if recipe.lora.enabled:
-        from peft import PeftModel
-
-        from adaptkit.artifacts import LORA_DIR
-
-        base = PeftModel.from_pretrained(base, str(run / LORA_DIR), is_trainable=False)
     entry = trained.entry_layer
-    model = MultimodalModel(trained.vision, trained.adapter, base, tokenizer, entry_layer=entry).eval()
-    model.feature_dtype = trained.feature_dtype
-    answers = []
-    for sample, row in zip(samples, rows):
-        feats = model.encode_images([open_image(sample.image)])
-        ids = torch.tensor([row["prompt_ids"]])
-        answers.append(model.generate(feats, ids, torch.ones_like(ids), max_new_tokens)[0][0])
+    answers, model = run_answers(recipe, run, merge_base, trained, samples, rows, max_new_tokens, entry)
     model.fusion.remove()
     merged, tokenizer = _merged_lm(recipe, run, "float32", merge_base)
     exported = MultimodalModel(trained.vision, trained.adapter, merged, tokenizer, entry_layer=entry)

@@ -62,6 +62,24 @@ def save_tiny_lm(out: Path, model_class, config_class, **sizes) -> Path:
     return out
 
 
+def save_tiny_gemma3(out: Path, layer_types: list[str], window: int = 4) -> Path:
+    """A random Gemma-3 text LM (``layer_types`` sliding / full, ``window``-token sliding window, tied
+    and scaled embeddings) with the word-level tokenizer, saved to ``out``."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    return save_tiny_lm(
+        out,
+        Gemma3ForCausalLM,
+        Gemma3TextConfig,
+        num_hidden_layers=len(layer_types),
+        head_dim=16,
+        query_pre_attn_scalar=16,
+        sliding_window=window,
+        layer_types=layer_types,
+        tie_word_embeddings=True,
+    )
+
+
 @pytest.fixture(scope="session")
 def tiny_lm_dir(tmp_path_factory) -> Path:
     """A 2-layer random Llama with a word-level tokenizer, saved as a Hugging Face folder."""
@@ -215,6 +233,26 @@ AT_INPUT = [
     "length_grouping=1",
     "data.prompt_template=Question: {question} Answer:",
 ]
+
+
+def train_crashing_at_save(argv: list[str], save: int) -> None:
+    """``adaptkit train *argv`` killed (KeyboardInterrupt) while it writes its ``save``-th checkpoint; the
+    checkpoints before it are committed."""
+    from adaptkit import checkpoint as ckpt
+    from adaptkit.cli import main
+
+    real_commit, calls = ckpt.commit, []
+
+    def crash(tmp, keep):
+        calls.append(tmp)
+        if len(calls) == save:
+            raise KeyboardInterrupt(f"injected crash during checkpoint save {save}")
+        return real_commit(tmp, keep)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ckpt, "commit", crash)
+        with pytest.raises(KeyboardInterrupt):
+            main(["train", *argv])
 
 
 def overrides_for(lm_dir: Path, vision_pth: Path, vqa: Path, root: Path) -> list[str]:

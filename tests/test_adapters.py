@@ -12,7 +12,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptkit import checkpoint as ckpt
 from adaptkit.adapters.projector import pool_tokens
 from adaptkit.cli import main
 from adaptkit.config import RecipeError
@@ -25,7 +24,7 @@ from adaptkit.model.batch import Batch
 from adaptkit.model.build import frozen_fingerprint
 from adaptkit.recipes import load_recipe
 from adaptkit.runs import load_run
-from tests.conftest import greedy_by_recomputing, loss_of
+from tests.conftest import greedy_by_recomputing, loss_of, train_crashing_at_save
 from tests.test_distributed import _common, _train_two_processes
 from tests.test_resume import RECIPE, _assert_same_run, _overrides
 
@@ -126,21 +125,10 @@ def test_train_save_load_export_and_predict(kind, tiny_overrides, tiny_vqa, tmp_
 
 
 @pytest.mark.parametrize("kind", ["projector", "resampler", "xattn"])
-def test_resume_after_a_crash_is_bit_identical(kind, tiny_overrides, tmp_path, monkeypatch):
+def test_resume_after_a_crash_is_bit_identical(kind, tiny_overrides, tmp_path):
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     assert main(["train", RECIPE, *_overrides(tiny_overrides, ref), *KINDS[kind]]) == 0
-    real_commit, calls = ckpt.commit, []
-
-    def crash_on_third(tmp, keep):
-        calls.append(tmp)
-        if len(calls) == 3:
-            raise KeyboardInterrupt("injected crash during the save of step 6")
-        return real_commit(tmp, keep)
-
-    monkeypatch.setattr(ckpt, "commit", crash_on_third)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", RECIPE, *_overrides(tiny_overrides, crashed), *KINDS[kind]])
-    monkeypatch.setattr(ckpt, "commit", real_commit)
+    train_crashing_at_save([RECIPE, *_overrides(tiny_overrides, crashed), *KINDS[kind]], save=3)  # step 6
     assert main(["train", RECIPE, *_overrides(tiny_overrides, crashed), *KINDS[kind], "resume=auto"]) == 0
     _assert_same_run(ref, crashed)
 

@@ -21,7 +21,7 @@ from adaptkit.data.features import FeatureBank
 from adaptkit.data.images import open_image
 from adaptkit.data.pixels import OnTheFlyFeatures
 from adaptkit.recipes import load_recipe
-from tests.conftest import draw_sample
+from tests.conftest import draw_sample, train_crashing_at_save
 
 CFG = AugmentConfig(
     views=3,
@@ -184,7 +184,7 @@ def _augmented(tiny_overrides, out):
     ]
 
 
-def test_training_with_views_resumes_bit_exactly(tiny_overrides, tmp_path, monkeypatch):
+def test_training_with_views_resumes_bit_exactly(tiny_overrides, tmp_path):
     from adaptkit import checkpoint as ckpt
 
     ref, cut = tmp_path / "ref", tmp_path / "cut"
@@ -196,18 +196,7 @@ def test_training_with_views_resumes_bit_exactly(tiny_overrides, tmp_path, monke
     shown = int(re.search(r"the run's 8 steps look up (\d+) of the 18 views", log)[1])
     assert 0 < shown < 18 and f"augmented views: 0 read, {shown} encoded and added" in log
     # Die during the second checkpoint save (step 8), then resume from step 4's: same views, losses, weights.
-    real_commit, calls = ckpt.commit, []
-
-    def crash_on_second(tmp, keep):
-        calls.append(tmp)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("injected crash")
-        return real_commit(tmp, keep)
-
-    monkeypatch.setattr(ckpt, "commit", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", RECIPE, *_augmented(tiny_overrides, cut)])
-    monkeypatch.setattr(ckpt, "commit", real_commit)
+    train_crashing_at_save([RECIPE, *_augmented(tiny_overrides, cut)], save=2)
     assert ckpt.latest_checkpoint(cut).name == "checkpoint-000004"
     log = (cut / "train.log").read_text()  # ... once
     assert "images: 6 read, 0 encoded" in log and f"augmented views: {shown} read, 0 encoded" in log

@@ -17,7 +17,7 @@ from adaptkit.artifacts import ExportError
 from adaptkit.export_llava import chat_template, export_llava, fold_standardisation, problems
 from adaptkit.recipes import load_recipe
 from adaptkit.train import train
-from tests.conftest import overrides_for, save_tiny_lm
+from tests.conftest import overrides_for, save_tiny_gemma3, save_tiny_lm
 
 RECIPE = "recipes/easyvqa_projector_lora.yaml"
 
@@ -52,14 +52,7 @@ def towers(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def lms(tmp_path_factory) -> dict[str, Path]:
-    from transformers import (
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        LlamaConfig,
-        LlamaForCausalLM,
-        Qwen2Config,
-        Qwen2ForCausalLM,
-    )
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
     root = tmp_path_factory.mktemp("llava_lms")
     kinds = ["sliding_attention", "full_attention"]
@@ -68,17 +61,7 @@ def lms(tmp_path_factory) -> dict[str, Path]:
         "qwen2": save_tiny_lm(
             root / "qwen2", Qwen2ForCausalLM, Qwen2Config, num_hidden_layers=2, tie_word_embeddings=True
         ),
-        "gemma3": save_tiny_lm(
-            root / "gemma3",
-            Gemma3ForCausalLM,
-            Gemma3TextConfig,
-            num_hidden_layers=2,
-            head_dim=16,
-            query_pre_attn_scalar=16,
-            sliding_window=4,
-            layer_types=kinds,
-            tie_word_embeddings=True,
-        ),
+        "gemma3": save_tiny_gemma3(root / "gemma3", kinds),
     }
 
 

@@ -17,7 +17,7 @@ from adaptkit.artifacts import ExportError
 from adaptkit.export_remote import export_remote, problems
 from adaptkit.recipes import load_recipe
 from adaptkit.train import train
-from tests.conftest import AT_INPUT, overrides_for, save_tiny_lm
+from tests.conftest import AT_INPUT, overrides_for, save_tiny_gemma3
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "easyvqa_qformer_lora.yaml"
 FAST = ["lora.start_step=0", "lr_lora=0.02", "lr_adapter=0.01", "max_steps=40", "eval_every=0"]
@@ -25,20 +25,8 @@ FAST = ["lora.start_step=0", "lr_lora=0.02", "lr_adapter=0.01", "max_steps=40", 
 
 @pytest.fixture(scope="module")
 def gemma_dir(tmp_path_factory) -> Path:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
     root = tmp_path_factory.mktemp("remote_gemma")
-    return save_tiny_lm(
-        root / "gemma3",
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        num_hidden_layers=2,
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=4,
-        layer_types=["sliding_attention", "full_attention"],
-        tie_word_embeddings=True,
-    )
+    return save_tiny_gemma3(root / "gemma3", ["sliding_attention", "full_attention"])
 
 
 @pytest.fixture(scope="module")

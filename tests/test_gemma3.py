@@ -22,7 +22,7 @@ from tests.conftest import (
     loss_and_grads,
     loss_of,
     overrides_for,
-    save_tiny_lm,
+    save_tiny_gemma3,
 )
 
 RECIPE = "recipes/easyvqa_qformer_lora.yaml"
@@ -34,20 +34,7 @@ WINDOW = 4  # shorter than every text, so the sliding layers see less than the f
 
 @pytest.fixture(scope="module")
 def tiny_gemma3_dir(tmp_path_factory) -> Path:
-    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
-
-    out = tmp_path_factory.mktemp("tiny_gemma3")
-    return save_tiny_lm(
-        out,
-        Gemma3ForCausalLM,
-        Gemma3TextConfig,
-        num_hidden_layers=len(KINDS),
-        head_dim=16,
-        query_pre_attn_scalar=16,
-        sliding_window=WINDOW,
-        layer_types=KINDS,
-        tie_word_embeddings=True,
-    )
+    return save_tiny_gemma3(tmp_path_factory.mktemp("tiny_gemma3"), KINDS, WINDOW)
 
 
 @pytest.fixture

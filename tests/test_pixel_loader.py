@@ -15,6 +15,7 @@ from adaptkit.cli import main
 from adaptkit.data.augment import view_choice
 from adaptkit.data.features import FeatureBank
 from adaptkit.data.pixels import OnTheFlyFeatures, StepTaggedBatches
+from tests.conftest import train_crashing_at_save
 from tests.test_augment import RECIPE, _augmented
 
 # 24 questions in micro-batches of 4, 4 per optimizer step: 6 micro-batches an epoch, so Accelerate also
@@ -95,19 +96,8 @@ def test_workers_or_not_the_run_is_the_same_and_resumes_exactly(tiny_overrides, 
 
     ref = tmp_path / "ref"
     assert main(["train", RECIPE, *overrides(ref, 0)]) == 0
-    real_commit, calls = ckpt.commit, []
-
-    def crash_on_second(tmp, keep):
-        calls.append(tmp)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("injected crash")
-        return real_commit(tmp, keep)
-
     cut = tmp_path / "cut"
-    monkeypatch.setattr(ckpt, "commit", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", RECIPE, *overrides(cut, 2)])
-    monkeypatch.setattr(ckpt, "commit", real_commit)
+    train_crashing_at_save([RECIPE, *overrides(cut, 2)], save=2)
     assert ckpt.latest_checkpoint(cut).name == "checkpoint-000004"
     log = tmp_path / "loads.jsonl"
     _spy_loads(monkeypatch, log)

@@ -13,7 +13,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from adaptkit import checkpoint as ckpt
 from adaptkit.cli import main
 from adaptkit.config import RecipeError
 from adaptkit.inference import load_for_inference
@@ -21,7 +20,7 @@ from adaptkit.model.build import build_model
 from adaptkit.model.trainables import saved_heads
 from adaptkit.recipes import load_recipe
 from adaptkit.runs import load_run
-from tests.conftest import RETRIEVAL_RECIPE, demo_module, retrieval_overrides
+from tests.conftest import RETRIEVAL_RECIPE, demo_module, retrieval_overrides, train_crashing_at_save
 from tests.test_distributed import _port
 
 RECIPE = str(RETRIEVAL_RECIPE)
@@ -115,23 +114,12 @@ def test_train_save_load_predict_and_eval(overrides, tiny_captions, tiny_text_en
     assert bad.returncode != 0 and "needs '{label}'" in bad.stderr
 
 
-def crash_and_resume(common: list[str], tmp_path, monkeypatch):
+def crash_and_resume(common: list[str], tmp_path):
     """Train ``common`` uninterrupted (``ref``) and again with a crash during the second checkpoint save,
     then resumed (``crashed``); returns both run directories. ``common`` must set ``log_samples=true``."""
     ref, crashed = tmp_path / "ref", tmp_path / "crashed"
     assert main(["train", RECIPE, *common, f"output_dir={ref}"]) == 0
-    real_commit, calls = ckpt.commit, []
-
-    def crash_on_second(tmp, keep):
-        calls.append(tmp)
-        if len(calls) == 2:
-            raise KeyboardInterrupt("injected crash during the second save")
-        return real_commit(tmp, keep)
-
-    monkeypatch.setattr(ckpt, "commit", crash_on_second)
-    with pytest.raises(KeyboardInterrupt):
-        main(["train", RECIPE, *common, f"output_dir={crashed}"])
-    monkeypatch.setattr(ckpt, "commit", real_commit)
+    train_crashing_at_save([RECIPE, *common, f"output_dir={crashed}"], save=2)
     assert main(["train", RECIPE, *common, f"output_dir={crashed}", "resume=auto"]) == 0
     return ref, crashed
 
@@ -146,9 +134,9 @@ def assert_identical_runs(ref, crashed, files: tuple[str, ...]) -> None:
         assert set(x) == set(y) and all(torch.equal(x[k], y[k]) for k in x), name
 
 
-def test_resume_after_a_crash_is_bit_identical(overrides, tmp_path, monkeypatch):
+def test_resume_after_a_crash_is_bit_identical(overrides, tmp_path):
     common = [o for o in overrides if not o.startswith("output_dir=")] + ALL + ["log_samples=true"]
-    ref, crashed = crash_and_resume(common, tmp_path, monkeypatch)
+    ref, crashed = crash_and_resume(common, tmp_path)
     assert_identical_runs(ref, crashed, ("adapter.safetensors", "heads.safetensors"))
 
 
