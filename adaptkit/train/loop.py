@@ -44,7 +44,7 @@ def _batches(run: TrainingRun):
             run.sampler.set_epoch(epoch)
         if hasattr(run.loader, "set_epoch"):
             run.loader.set_epoch(epoch)
-        if run.tagged is not None:  # workers make pixels for the micro-batches the loop uses
+        if run.tagged is not None:  # workers prepare images for the micro-batches the loop uses
             run.tagged.set_epoch(epoch)
             run.tagged.skip = skip
         for index, batch in enumerate(run.loader):

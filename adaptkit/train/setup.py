@@ -77,7 +77,7 @@ class TrainingRun:
     step_parts: dict = field(default_factory=dict)
     loader: DataLoader | None = None
     sampler: ProcessSplitBatches | None = None
-    #: with features computed every step: the loader's batches, tagged with the step each is trained at
+    #: where workers prepare each batch's images (pixels.py): its batches, tagged with the step each trains at
     tagged: StepTaggedBatches | None = None
     generator: torch.Generator | None = None
     prepared: torch.nn.Module | None = None
