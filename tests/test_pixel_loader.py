@@ -115,3 +115,18 @@ def test_a_loader_out_of_step_with_the_loop_fails_loudly(tiny_overrides, tmp_pat
     overrides = [*_augmented(tiny_overrides, tmp_path / "run"), *ACCUMULATE, "cache_features=false"]
     with pytest.raises(RuntimeError, match=r"made step 3's views for step 2: .* out of step"):
         main(["train", RECIPE, *overrides, "image_workers=0"])
+
+
+def test_two_processes_prepare_their_halves_for_the_right_steps(tiny_overrides, tmp_path):
+    """Two gloo processes without a store, a worker each, 2 micro-batches a step (3 steps an epoch, so
+    step 3 starts epoch 1): each process's tags name the loop's steps (else the run stops), the replicas
+    stay identical at every step, and the global batches are one process's with the same global batch."""
+    from tests.test_distributed import _common, _train_two_processes
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    common = [*_common(tiny_overrides), "cache_features=false", "image_workers=1", "grad_accum_steps=2"]
+    assert main(["train", RECIPE, *common, "batch_size=4", f"output_dir={one}"]) == 0
+    _train_two_processes(common, two)
+    assert "for each step in 1 worker processes" in (two / "train.log").read_text()
+    halves = [sorted(r["indices"]) for r in _samples(two)]
+    assert len(halves) == 10 and halves == [sorted(r["indices"]) for r in _samples(one)]
