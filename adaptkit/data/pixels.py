@@ -123,9 +123,6 @@ class OnTheFlyFeatures:
             images.append(make_view(img, self.keys.get(path, ""), self.augment, v, self.colours.get(path)))
         return self.backbone.preprocess(images)
 
-    #: pixels are made on the CPU, so a DataLoader worker can make them
-    loadable_elsewhere = True
-
     def load(self, rows: torch.Tensor, step: int | None = None) -> torch.Tensor:
         """What a DataLoader worker makes ahead of the step: :meth:`pixels`."""
         return self.pixels(rows, step)
