@@ -3,6 +3,7 @@ move an image's colour within the region of the name its answers give it."""
 
 from __future__ import annotations
 
+import random
 from dataclasses import dataclass
 
 import pytest
@@ -11,7 +12,19 @@ from PIL import Image, ImageDraw
 
 from adaptkit.config import AugmentConfig
 from adaptkit.data.augment import make_view, recolour_shape, settings, view_key
-from adaptkit.data.colour_names import image_colours, lab, regions, shades
+from adaptkit.data.colour_names import (
+    BASIC,
+    Colour,
+    _distance,
+    data_palette,
+    draw_shade,
+    image_colours,
+    lab,
+    named,
+    regions,
+    shades,
+    srgb,
+)
 from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank
 from adaptkit.data.pixels import OnTheFlyFeatures
@@ -61,6 +74,51 @@ def test_an_image_gets_the_one_colour_name_its_answers_give():
     assert image_colours(samples) == {"a.png": "brown", "b.png": "gray"}
 
 
+def test_srgb_inverts_lab_and_refuses_colours_outside_the_gamut():
+    for rgb in [(0, 0, 0), (255, 255, 255), (101, 55, 0), (3, 67, 223), (130, 203, 178)]:
+        assert srgb(lab(rgb)) == rgb
+    assert srgb((50.0, 0.0, -150.0)) is None
+
+
+def test_every_held_out_shade_lies_in_its_own_names_region():
+    # The regions are the survey's training half, nearest-shade among the basic colour terms; a shade
+    # people gave a name, held out of training, must fall in that name's region, or drawing inside the
+    # regions could not teach it.
+    for name in ("black", "blue", "brown", "gray", "green", "red", "teal", "yellow"):
+        assert shades(name, "held_out")
+        assert all(named(lab(rgb)) == name for rgb in shades(name, "held_out")), name
+    assert named(lab((230, 110, 10))) == "orange" and "orange" in BASIC
+
+
+def test_drawn_shades_stay_in_their_region_and_spread_beyond_the_training_shades():
+    rng = random.Random(0)
+    for name in ("blue", "brown", "red", "teal"):
+        drawn = [draw_shade(name, rng.random, lambda: rng.gauss(0, 1)) for _ in range(200)]
+        assert all(named(lab(rgb)) == name for rgb in drawn), name
+        assert len(set(drawn) - set(shades(name))) > 150  # not only the survey's own shades
+    assert draw_shade("no-such-colour", rng.random, rng.random) is None
+    # A name beyond the basic terms takes its region from them.
+    lime = [draw_shade("lime", rng.random, lambda: rng.gauss(0, 1)) for _ in range(50)]
+    assert None not in lime and len(set(lime) - set(shades("lime"))) > 25
+
+
+def test_the_datas_own_palette_takes_part_in_the_regions():
+    # easy-VQA's "brown" is CSS 165,42,42, among the survey's reds: red draws keep clear of it once the
+    # data's palette is given, and without it some land closer to it than to any red.
+    css_brown = lab((165, 42, 42))
+    palette = (("brown", (165, 42, 42)), ("red", (255, 0, 0)))
+    rng = random.Random(0)
+    bare = [draw_shade("red", rng.random, lambda: rng.gauss(0, 1)) for _ in range(300)]
+    kept = [draw_shade(Colour("red", palette), rng.random, lambda: rng.gauss(0, 1)) for _ in range(300)]
+    assert any(named(lab(rgb), palette) == "brown" for rgb in bare)
+    assert all(named(lab(rgb), palette) == "red" for rgb in kept)
+    assert min(_distance(lab(rgb), css_brown) for rgb in kept) > 5
+    # Each name's main colours that at least 2% of its images have.
+    mains = {f"{i}.png": (165, 42, 42) for i in range(60)} | {"odd.png": (10, 10, 10), "x.png": (0, 0, 255)}
+    names = {image: "brown" for image in mains} | {"x.png": "blue"}
+    assert data_palette(mains, names) == (("blue", (0, 0, 255)), ("brown", (165, 42, 42)))
+
+
 def _shape(fill, background=(240, 238, 236), size=64) -> Image.Image:
     img = Image.new("RGB", (size, size), background)
     ImageDraw.Draw(img).ellipse((12, 12, 52, 52), fill=fill)
@@ -79,7 +137,7 @@ def test_shade_views_take_shades_of_the_answer_and_have_their_own_keys():
     cfg = AugmentConfig(views=4, shades=1.0)
     img = _shape((0, 255, 0))
     seen = {make_view(img, "key", cfg, v, "green").getpixel((32, 32)) for v in range(1, 5)}
-    assert seen <= set(shades("green")) and len(seen) > 1
+    assert {named(lab(rgb)) for rgb in seen} == {"green"} and len(seen) > 1
     assert make_view(img, "key", cfg, 1, None).getpixel((32, 32)) == (0, 255, 0)  # no colour name: no move
     assert view_key("k", cfg, 1, "green") != view_key("k", cfg, 1, "blue") != view_key("k", cfg, 1)
     # Off (the default), the settings and so every earlier view's key are what they were.

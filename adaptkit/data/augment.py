@@ -14,9 +14,9 @@ colour), a new background (pixels near the border colour replaced by a soft two-
 images on plain backgrounds), photometric without changing hue much (brightness, contrast, a small
 per-channel gain, a linear illumination gradient) and of texture (Gaussian blur, pixel noise):
 label-preserving for tasks whose answers name colours and shapes. ``shades`` moves an image's main colour
-to another shade people call by the name its answers give it (``adaptkit.data.colour_names``), so a model
-learns colour names rather than one palette. Every one is a recipe key (``data.augment.*``); 0 turns one
-off.
+to a shade drawn inside the region people give the name its answers give it
+(``adaptkit.data.colour_names.draw_shade``), so a model learns colour names rather than one palette.
+Every one is a recipe key (``data.augment.*``); 0 turns one off.
 """
 
 from __future__ import annotations
@@ -31,12 +31,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from adaptkit.data.colour_names import shades
+from adaptkit.data.colour_names import Colour, draw_shade
 
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
 
 AUGMENT_VERSION = "1"  # bump when augment_image changes what it draws: cached views get new keys
+SHADES_VERSION = "region"  # how ``shades`` draws (in a view's key while shades > 0): draw_shade
 
 
 def settings(cfg: AugmentConfig) -> dict:
@@ -46,11 +47,13 @@ def settings(cfg: AugmentConfig) -> dict:
     out.pop("views")
     if not out["shades"]:
         out.pop("shades")
+    else:
+        out["shades_drawn"] = SHADES_VERSION
     out["version"] = AUGMENT_VERSION
     return out
 
 
-def view_key(image_key: str, cfg: AugmentConfig, view: int, colour: str | None = None) -> str:
+def view_key(image_key: str, cfg: AugmentConfig, view: int, colour: str | Colour | None = None) -> str:
     """The feature-cache key of view ``view`` of the image whose content key is ``image_key`` (``colour``: the
     colour name its answers give it, which decides the view's pixels where ``cfg.shades`` > 0)."""
     if view == 0:
@@ -60,7 +63,7 @@ def view_key(image_key: str, cfg: AugmentConfig, view: int, colour: str | None =
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def _generator(image_key: str, cfg: AugmentConfig, view: int, colour: str | None) -> torch.Generator:
+def _generator(image_key: str, cfg: AugmentConfig, view: int, colour: str | Colour | None) -> torch.Generator:
     seed = int(view_key(image_key, cfg, view, colour)[:15], 16)
     return torch.Generator().manual_seed(seed)
 
@@ -77,7 +80,7 @@ def border_colour(img: Image.Image) -> tuple[int, ...]:
 
 
 def augment_image(
-    img: Image.Image, cfg: AugmentConfig, gen: torch.Generator, colour: str | None = None
+    img: Image.Image, cfg: AugmentConfig, gen: torch.Generator, colour: str | Colour | None = None
 ) -> Image.Image:
     """One random, label-preserving variant of an RGB image (parameters drawn from ``gen`` in a fixed
     order, so a seeded generator gives the same pixels; ``colour``: the colour name the image's answers give
@@ -163,32 +166,47 @@ def _replace_background(
     return TF.to_pil_image((mixed.clamp(0, 1) * 255).round().to(torch.uint8))
 
 
-def _draw_shade(gen: torch.Generator, cfg: AugmentConfig, colour: str | None) -> tuple[int, int, int] | None:
-    """With probability ``cfg.shades``, a shade people give ``colour`` (the survey's training half)."""
-    pick, index = float(torch.rand((), generator=gen)), int(torch.randint(0, 2**31, (), generator=gen))
-    options = shades(colour) if colour else []
-    return options[index % len(options)] if options and pick < cfg.shades else None
+def _draw_shade(
+    gen: torch.Generator, cfg: AugmentConfig, colour: str | Colour | None
+) -> tuple[int, int, int] | None:
+    """With probability ``cfg.shades``, a shade inside the region people give ``colour``
+    (:func:`adaptkit.data.colour_names.draw_shade`, from the survey's training half); its own generator,
+    seeded from ``gen``, so the draws after it do not depend on how many tries it took."""
+    pick, seed = float(torch.rand((), generator=gen)), int(torch.randint(0, 2**62, (), generator=gen))
+    if not colour or pick >= cfg.shades:
+        return None
+    own = torch.Generator().manual_seed(seed)
+    return draw_shade(
+        colour, lambda: float(torch.rand((), generator=own)), lambda: float(torch.randn((), generator=own))
+    )
+
+
+def main_colour(img: Image.Image, border: list[int]) -> tuple[int, int, int] | None:
+    """The most common colour far from the border colour (a flat shape's fill), or None if there is none."""
+    flat = TF.pil_to_tensor(img).reshape(3, -1)
+    far = (flat.float() - torch.tensor(border, dtype=torch.float32)[:, None]).abs().sum(0) > 64
+    if not bool(far.any()):
+        return None
+    colours, counts = flat[:, far].unique(dim=1, return_counts=True)
+    return tuple(int(c) for c in colours[:, counts.argmax()])
 
 
 def recolour_shape(img: Image.Image, border: list[int], shade: tuple[int, int, int]) -> Image.Image:
-    """The image with its main colour (the most common one far from the border colour: a flat shape's fill)
-    moved to ``shade``; pixels near that colour move with it, weighted by closeness, so anti-aliased edges
-    and shading keep their steps. An image with no such colour is returned as it is."""
-    pixels = TF.pil_to_tensor(img)
-    flat = pixels.reshape(3, -1)
-    far = (flat.float() - torch.tensor(border, dtype=torch.float32)[:, None]).abs().sum(0) > 64
-    if not bool(far.any()):
+    """The image with its main colour (:func:`main_colour`) moved to ``shade``; pixels near that colour move
+    with it, weighted by closeness, so anti-aliased edges and shading keep their steps. An image with no
+    such colour is returned as it is."""
+    found = main_colour(img, border)
+    if found is None:
         return img
-    colours, counts = flat[:, far].unique(dim=1, return_counts=True)
-    main = colours[:, counts.argmax()].float()
-    values = pixels.float()
+    main = torch.tensor(found, dtype=torch.float32)
+    values = TF.pil_to_tensor(img).float()
     weight = (1 - (values - main[:, None, None]).abs().sum(0) / 64).clamp(0, 1)
     moved = values + weight[None] * (torch.tensor(shade, dtype=torch.float32) - main)[:, None, None]
     return TF.to_pil_image(moved.clamp(0, 255).round().to(torch.uint8))
 
 
 def make_view(
-    img: Image.Image, image_key: str, cfg: AugmentConfig, view: int, colour: str | None = None
+    img: Image.Image, image_key: str, cfg: AugmentConfig, view: int, colour: str | Colour | None = None
 ) -> Image.Image:
     """View ``view`` of an image (0: the image itself; ``colour``: the colour name its answers give it)."""
     if view == 0:

@@ -15,11 +15,18 @@ sees shades no training or tuning saw. Training keeps the plain name's shade and
 lightness range (its darkest and its lightest shade), so the held-out set asks the model to name shades
 *between* ones it has seen, not beyond them; the shades in between alternate, by lightness, starting with
 the held-out half. (A name with one other shade, like black's "almost black", holds that one out.)
+
+A name's *region* is where augmentation draws from (:func:`draw_shade`): the CIELAB colours nearer one of
+the name's training shades than to a training shade of any other basic colour term (Berlin and Kay's
+eleven, and teal: :data:`BASIC`), reached by a random point between two of the name's training shades plus
+a little noise. Drawing in a region, not from its few survey points, shows the model the continuum between
+them; every held-out shade lies in its own name's region (tested), yet none is ever drawn as such.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 TONES = frozenset(
     {
@@ -49,6 +56,11 @@ TONES = frozenset(
     }
 )
 SYNONYMS = {"grey": "gray"}
+# Berlin and Kay's basic colour terms (Basic Color Terms, 1969), which English speakers divide colour space
+# among, and teal (an easy-VQA answer, and one of the survey's most agreed names): a drawn shade must lie
+# nearer its own name's shades than any other's. (White has no shades here: too near the background.)
+BASIC = ("black", "gray", "red", "green", "yellow", "blue", "brown", "purple", "pink", "orange", "teal")
+JITTER = 4.0  # CIELAB units of noise on a drawn shade (about one just-noticeable difference is 2.3)
 
 
 def _linear(c: float) -> float:
@@ -124,3 +136,97 @@ def image_colours(samples) -> dict[str, str]:
         if answer in known:
             names.setdefault(sample.image, set()).add(answer)
     return {image: next(iter(found)) for image, found in names.items() if len(found) == 1}
+
+
+def srgb(colour: tuple[float, float, float]) -> tuple[int, int, int] | None:
+    """The sRGB colour of a CIELAB (D65) one, or None if it lies outside sRGB's gamut."""
+    lightness, a, b = colour
+    fy = (lightness + 16) / 116
+    fx, fz = fy + a / 500, fy - b / 200
+    x, y, z = (f**3 if f**3 > 0.008856 else (f - 16 / 116) / 7.787 for f in (fx, fy, fz))
+    x, z = x * 0.95047, z * 1.08883
+    linear = (
+        3.2406 * x - 1.5372 * y - 0.4986 * z,
+        -0.9689 * x + 1.8758 * y + 0.0415 * z,
+        0.0557 * x - 0.2040 * y + 1.0570 * z,
+    )
+    out = []
+    for c in linear:
+        if not -0.002 <= c <= 1.002:
+            return None
+        c = min(max(c, 0.0), 1.0)
+        out.append(round(255 * (12.92 * c if c <= 0.0031308 else 1.055 * c ** (1 / 2.4) - 0.055)))
+    return tuple(out)
+
+
+@functools.cache
+def _references() -> tuple[list[str], list[tuple[float, float, float]]]:
+    """The training half of every basic name's shades, in CIELAB: what a drawn shade is named by."""
+    names, points = [], []
+    for word in BASIC:
+        for rgb in shades(word):
+            names.append(word)
+            points.append(lab(rgb))
+    return names, points
+
+
+class Colour(NamedTuple):
+    """The colour name an image's answers give it, with the training data's own palette: each name's main
+    colours as the data draws them (``(name, rgb)`` pairs). A shade drawn for the image must lie nearer its
+    name's shades than any other name's, the data's own included, so augmentation never relabels a colour
+    the data itself names otherwise (easy-VQA's "brown", CSS 165,42,42, lies among the survey's reds)."""
+
+    name: str
+    palette: tuple[tuple[str, tuple[int, int, int]], ...] = ()
+
+
+def named(colour: tuple[float, float, float], palette: tuple = ()) -> str:
+    """The name of the shade nearest a CIELAB colour among the basic names' training-half survey shades and
+    a data ``palette`` (``(name, rgb)`` pairs)."""
+    names, points = _references()
+    names = names + [name for name, _ in palette]
+    points = points + [lab(rgb) for _, rgb in palette]
+    return names[min(range(len(points)), key=lambda i: _distance(colour, points[i]))]
+
+
+def draw_shade(colour: str | Colour, uniform, normal, tries: int = 8) -> tuple[int, int, int] | None:
+    """A shade inside the region of ``colour``'s name: a random point between two of its training-half shades
+    (in CIELAB), moved by a little noise, kept only inside sRGB and where the nearest shade of *any* basic
+    name (and of this name, if it is not one), or of the data's own palette (:class:`Colour`), is one of
+    this name's; after ``tries`` misses, one
+    of the name's training shades that passes the same test (None if none does). ``uniform()`` /
+    ``normal()``: random draws."""
+    name, palette = colour if isinstance(colour, Colour) else (colour, ())
+    word = SYNONYMS.get(name, name)
+    options = [lab(rgb) for rgb in shades(word)]
+    if word not in BASIC:  # a name beyond the basic terms ("lime", "navy") takes its region from them
+        palette = (*palette, *((word, rgb) for rgb in shades(word)))
+
+    def pick():
+        return options[int(uniform() * len(options)) % len(options)]
+
+    for _ in range(tries if options else 0):
+        a, b, t = pick(), pick(), uniform()
+        rgb = srgb(tuple(x + t * (y - x) + JITTER * normal() for x, y in zip(a, b)))
+        if rgb is not None and named(lab(rgb), palette) == word:
+            return rgb
+    kept = [point for point in options if named(point, palette) == word]
+    return srgb(kept[int(uniform() * len(kept)) % len(kept)]) if kept else None
+
+
+def data_palette(main_colours: dict[str, tuple[int, int, int]], colours: dict[str, str], share: float = 0.02):
+    """The training data's own palette from its images' main colours (image → rgb) and names (image → name):
+    per name, each main colour at least ``share`` of its images have, sorted (``(name, rgb)`` pairs)."""
+    counts: dict[str, dict[tuple[int, int, int], int]] = {}
+    for image, rgb in main_colours.items():
+        if image in colours:
+            found = counts.setdefault(SYNONYMS.get(colours[image], colours[image]), {})
+            found[rgb] = found.get(rgb, 0) + 1
+    return tuple(
+        sorted(
+            (name, rgb)
+            for name, found in counts.items()
+            for rgb, n in found.items()
+            if n >= share * sum(found.values())
+        )
+    )

@@ -20,6 +20,7 @@ from adaptkit.data.images import open_image
 
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
+    from adaptkit.data.colour_names import Colour
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +119,7 @@ def encode_items(
     bar: tqdm,
     augment: AugmentConfig | None = None,
     image_keys: dict[str, str] | None = None,
-    colours: dict[str, str] | None = None,
+    colours: dict[str, Colour] | None = None,
 ) -> tuple[list[tuple[str, int]], list[torch.Tensor]]:
     """Encode ``(path, view)`` items in batches (view 0: the image itself, v >= 1: augmented view v, see
     ``augment.py``; ``colours``: image → the colour name its answers give it); returns the decodable items

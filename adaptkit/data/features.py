@@ -32,6 +32,7 @@ from adaptkit.data.images import content_keys
 
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
+    from adaptkit.data.colour_names import Colour
 
 log = logging.getLogger(__name__)
 
@@ -55,7 +56,7 @@ class _Encoding:
     augment: AugmentConfig | None
     dtype: torch.dtype
     compile: bool
-    colours: dict[str, str]
+    colours: dict[str, Colour]
     keys: dict[str, str]
     encoder: BatchEncoder | None = None
 
@@ -132,7 +133,7 @@ class FeatureBank:
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
         compile: bool = False,
-        colours: dict[str, str] | None = None,
+        colours: dict[str, Colour] | None = None,
         defer_views: bool = False,
     ) -> FeatureBank:
         """Encode each distinct image (and each of its augmented views) once, with a progress bar; with

@@ -40,6 +40,7 @@ from adaptkit.data.images import open_image
 
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
+    from adaptkit.data.colour_names import Colour
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ class OnTheFlyFeatures:
         augment: AugmentConfig | None = None,
         seed: int = 0,
         dtype: torch.dtype = torch.float32,
-        colours: dict[str, str] | None = None,
+        colours: dict[str, Colour] | None = None,
         workers: int = 0,
         desc: str = "checking images",
         progress: bool = False,

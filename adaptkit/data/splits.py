@@ -13,12 +13,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
 from adaptkit.assets import cache_dir
-from adaptkit.data.colour_names import image_colours
+from adaptkit.data.augment import border_colour, main_colour
+from adaptkit.data.colour_names import Colour, data_palette, image_colours
 from adaptkit.data.feature_cache import FeatureCache
 from adaptkit.data.features import FeatureBank
 from adaptkit.data.formats import DataError
+from adaptkit.data.images import open_image
 from adaptkit.data.pixels import OnTheFlyFeatures
 from adaptkit.data.records import bad_sample
 from adaptkit.data.sampling import shown_views
@@ -41,6 +44,24 @@ def feature_cache_root(setting: str) -> Path | None:
     if setting == "auto":
         return cache_dir() / "features"
     return Path(setting).expanduser()
+
+
+def with_palette(colours: dict[str, str], origins: dict[str, str]) -> dict[str, Colour]:
+    """image → :class:`Colour`: its colour name with the data's own palette (each name's main colours as
+    these images draw them), so ``augment.shades`` never draws a shade the data names otherwise. Images
+    that cannot be read are left to the images' own check."""
+    mains = {}
+    for path in tqdm(colours, desc="data.augment.shades: the data's palette", leave=False, mininterval=2):
+        try:
+            img = open_image(path, origins.get(path, ""))
+        except DataError:
+            continue
+        found = main_colour(img, list(border_colour(img)))
+        if found is not None:
+            mains[path] = found
+    palette = data_palette(mains, colours)
+    log.info("data.augment.shades: the data's own palette: %s", ", ".join(f"{n} {rgb}" for n, rgb in palette))
+    return {path: Colour(name, palette) for path, name in colours.items()}
 
 
 def build_features(
@@ -77,6 +98,7 @@ def build_features(
     if colours is not None:
         found = f"{len(colours)} of {len(origins)} images have one colour name in their answers"
         log.info("data.augment.shades: %s", found)
+        colours = with_palette(colours, origins)
     if not cache:
         checks = desc.replace("encoding", "checking")
         return OnTheFlyFeatures(
