@@ -183,7 +183,11 @@ def _draw_shade(
 
 def main_colour(img: Image.Image, border: list[int]) -> tuple[int, int, int] | None:
     """The most common colour far from the border colour (a flat shape's fill), or None if there is none."""
-    flat = TF.pil_to_tensor(img).reshape(3, -1)
+    return _main_colour(TF.pil_to_tensor(img), border)
+
+
+def _main_colour(pixels: torch.Tensor, border: list[int]) -> tuple[int, int, int] | None:
+    flat = pixels.reshape(3, -1)
     far = (flat.float() - torch.tensor(border, dtype=torch.float32)[:, None]).abs().sum(0) > 64
     if not bool(far.any()):
         return None
@@ -195,11 +199,12 @@ def recolour_shape(img: Image.Image, border: list[int], shade: tuple[int, int, i
     """The image with its main colour (:func:`main_colour`) moved to ``shade``; pixels near that colour move
     with it, weighted by closeness, so anti-aliased edges and shading keep their steps. An image with no
     such colour is returned as it is."""
-    found = main_colour(img, border)
+    pixels = TF.pil_to_tensor(img)
+    found = _main_colour(pixels, border)
     if found is None:
         return img
     main = torch.tensor(found, dtype=torch.float32)
-    values = TF.pil_to_tensor(img).float()
+    values = pixels.float()
     weight = (1 - (values - main[:, None, None]).abs().sum(0) / 64).clamp(0, 1)
     moved = values + weight[None] * (torch.tensor(shade, dtype=torch.float32) - main)[:, None, None]
     return TF.to_pil_image(moved.clamp(0, 255).round().to(torch.uint8))

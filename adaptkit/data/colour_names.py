@@ -160,13 +160,17 @@ def srgb(colour: tuple[float, float, float]) -> tuple[int, int, int] | None:
 
 
 @functools.cache
-def _references() -> tuple[list[str], list[tuple[float, float, float]]]:
-    """The training half of every basic name's shades, in CIELAB: what a drawn shade is named by."""
+def _references(palette: tuple = ()) -> tuple[list[str], list[tuple[float, float, float]]]:
+    """What a drawn shade is named by, in CIELAB: the training half of every basic name's shades, then a data
+    ``palette``'s colours (``(name, rgb)`` pairs; one conversion per palette, not per draw)."""
     names, points = [], []
     for word in BASIC:
         for rgb in shades(word):
             names.append(word)
             points.append(lab(rgb))
+    for name, rgb in palette:
+        names.append(name)
+        points.append(lab(rgb))
     return names, points
 
 
@@ -183,9 +187,7 @@ class Colour(NamedTuple):
 def named(colour: tuple[float, float, float], palette: tuple = ()) -> str:
     """The name of the shade nearest a CIELAB colour among the basic names' training-half survey shades and
     a data ``palette`` (``(name, rgb)`` pairs)."""
-    names, points = _references()
-    names = names + [name for name, _ in palette]
-    points = points + [lab(rgb) for _, rgb in palette]
+    names, points = _references(tuple(palette))
     return names[min(range(len(points)), key=lambda i: _distance(colour, points[i]))]
 
 
