@@ -125,6 +125,22 @@ def _shape(fill, background=(240, 238, 236), size=64) -> Image.Image:
     return img
 
 
+def test_the_palette_comes_from_the_training_images_and_skips_unreadable_ones(tmp_path):
+    from adaptkit.data.splits import with_palette
+
+    names = {}
+    drawn = [((165, 42, 42), "brown"), ((255, 0, 0), "red"), ((165, 42, 42), "brown")]
+    for i, (fill, name) in enumerate(drawn):
+        path = tmp_path / f"{i}.png"
+        _shape(fill).save(path)
+        names[str(path)] = name
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"not an image")
+    names[str(broken)] = "red"  # left to the images' own check; its name still gets the palette
+    palette = (("brown", (165, 42, 42)), ("red", (255, 0, 0)))
+    assert with_palette(names, {}) == {path: Colour(name, palette) for path, name in names.items()}
+
+
 def test_recolour_moves_the_shape_and_leaves_the_background():
     img = _shape((165, 42, 42))
     out = recolour_shape(img, [240, 238, 236], (101, 55, 0))
