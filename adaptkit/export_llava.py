@@ -4,8 +4,8 @@ For runs whose architecture transformers' ``LlavaForConditionalGeneration`` expr
 vision tower (CLIP, SigLIP, ...) whose hidden state ``vision.feature_layer`` is read in full (every
 token, CLS included: ``vision_feature_select_strategy: full``), the ``projector`` adapter without pooling
 (LLaVA-1.5's 2-layer GELU MLP, hidden width the LM's), its soft tokens the LM's input
-(``adapter.inject_layer: 0``), a VQA task. What the stock class has no place for is folded in exactly or
-refused:
+(``adapter.inject_layer: 0``), a VQA or caption task. What the stock class has no place for is folded in
+exactly or refused:
 
 - the adapter's feature standardisation ``(x - mean) / std`` is affine, so it is folded into the projector's
   first layer in float64: ``W' = W / std``, ``b' = b - W (mean / std)``;
@@ -40,8 +40,8 @@ def problems(recipe) -> list[str]:
     """Why the stock LLaVA class cannot express this run, each naming the recipe key that would; empty when
     it can."""
     found = []
-    if recipe.task != "vqa":
-        found.append(f"task={recipe.task}: hf-llava exports VQA runs (task=vqa)")
+    if recipe.task not in ("vqa", "caption"):
+        found.append(f"task={recipe.task}: hf-llava exports generative runs (task=vqa, task=caption)")
     if recipe.adapter.kind != "projector":
         found.append(
             f"adapter.kind={recipe.adapter.kind}: LLaVA's connector is the MLP projector "
@@ -116,16 +116,25 @@ def _jinja(text: str) -> str:
 
 def chat_template(recipe, lm_template: str | None) -> str:
     """The processor's chat template: ``<image>`` first, then the conversation as adaptkit renders it
-    (``adaptkit.data.collate.question_prompt``). A message's content is a string or a list of ``image`` and
-    ``text`` parts (the text parts joined by a space)."""
-    prefix, suffix = recipe.data.prompt_template.format(question="\0").split("\0")
+    (``adaptkit.data.collate.question_prompt``); for a caption run, the last user text (the predictor's
+    prompt) or, without one, the recipe's caption prompt. A message's content is a string or a list of
+    ``image`` and ``text`` parts (the text parts joined by a space)."""
     content = (
         "{%- if m['content'] is string -%}{%- set text = m['content'] -%}"
         "{%- else -%}{%- set text = m['content'] | selectattr('type', 'equalto', 'text') "
         "| map(attribute='text') | join(' ') -%}{%- endif -%}"
     )
-    question = f"{_jinja(prefix)} + (text.split() | join(' ')) + {_jinja(suffix)}"
     head = "{{- '" + IMAGE_TOKEN + "' -}}"
+    if recipe.task == "caption":  # the last user turn's text, whitespace joined, else the recipe's prompt
+        return (
+            head
+            + "{%- set ns = namespace(text='') -%}{%- for m in messages -%}{%- if m['role'] == 'user' -%}"
+            + content
+            + "{%- set ns.text = text.split() | join(' ') -%}{%- endif -%}{%- endfor -%}"
+            "{{- ns.text if ns.text else " + _jinja(recipe.data.prompt_template) + " -}}"
+        )
+    prefix, suffix = recipe.data.prompt_template.format(question="\0").split("\0")
+    question = f"{_jinja(prefix)} + (text.split() | join(' ')) + {_jinja(suffix)}"
     if recipe.data.chat_template:
         if lm_template is None:
             raise ExportError("data.chat_template=true, but the LM's tokenizer has no chat template")

@@ -32,6 +32,8 @@ def held(recipe, n: int, tokenizer):
 
     spec, samples = _held_samples(get_task(recipe), recipe, n)
     data = recipe.data
+    if recipe.task == "caption":
+        return spec, samples, [_caption_row(s, data.prompt_template, tokenizer) for s in samples]
     rows = []
     for s in samples:
         prompt = question_prompt(data.prompt_template, s.question, s.context, tokenizer, data.chat_template)
@@ -55,6 +57,20 @@ def held(recipe, n: int, tokenizer):
             }
         )
     return spec, samples, rows
+
+
+def _caption_row(sample, prompt: str, tokenizer) -> dict:
+    """A caption sample's row as the caption task trains it: the recipe's prompt as it stands, then its first
+    caption (whitespace joined, after a space) and EOS; the chat message carries the image alone."""
+    caption = " ".join(sample.captions[0].split())
+    return {
+        "image": str(sample.image),
+        "messages": [{"role": "user", "content": [{"type": "image"}]}],
+        "prompt": prompt,
+        "prompt_ids": tokenizer(prompt, add_special_tokens=False)["input_ids"],
+        "target_ids": tokenizer(" " + caption, add_special_tokens=False)["input_ids"]
+        + [tokenizer.eos_token_id],
+    }
 
 
 def fold_standardisation(weight, bias, mean, std) -> tuple[torch.Tensor, torch.Tensor]:

@@ -30,14 +30,18 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_adaptkit.AdaptkitForImageTextToText",
 }
 ADAPTERS = ("qformer", "projector", "resampler", "xattn")
+TASKS = ("vqa", "caption")
 
 
 def problems(recipe, dtype: str = "float32") -> list[str]:
     """Why this format cannot carry the run, each naming the recipe key or option that would; empty when
     it can."""
     found = []
-    if recipe.task != "vqa":
-        found.append(f"task={recipe.task}: hf-remote-code exports VQA runs (task=vqa) so far")
+    if recipe.task not in TASKS:
+        found.append(
+            f"task={recipe.task}: hf-remote-code exports generative runs (task=vqa, task=caption); "
+            "--format adaptkit exports retrieval runs with their heads and text encoder"
+        )
     if recipe.adapter.kind not in ADAPTERS:
         found.append(f"adapter.kind={recipe.adapter.kind}: the modeling file builds {', '.join(ADAPTERS)}")
     if recipe.vision.family not in ("torchvision", "timm", "hf"):
@@ -174,8 +178,12 @@ def _model_card(recipe, trained, report: dict) -> str:
             "from transformers import AutoModelForImageTextToText, AutoProcessor",
             "model = AutoModelForImageTextToText.from_pretrained('THIS_FOLDER', trust_remote_code=True)",
             "processor = AutoProcessor.from_pretrained('THIS_FOLDER', trust_remote_code=True)",
-            "text = processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}, "
-            "{'type': 'text', 'text': 'what shape is this?'}]}], add_generation_prompt=True)",
+            "text = processor.apply_chat_template([{'role': 'user', 'content': [{'type': 'image'}"
+            + (
+                "]}], add_generation_prompt=True)  # the caption prompt it was trained with"
+                if recipe.task == "caption"
+                else ", {'type': 'text', 'text': 'what shape is this?'}]}], add_generation_prompt=True)"
+            ),
             "inputs = processor(images=[image], text=[text])",
             f"out = model.generate(**inputs, max_new_tokens={recipe.max_new_tokens}, do_sample=False)",
             "print(processor.batch_decode(out[:, inputs['input_ids'].shape[1]:], skip_special_tokens=True))",

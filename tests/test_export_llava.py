@@ -86,7 +86,7 @@ def _train(tower: Path, lm: Path, vqa: Path, root: Path, extra=()) -> Path:
     return root / "run"
 
 
-def _stock_answers(out: Path, image: Path, question: str) -> str:
+def _stock_answers(out: Path, image: Path, question: str | None) -> str:
     """What a user's script, in a process where adaptkit cannot be imported, gets from the folder."""
     script = f"""
 import sys
@@ -99,7 +99,8 @@ from PIL import Image
 from transformers import AutoProcessor, LlavaForConditionalGeneration
 model = LlavaForConditionalGeneration.from_pretrained({str(out)!r})
 processor = AutoProcessor.from_pretrained({str(out)!r})
-messages = [{{"role": "user", "content": [{{"type": "image"}}, {{"type": "text", "text": {question!r}}}]}}]
+parts = [{{"type": "image"}}] + ([{{"type": "text", "text": {question!r}}}] if {question!r} else [])
+messages = [{{"role": "user", "content": parts}}]
 text = processor.apply_chat_template(messages, add_generation_prompt=True)
 inputs = processor(images=Image.open({str(image)!r}).convert("RGB"), text=text, return_tensors="pt")
 out = model.generate(**inputs, max_new_tokens=3, do_sample=False)
@@ -158,6 +159,22 @@ def test_chat_template_runs_render_the_lms_template_and_drop_its_bos(towers, lms
     assert report["passed"] and report["prompts_identical"] and report["answers_identical"] == 1.0
     exported = AutoTokenizer.from_pretrained(tmp_path / "llava")
     assert exported("yes")["input_ids"] == exported("yes", add_special_tokens=False)["input_ids"]
+
+
+def test_a_caption_run_exports_and_captions_with_the_trained_prompt(towers, lms, tiny_captions, tmp_path):
+    """A projector caption run: the stock class, given the image alone in the user's turn, writes the run's
+    captions (the processor's template supplies the recipe's caption prompt)."""
+    from adaptkit.inference import load_for_inference
+
+    caption = [f"data.train={tiny_captions}", f"data.eval={tiny_captions}", "task=caption"]
+    caption += ["pack_questions=1", "data.prompt_template=A short caption:", "max_new_tokens=3"]
+    run = _train(towers["clip"], lms["llama"], tiny_captions, tmp_path, caption)
+    report = export_llava(run, tmp_path / "llava", verify_samples=6)
+    assert report["passed"] and report["prompts_identical"] and report["answers_identical"] == 1.0
+    assert sum(bool(a) for a in report["answers"]) >= 3  # captions, not stops
+    image = tiny_captions.parent / "images" / "1.png"
+    want = load_for_inference(run).predict(str(image)).text
+    assert _stock_answers(tmp_path / "llava", image, None) == want
 
 
 def test_runs_the_stock_class_cannot_express_are_refused_with_the_keys(tiny_run, tmp_path):

@@ -17,9 +17,10 @@ from adaptkit.artifacts import ExportError
 from adaptkit.export_remote import export_remote, problems
 from adaptkit.recipes import load_recipe
 from adaptkit.train import train
-from tests.conftest import AT_INPUT, overrides_for, save_tiny_gemma3
+from tests.conftest import AT_INPUT, overrides_for, retrieval_overrides, save_tiny_gemma3
 
 RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "easyvqa_qformer_lora.yaml"
+CAPTION = RECIPE.with_name("easyvqa_caption_lora.yaml")
 FAST = ["lora.start_step=0", "lr_lora=0.02", "lr_adapter=0.01", "max_steps=40", "eval_every=0"]
 
 
@@ -138,6 +139,39 @@ def test_siglip_tower_projector_at_input(siglip_dir, tiny_lm_dir, tiny_mobilenet
     _export(_run(tmp_path, base, extra), tmp_path / "export")
     reads = json.loads((tmp_path / "export" / "processor_config.json").read_text())["tower"]
     assert reads["image_processor"]["class"].startswith("Siglip")
+
+
+def test_caption_run(tiny_lm_dir, tiny_mobilenet_pth, tiny_text_encoder_dir, tiny_captions, tmp_path):
+    """A caption run (Q-Former at the LM's input, the recipe's caption prompt): the folder captions as the
+    run does; its chat template gives the trained prompt when the user's turn has only the image, and the
+    user's own prompt (whitespace joined, as the predictor's) when it has text."""
+    from PIL import Image
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from adaptkit.inference import load_for_inference
+
+    base = retrieval_overrides(
+        tiny_lm_dir, tiny_mobilenet_pth, tiny_text_encoder_dir, tiny_captions, tmp_path
+    )
+    base = [o for o in base if not o.startswith(("text_encoder.", "objectives."))]
+    lora = ["lora.r=4", "lora.alpha=8", "lora.target_modules=[q_proj,v_proj]", "max_new_tokens=6"]
+    train(load_recipe(CAPTION, base + FAST + lora))
+    report = _export(tmp_path / "run", tmp_path / "export")
+    assert report["data"] == str(tiny_captions)
+    processor = AutoProcessor.from_pretrained(tmp_path / "export", trust_remote_code=True)
+    image_only = [{"role": "user", "content": [{"type": "image"}]}]
+    assert processor.apply_chat_template(image_only, add_generation_prompt=True) == "<image>A short caption:"
+    asked = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": " Describe\n it: "}]}]
+    assert processor.apply_chat_template(asked, add_generation_prompt=True) == "<image>Describe it:"
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "export", trust_remote_code=True).eval()
+    predictor = load_for_inference(tmp_path / "run", "cpu")
+    for k in range(3):  # images the check may not have held
+        image = tiny_captions.parent / "images" / f"{k}.png"
+        inputs = processor(images=[Image.open(image)], text=["<image>A short caption:"])
+        with torch.no_grad():
+            out = model.generate(**inputs, max_new_tokens=6, do_sample=False)
+        caption = processor.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+        assert caption == predictor.caption(str(image)).text
 
 
 def test_refuses_what_it_cannot_carry(tiny_run, tmp_path):
