@@ -33,7 +33,7 @@ ADAPTERS = ("qformer", "projector", "resampler", "xattn")
 TASKS = ("vqa", "caption")
 
 
-def problems(recipe, dtype: str = "float32") -> list[str]:
+def problems(recipe) -> list[str]:
     """Why this format cannot carry the run, each naming the recipe key or option that would; empty when
     it can."""
     found = []
@@ -48,8 +48,6 @@ def problems(recipe, dtype: str = "float32") -> list[str]:
         found.append(f"vision.family={recipe.vision.family}: the modeling file builds torchvision, timm, hf")
     if recipe.vision.quant != "none":
         found.append(f"vision.quant={recipe.vision.quant}: the exported tower is full precision")
-    if dtype != "float32":
-        found.append(f"--dtype {dtype}: hf-remote-code is written in float32 so far")
     return found
 
 
@@ -82,7 +80,8 @@ def _tower(recipe, vision) -> tuple[dict, dict]:
 
 
 def build(recipe, run: Path, merge_base: str, trained) -> tuple[object, object]:
-    """The remote-code model (float32, every part loaded strictly) and its processor."""
+    """The remote-code model (float32, every part loaded strictly; the export saves it in its ``--dtype``)
+    and its processor."""
     import importlib
 
     from adaptkit.export import _merged_lm
@@ -127,6 +126,7 @@ def export_remote(
     """Write the run as a remote-code folder ``out_dir`` (which must not exist) and check it in a fresh
     process; returns the verification report (:func:`~adaptkit.export_llava_verify.export_checked` says
     what it raises)."""
+    from adaptkit.export import DTYPES
     from adaptkit.export_llava_verify import Written, export_checked, held
     from adaptkit.runs import load_run
 
@@ -135,7 +135,7 @@ def export_remote(
         spec, samples, rows = held(recipe, verify_samples, trained.tokenizer)
         answers, logits = reference(recipe, run, merge_base, trained, samples, rows, recipe.max_new_tokens)
         model, processor = build(recipe, run, merge_base, trained)
-        model.save_pretrained(partial, safe_serialization=True)
+        model.to(DTYPES[dtype]).save_pretrained(partial, safe_serialization=True)
         processor.save_pretrained(partial)
         for name in FILES:
             shutil.copy2(REMOTE_DIR / name, partial / name)
@@ -144,7 +144,7 @@ def export_remote(
             row["expected_ids"] = processor.lead + row["prompt_ids"]
         return Written(spec, rows, logits, {}, lambda report: _model_card(recipe, trained, report))
 
-    return export_checked("hf-remote-code", run_dir, out_dir, dtype, lambda r: problems(r, dtype), write)
+    return export_checked("hf-remote-code", run_dir, out_dir, dtype, problems, write)
 
 
 def reference(recipe, run: Path, merge_base: str, trained, samples, rows, max_new_tokens: int):
@@ -172,7 +172,8 @@ def _model_card(recipe, trained, report: dict) -> str:
             "",
             f"- vision tower: {recipe.vision.family} `{recipe.vision.name}`, frozen",
             f"- adapter: {recipe.adapter.kind}, {trained.adapter.describe()}",
-            f"- language model: `{recipe.language.name}` with its LoRA merged (float32)",
+            f"- language model: `{recipe.language.name}` with its LoRA merged; every weight saved as "
+            f"{report['dtype']}",
             "",
             "```python",
             "from transformers import AutoModelForImageTextToText, AutoProcessor",

@@ -174,15 +174,44 @@ def test_caption_run(tiny_lm_dir, tiny_mobilenet_pth, tiny_text_encoder_dir, tin
         assert caption == predictor.caption(str(image)).text
 
 
-def test_refuses_what_it_cannot_carry(tiny_run, tmp_path):
+def test_refuses_what_it_cannot_carry(tiny_run, tmp_path, monkeypatch):
     retrieval = load_recipe(Path(RECIPE).with_name("easyvqa_retrieval.yaml"))
     assert any(p.startswith("task=retrieval") for p in problems(retrieval))
     clip = load_recipe(RECIPE, ["vision.family=open_clip", "vision.name=ViT-B-32"])
     assert any(p.startswith("vision.family=open_clip") for p in problems(clip))
     assert problems(load_recipe(RECIPE)) == []  # the shipped default exports
-    with pytest.raises(ExportError, match="--dtype bfloat16"):
-        export_remote(tiny_run, tmp_path / "out", dtype="bfloat16")
+    quantized = load_recipe(RECIPE, ["vision.family=hf", "vision.name=any/siglip", "vision.quant=8bit"])
+    assert any(p.startswith("vision.quant=8bit") for p in problems(quantized))
+    with pytest.raises(ExportError, match="vision.quant=8bit"), monkeypatch.context() as patch:
+        patch.setattr("adaptkit.export_remote.problems", lambda recipe: problems(quantized))
+        export_remote(tiny_run, tmp_path / "out")  # refused before anything is written
     assert not (tmp_path / "out").exists() and not (tmp_path / "out.partial").exists()
+
+
+@pytest.fixture(scope="module")
+def answering_run(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path_factory) -> Path:
+    """The tiny default-path run trained until it answers (tiny_run stops at once)."""
+    root = tmp_path_factory.mktemp("remote_answering")
+    return _run(root, overrides_for(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, root), ["max_steps=150"])
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_16bit_folders(answering_run, tmp_path, dtype):
+    """--dtype bfloat16 / float16: every weight saved in it; the fresh process loads the folder in it, and the
+    answers and logits hold to the 16-bit bounds the adaptkit format's export uses."""
+    from safetensors import safe_open
+
+    from adaptkit.export import MIN_AGREEMENT_16BIT, TOLERANCE
+
+    report = export_remote(answering_run, tmp_path / "export", dtype=dtype, verify_samples=8)
+    assert sum(bool(a) for a in report["answers"]) >= 4  # answers, not stops, are compared
+    assert report["passed"] and report["dtype"] == dtype and report["prompts_identical"]
+    assert report["answers_identical"] >= MIN_AGREEMENT_16BIT
+    assert 0 < report["max_abs_logit_diff"] <= TOLERANCE[dtype]  # rounded, so never exact
+    assert f"({dtype})" in report["loaded_with"]
+    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
+        kinds = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a method, not a dict)
+    assert kinds - {"I64"} == {"BF16" if dtype == "bfloat16" else "F16"}  # I64: batch-norm step counts
 
 
 def test_modeling_files_need_no_adaptkit():
