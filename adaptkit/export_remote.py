@@ -23,6 +23,8 @@ import dataclasses
 import shutil
 from pathlib import Path
 
+from adaptkit.artifacts import ExportError
+
 REMOTE_DIR = Path(__file__).with_name("remote")
 FILES = ("modeling_adaptkit.py", "processing_adaptkit.py")
 AUTO_MAP = {
@@ -31,6 +33,7 @@ AUTO_MAP = {
 }
 ADAPTERS = ("qformer", "projector", "resampler", "xattn")
 TASKS = ("vqa", "caption")
+FAMILIES = ("torchvision", "timm", "hf", "open_clip")
 
 
 def problems(recipe) -> list[str]:
@@ -44,8 +47,10 @@ def problems(recipe) -> list[str]:
         )
     if recipe.adapter.kind not in ADAPTERS:
         found.append(f"adapter.kind={recipe.adapter.kind}: the modeling file builds {', '.join(ADAPTERS)}")
-    if recipe.vision.family not in ("torchvision", "timm", "hf"):
-        found.append(f"vision.family={recipe.vision.family}: the modeling file builds torchvision, timm, hf")
+    if recipe.vision.family not in FAMILIES:
+        found.append(
+            f"vision.family={recipe.vision.family}: the modeling file builds {', '.join(FAMILIES)} towers"
+        )
     if recipe.vision.quant != "none":
         found.append(f"vision.quant={recipe.vision.quant}: the exported tower is full precision")
     return found
@@ -76,6 +81,16 @@ def _tower(recipe, vision) -> tuple[dict, dict]:
         data = resolve_model_data_config(vision.model)
         data["input_size"] = (3, cfg.image_size, cfg.image_size)
         reads["data_config"] = data
+    elif cfg.family == "open_clip":
+        import open_clip
+
+        spec["open_clip"] = open_clip.get_model_config(cfg.name)
+        if spec["open_clip"] is None:
+            raise ExportError(
+                f"vision.name={cfg.name}: open_clip has no config for this architecture to write into the "
+                "export (a hub-only model); --format adaptkit exports the run"
+            )
+        reads["preprocess"] = dict(vision.visual.preprocess_cfg)
     return spec, reads
 
 

@@ -245,3 +245,19 @@ def test_the_llava_recipe_is_expressible_and_the_shipped_default_is_not():
     assert any("adapter.kind=qformer" in p for p in found) and any(
         "vision.family=torchvision" in p for p in found
     )
+
+
+def test_a_bfloat16_folder_loads_in_bfloat16_and_answers_within_the_16bit_bounds(
+    towers, lms, tiny_vqa, tmp_path
+):
+    from safetensors import safe_open
+
+    from adaptkit.export import MIN_AGREEMENT_16BIT, TOLERANCE
+
+    run = _train(towers["siglip"], lms["llama"], tiny_vqa, tmp_path)
+    report = export_llava(run, tmp_path / "llava", dtype="bfloat16", verify_samples=12)
+    assert report["passed"] and report["prompts_identical"] and "(bfloat16)" in report["loaded_with"]
+    assert report["answers_identical"] >= MIN_AGREEMENT_16BIT and sum(bool(a) for a in report["answers"]) >= 4
+    assert 0 < report["max_abs_logit_diff"] <= TOLERANCE["bfloat16"]
+    with safe_open(str(next((tmp_path / "llava").glob("*.safetensors"))), "pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}  # noqa: SIM118 (a method)

@@ -1,7 +1,7 @@
 """An adaptkit run as a transformers model: frozen vision tower -> trained fusion adapter -> causal LM.
 
 This file travels inside an ``adaptkit export --format hf-remote-code`` folder and needs torch and
-transformers (plus torchvision or timm for those towers), never adaptkit::
+transformers (plus torchvision, timm or open_clip for those towers), never adaptkit::
 
     model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
@@ -126,7 +126,22 @@ class HFTower(nn.Module):
         return self.model(pixel_values=pixels, output_hidden_states=True).hidden_states[self.layer]
 
 
-TOWERS = {"torchvision": TorchvisionTower, "timm": TimmTower, "hf": HFTower}
+class OpenClipTower(nn.Module):
+    """An open_clip ViT's tokens; only the visual tower is built, from the architecture's own config."""
+
+    def __init__(self, spec: dict) -> None:
+        super().__init__()
+        from open_clip.model import _build_vision_tower  # what open_clip's CLIP builds its visual tower with
+
+        cfg = spec["open_clip"]
+        self.visual = _build_vision_tower(cfg["embed_dim"], cfg["vision_cfg"], cfg.get("quick_gelu", False))
+        self.visual.output_tokens = True
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self.visual(pixels)[1]
+
+
+TOWERS = {"torchvision": TorchvisionTower, "timm": TimmTower, "hf": HFTower, "open_clip": OpenClipTower}
 
 
 # ---- the trained adapters (module names as adaptkit saves them) ------------------------------------------

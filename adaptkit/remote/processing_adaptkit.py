@@ -47,12 +47,18 @@ class AdaptkitProcessor(ProcessorMixin):
                     self.tower["data_config"], input_size=tuple(self.tower["data_config"]["input_size"])
                 )
                 self._transform = create_transform(**data, is_training=False)
+            elif family == "open_clip":  # open_clip's evaluation transform for the model
+                from open_clip.transform import PreprocessCfg, image_transform_v2
+
+                self._transform = image_transform_v2(
+                    PreprocessCfg(**self.tower["preprocess"]), is_train=False
+                )
             else:  # the transformers tower's own image processor
                 import transformers
 
                 spec = dict(self.tower["image_processor"])
                 self._transform = getattr(transformers, spec.pop("class"))(**spec)
-        if family == "timm":
+        if family in ("timm", "open_clip"):
             return torch.stack([self._transform(image) for image in rgb])
         return self._transform(images=rgb, return_tensors="pt")["pixel_values"]
 
