@@ -302,8 +302,8 @@ def _add_model_commands(sub) -> None:
         choices=["adaptkit", "hf-llava", "hf-remote-code"],
         default="adaptkit",
         help="adaptkit: any run, loaded by adaptkit; hf-llava: projector runs on an hf tower at LM layer 0, "
-        "loaded by stock transformers (LlavaForConditionalGeneration + AutoProcessor); hf-remote-code: VQA "
-        "and caption runs of any adapter on torchvision / timm / hf / open_clip towers, loaded by "
+        "loaded by stock transformers (LlavaForConditionalGeneration + AutoProcessor); hf-remote-code: VQA, "
+        "caption and retrieval runs of any adapter on torchvision / timm / hf / open_clip towers, loaded by "
         "AutoModelForImageTextToText + AutoProcessor with trust_remote_code=True",
     )
     p.add_argument("--verify-samples", type=int, default=32, help="held samples the export is verified on")

@@ -5,8 +5,9 @@ and refuses to).
     python -I export_check.py EXPORT_DIR WORK_DIR DTYPE MAX_NEW_TOKENS [FORMAT]
 
 hf-llava loads the folder with ``LlavaForConditionalGeneration``, hf-remote-code with
-``AutoModelForImageTextToText`` and its own modeling file (``trust_remote_code=True``); both with
-``AutoProcessor``.
+``AutoModelForImageTextToText`` (``AutoModel`` for a retrieval run) and its own modeling file
+(``trust_remote_code=True``); both with ``AutoProcessor``. A retrieval folder is checked on scaled
+image-text similarities and each image's best text instead of greedy answers.
 
 ``WORK_DIR/samples.json``: the held samples (image path, chat messages, adaptkit's prompt text and token ids,
 the run's greedy answer); ``WORK_DIR/reference.st``: the run's logits per sample (image, prompt and target
@@ -36,7 +37,12 @@ sys.meta_path.insert(0, _NoAdaptkit())
 
 def _load(export: str, dtype: str, fmt: str):
     import torch
-    from transformers import AutoModelForImageTextToText, AutoProcessor, LlavaForConditionalGeneration
+    from transformers import (
+        AutoModel,
+        AutoModelForImageTextToText,
+        AutoProcessor,
+        LlavaForConditionalGeneration,
+    )
 
     if fmt == "hf-llava":
         model = LlavaForConditionalGeneration.from_pretrained(export, dtype=getattr(torch, dtype))
@@ -44,9 +50,13 @@ def _load(export: str, dtype: str, fmt: str):
         loaded = f"transformers.LlavaForConditionalGeneration + AutoProcessor ({dtype})"
         lead = [model.config.image_token_index] * model.config.image_seq_length
     else:
-        model = AutoModelForImageTextToText.from_pretrained(export, trust_remote_code=True, dtype=dtype)
+        retrieval = (
+            json.loads((Path(export) / "config.json").read_text())["model_type"] == "adaptkit_retrieval"
+        )
+        auto = AutoModel if retrieval else AutoModelForImageTextToText
+        model = auto.from_pretrained(export, trust_remote_code=True, dtype=dtype)
         processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
-        loaded = f"transformers.AutoModelForImageTextToText + AutoProcessor, trust_remote_code ({dtype})"
+        loaded = f"transformers.{auto.__name__} + AutoProcessor, trust_remote_code ({dtype})"
         lead = None
     return model.eval(), processor, loaded + ", adaptkit not importable", lead
 
@@ -60,6 +70,8 @@ def main(export: str, work: str, dtype: str, max_new_tokens: int, fmt: str = "hf
     rows = json.loads((work_dir / "samples.json").read_text())
     reference = load_file(str(work_dir / "reference.st"))
     model, processor, loaded, lead = _load(export, dtype, fmt)
+    if rows and "texts" in rows[0]:
+        return {"loaded_with": loaded, **_retrieval(model, processor, rows, reference)}
     eos = processor.tokenizer.eos_token_id
     prompts_ok, answers, inputs = True, [], []
     with torch.no_grad():
@@ -90,6 +102,29 @@ def main(export: str, work: str, dtype: str, max_new_tokens: int, fmt: str = "hf
         "answers": answers[:8],
         "max_abs_logit_diff": worst,
         "logits_compared_in": "float64",
+    }
+
+
+def _retrieval(model, processor, rows, reference) -> dict:
+    """A retrieval folder: every held image against every held caption, as the run scored them."""
+    import torch
+    from PIL import Image
+
+    texts = rows[0]["texts"]
+    images = [Image.open(row["image"]).convert("RGB") for row in rows]
+    with torch.no_grad():
+        batch = processor(images=images, text=texts, return_tensors="pt")
+        logits = model(**batch).logits_per_image.double()
+    best = logits.argmax(1).tolist()
+    worst = max(
+        float((logits[i] - reference[f"logits_{i}"][0].double()).abs().max()) for i in range(len(rows))
+    )
+    return {
+        "prompts_identical": batch["input_ids"].tolist() == rows[0]["text_ids"],
+        "answers_identical": sum(b == row["expected_answer"] for b, row in zip(best, rows)) / len(rows),
+        "answers": [texts[b] for b in best[:8]],
+        "max_abs_logit_diff": worst,
+        "logits_compared_in": f"{model.dtype} (scaled image-text similarities, as float64)",
     }
 
 

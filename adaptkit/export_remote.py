@@ -1,5 +1,6 @@
-"""``adaptkit export RUN --format hf-remote-code``: any generative run as a transformers folder that loads
-without adaptkit, through the Auto classes and a small modeling file that travels with it::
+"""``adaptkit export RUN --format hf-remote-code``: any generative run (VQA, captioning) as a transformers
+folder that loads without adaptkit, through the Auto classes and a small modeling file that travels with it
+(retrieval runs: ``adaptkit.export_remote_retrieval``)::
 
     model = AutoModelForImageTextToText.from_pretrained(DIR, trust_remote_code=True)
     processor = AutoProcessor.from_pretrained(DIR, trust_remote_code=True)
@@ -32,7 +33,7 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_adaptkit.AdaptkitForImageTextToText",
 }
 ADAPTERS = ("qformer", "projector", "resampler", "xattn")
-TASKS = ("vqa", "caption")
+TASKS = ("vqa", "caption", "retrieval")
 FAMILIES = ("torchvision", "timm", "hf", "open_clip")
 
 
@@ -41,10 +42,7 @@ def problems(recipe) -> list[str]:
     it can."""
     found = []
     if recipe.task not in TASKS:
-        found.append(
-            f"task={recipe.task}: hf-remote-code exports generative runs (task=vqa, task=caption); "
-            "--format adaptkit exports retrieval runs with their heads and text encoder"
-        )
+        found.append(f"task={recipe.task}: hf-remote-code exports task={', task='.join(TASKS)} runs")
     if recipe.adapter.kind not in ADAPTERS:
         found.append(f"adapter.kind={recipe.adapter.kind}: the modeling file builds {', '.join(ADAPTERS)}")
     if recipe.vision.family not in FAMILIES:
@@ -146,6 +144,10 @@ def export_remote(
     from adaptkit.runs import load_run
 
     def write(recipe, run: Path, partial: Path) -> Written:
+        if recipe.task == "retrieval":
+            from adaptkit import export_remote_retrieval
+
+            return export_remote_retrieval.write(recipe, run, partial, dtype, verify_samples, _tower)
         _, trained = load_run(run, "cpu", verify=False)  # the frame's check_run has verified its files
         spec, samples, rows = held(recipe, verify_samples, trained.tokenizer)
         answers, logits = reference(recipe, run, merge_base, trained, samples, rows, recipe.max_new_tokens)

@@ -1,9 +1,11 @@
 """The processor of an ``adaptkit export --format hf-remote-code`` folder: images to the tower's pixels as
 adaptkit preprocessed them, the prompt to token ids behind the image's lead, rows left-padded.
 
-``text`` is the prompt as adaptkit renders it (``apply_chat_template`` on a conversation gives exactly that,
-with ``<image>`` in front). The ids are ``lead`` (the sink token and one ``<image>`` per soft token, as the
-model's config says) followed by the prompt's tokens, with no special token of the tokenizer's own.
+``text`` is the prompt as adaptkit renders it (``apply_chat_template`` on a conversation gives exactly
+that, with ``<image>`` in front). The ids are ``lead`` (the sink token and one ``<image>`` per soft token, as
+the model's config says) followed by the prompt's tokens, with no special token of the tokenizer's own.
+A retrieval export's processor (``text_max_length`` set) takes candidate texts instead and tokenizes them
+for the text encoder as the run did (its special tokens, right padding, cut to ``text_max_length``).
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ class AdaptkitProcessor(ProcessorMixin):
     """``tower``: how the vision tower reads images (``family`` and its settings); ``lead``: the token ids in
     front of every prompt."""
 
-    def __init__(self, tokenizer=None, tower=None, lead=None, chat_template=None, **kwargs) -> None:
+    def __init__(
+        self, tokenizer=None, tower=None, lead=None, chat_template=None, text_max_length=None, **kwargs
+    ) -> None:
         self.tower = tower or {}
         self.lead = list(lead or [])
+        self.text_max_length = text_max_length  # set for retrieval: texts for the text encoder
         super().__init__(tokenizer, chat_template=chat_template)
         self._transform = None
 
@@ -64,16 +69,20 @@ class AdaptkitProcessor(ProcessorMixin):
 
     def __call__(self, images=None, text=None, return_tensors: str = "pt", **kwargs) -> BatchFeature:
         texts = [text] if isinstance(text, str) else list(text or [])
-        rows = []
-        for prompt in texts:
-            prompt = prompt[len(IMAGE_TOKEN) :] if prompt.startswith(IMAGE_TOKEN) else prompt
-            rows.append(self.lead + self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
-        width = max((len(r) for r in rows), default=0)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        data = {
-            "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long),
-            "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
-        }
+        if self.text_max_length:  # retrieval: the encoder's own special tokens and padding, cut to its length
+            tokens = self.tokenizer(texts, padding=True, truncation=True, max_length=self.text_max_length)
+            data = {k: tokens[k] for k in ("input_ids", "attention_mask")} if texts else {}
+        else:
+            rows = []
+            for prompt in texts:
+                prompt = prompt[len(IMAGE_TOKEN) :] if prompt.startswith(IMAGE_TOKEN) else prompt
+                rows.append(self.lead + self.tokenizer(prompt, add_special_tokens=False)["input_ids"])
+            width = max((len(r) for r in rows), default=0)
+            pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+            data = {
+                "input_ids": torch.tensor([[pad] * (width - len(r)) + r for r in rows], dtype=torch.long),
+                "attention_mask": torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows]),
+            }
         if images is not None:
             data["pixel_values"] = self.pixels(images if isinstance(images, (list, tuple)) else [images])
         return BatchFeature(data, tensor_type=return_tensors)
