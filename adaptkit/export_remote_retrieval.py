@@ -19,28 +19,11 @@ import importlib
 import shutil
 from pathlib import Path
 
-import torch
-
 AUTO_MAP = {
     "AutoConfig": "retrieval_adaptkit.AdaptkitRetrievalConfig",
     "AutoModel": "retrieval_adaptkit.AdaptkitForRetrieval",
 }
 FILES = ("modeling_adaptkit.py", "retrieval_adaptkit.py", "processing_adaptkit.py")
-
-
-@torch.no_grad()
-def reference(trained, samples) -> tuple[list[str], list[str], torch.Tensor]:
-    """The held images, their captions (distinct, whitespace joined) and the run's scaled similarities of
-    each image to every caption, as ``adaptkit predict`` ranks them."""
-    from adaptkit.contrastive import similarity
-    from adaptkit.data.images import open_image
-
-    paths = list(dict.fromkeys(str(s.image) for s in samples))
-    texts = list(dict.fromkeys(" ".join(c.split()) for s in samples for c in s.captions))
-    head = trained.objectives.heads["embed"]
-    images = head.image_embeds(trained.image_tokens(trained.encode_images([open_image(p) for p in paths])))
-    states, mask = trained.text_encoder(texts)
-    return paths, texts, (similarity(images, head.text_embeds(states, mask)) * head.scale()).double()
 
 
 def build(recipe, trained, tower) -> tuple[object, object]:
@@ -82,10 +65,11 @@ def write(recipe, run: Path, partial: Path, dtype: str, verify_samples: int, tow
     from adaptkit.export_llava_verify import Written
     from adaptkit.runs import load_run
     from adaptkit.tasks import get_task
+    from adaptkit.tasks.retrieval import held_scores
 
     _, trained = load_run(run, "cpu", verify=False)  # the frame's check_run has verified its files
     spec, samples = _held_samples(get_task(recipe), recipe, verify_samples)
-    paths, texts, logits = reference(trained, samples)
+    paths, texts, logits = held_scores(trained, samples)  # the run's own scores
     ids, _ = trained.text_encoder.tokenize(texts)
     model, processor = build(recipe, trained, tower(recipe, trained.vision))
     model.to(DTYPES[dtype]).save_pretrained(partial, safe_serialization=True)

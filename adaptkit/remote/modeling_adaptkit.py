@@ -141,6 +141,14 @@ class OpenClipTower(nn.Module):
         return self.visual(pixels)[1]
 
 
+def tower_features(tower: nn.Module, spec: dict, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The frozen tower's features, rounded through the run's 16-bit storage dtype, if it had one."""
+    param = next(tower.parameters())
+    features = tower(pixel_values.to(param.device, param.dtype))
+    stored = spec.get("feature_dtype", "float32")
+    return features if stored == "float32" else features.to(getattr(torch, stored)).to(param.dtype)
+
+
 TOWERS = {"torchvision": TorchvisionTower, "timm": TimmTower, "hf": HFTower, "open_clip": OpenClipTower}
 
 
@@ -341,13 +349,6 @@ class AdaptkitForImageTextToText(PreTrainedModel, GenerationMixin):
         media = kwargs.get(IMAGE_KWARG)
         return None if media is None else _with_hidden(args, kwargs, block(_hidden(args, kwargs), media))
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """The frozen tower's features, rounded through the run's 16-bit storage dtype, if it had one."""
-        param = next(self.vision.parameters())
-        features = self.vision(pixel_values.to(param.device, param.dtype))
-        stored = self.config.vision.get("feature_dtype", "float32")
-        return features if stored == "float32" else features.to(getattr(torch, stored)).to(param.dtype)
-
     def forward(
         self,
         input_ids=None,
@@ -371,7 +372,7 @@ class AdaptkitForImageTextToText(PreTrainedModel, GenerationMixin):
             position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -input_ids.shape[1] :]
         tokens = self.fusion == "tokens"
         if pixel_values is not None and (where.any() or not tokens):
-            features = self.image_features(pixel_values).to(inputs_embeds.dtype)
+            features = tower_features(self.vision, self.config.vision, pixel_values).to(inputs_embeds.dtype)
             # a text-conditioned adapter reads the prompt: what follows the sink token and the placeholders
             lead = int(bool(self.config.entry_layer)) + int(where[0].sum())
             mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask

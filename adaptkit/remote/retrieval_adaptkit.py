@@ -21,7 +21,7 @@ from torch.nn import functional as F
 from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from .modeling_adaptkit import TOWERS, Adapter
+from .modeling_adaptkit import TOWERS, Adapter, tower_features
 
 MAX_LOGIT_SCALE = 4.605170185988092  # log(100): CLIP's clamp, as in training
 
@@ -69,11 +69,7 @@ class AdaptkitForRetrieval(PreTrainedModel):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(B, Q, E)`` normalised embeddings of each image's adapter tokens."""
-        param = next(self.vision.parameters())
-        features = self.vision(pixel_values.to(param.device, param.dtype))
-        stored = self.config.vision.get("feature_dtype", "float32")
-        if stored != "float32":  # the run stored its features in 16 bits
-            features = features.to(getattr(torch, stored)).to(param.dtype)
+        features = tower_features(self.vision, self.config.vision, pixel_values)
         tokens = self.adapter(features.to(self.embed.image_proj.weight.dtype))
         return F.normalize(self.embed.image_proj(self.embed.image_norm(tokens)), dim=-1)
 

@@ -66,6 +66,20 @@ def embed_bank(model, bank: TextBank, batch_size: int = EVAL_CHUNK) -> torch.Ten
     return torch.cat(parts)
 
 
+@torch.no_grad()
+def held_scores(model, samples) -> tuple[list[str], list[str], torch.Tensor]:
+    """The samples' distinct images, their distinct captions (whitespace joined) and ``model``'s
+    temperature-scaled similarity of each image to every caption (float64), as ``predict`` ranks them."""
+    from adaptkit.data.images import open_image
+
+    paths = list(dict.fromkeys(str(s.image) for s in samples))
+    texts = list(dict.fromkeys(" ".join(c.split()) for s in samples for c in s.captions))
+    head = model.objectives.heads["embed"]
+    images = head.image_embeds(model.image_tokens(model.encode_images([open_image(p) for p in paths])))
+    states, mask = model.text_encoder(texts)
+    return paths, texts, (similarity(images, head.text_embeds(states, mask)) * head.scale()).double()
+
+
 def first_correct_ranks(sim: torch.Tensor, correct: torch.Tensor) -> list[int]:
     """Per row, the 0-based rank of its best-scored correct column (ties counted in its favour)."""
     best = sim.masked_fill(~correct, float("-inf")).max(1).values
@@ -257,19 +271,8 @@ class RetrievalTask(Task):
     def compare_export(self, trained, exported, samples) -> dict:
         """Temperature-scaled similarities of the held images against their captions, computed by the
         trained run and by the export loaded from its folder: identical best texts, logits within 1e-4."""
-        from adaptkit.data.images import open_image
-
-        paths = list(dict.fromkeys(s.image for s in samples))
-        texts = list(dict.fromkeys(" ".join(c.split()) for s in samples for c in s.captions))
-
-        def logits(model) -> torch.Tensor:
-            feats = model.encode_images([open_image(p) for p in paths])
-            head = model.objectives.heads["embed"]
-            images = head.image_embeds(model.image_tokens(feats))
-            states, mask = model.text_encoder(texts)
-            return (similarity(images, head.text_embeds(states, mask)) * head.scale()).double()
-
-        a, b = logits(trained), logits(exported)
+        paths, texts, a = held_scores(trained, samples)
+        b = held_scores(exported, samples)[2]
         diff = float((a - b).abs().max())
         same = float((a.argmax(1) == b.argmax(1)).float().mean())
         return {
