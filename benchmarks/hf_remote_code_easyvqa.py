@@ -1,12 +1,14 @@
-"""The default run through ``--format hf-remote-code`` on the full easy-VQA test split: every answer of the
-stock Auto class (loaded in a process where adaptkit cannot be imported) against ``adaptkit eval``'s.
+"""A run through ``--format hf-remote-code`` on a full test split: every answer of the stock Auto class
+(loaded in a process where adaptkit cannot be imported) against ``adaptkit eval``'s.
 
     python benchmarks/hf_remote_code_easyvqa.py RUN --out EXPORT_DIR [--data easyvqa:test]
 
 Exports RUN to EXPORT_DIR (unless it exists), runs ``adaptkit eval RUN --data DATA`` (unless RUN's
-``eval_predictions.jsonl`` is of DATA already), answers every question with ``benchmarks/remote_answers.py``
-under ``python -I``, and prints one JSON line: questions, answers identical, accuracy of each side, and the
-first differences.
+``eval_predictions.jsonl`` is of DATA already), then, under ``python -I``, answers every question with
+``benchmarks/remote_answers.py`` (a VQA run), or ranks the class prompts and the data's captions for every
+image with ``benchmarks/remote_rank.py`` (a retrieval run: ``--data`` of captions with labels, e.g.
+``fashionmnist-captions:test``). Prints one JSON line: how many answers (predicted classes and best
+captions) are identical, the accuracy of each side, and the first differences.
 """
 
 from __future__ import annotations
@@ -44,6 +46,11 @@ def main() -> None:
     samples = get_task(recipe).load(args.data, recipe.data.on_bad_sample).samples
     ours = [json.loads(line) for line in (run / "eval_predictions.jsonl").open()]
     assert len(ours) == len(samples), "eval_predictions.jsonl is not of this data"
+    clean_env = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    if recipe.task == "retrieval":
+        found = _retrieval(recipe, samples, ours, out, args.batch_size, clean_env)
+        print(json.dumps({"data": args.data, **found}))
+        return
     questions = out.with_name(out.name + "-questions.jsonl")
     answers = out.with_name(out.name + "-answers.jsonl")
     with questions.open("w") as handle:
@@ -56,7 +63,7 @@ def main() -> None:
     subprocess.run(
         cmd + ["--batch-size", str(args.batch_size), "--max-new-tokens", str(recipe.max_new_tokens)],
         check=True,
-        env={k: v for k, v in env.items() if k != "PYTHONPATH"},
+        env=clean_env,
     )
     theirs = [json.loads(line) for line in answers.open()]
     differ = [
@@ -76,6 +83,41 @@ def main() -> None:
             }
         )
     )
+
+
+def _retrieval(recipe, samples, ours: list[dict], out: Path, batch_size: int, env: dict) -> dict:
+    """Every image's predicted class and best caption through the export, against ``adaptkit eval``'s."""
+    image_of = {s.origin: str(s.image) for s in samples}
+    classes = sorted({s.label for s in samples})
+    texts = list(dict.fromkeys(" ".join(c.split()) for s in samples for c in s.captions))
+    images = out.with_name(out.name + "-images.jsonl")
+    prompts = out.with_name(out.name + "-texts.json")
+    ranked = out.with_name(out.name + "-ranked.jsonl")
+    with images.open("w") as handle:
+        for o in ours:
+            handle.write(json.dumps({"image": image_of[o["origin"]], "label": o["label"]}) + "\n")
+    prompts.write_text(
+        json.dumps({"classes": [recipe.data.class_template.format(label=c) for c in classes], "texts": texts})
+    )
+    script = Path(__file__).with_name("remote_rank.py")
+    cmd = [sys.executable, "-I", str(script), str(out), str(images), str(prompts), str(ranked)]
+    subprocess.run(cmd + ["--batch-size", str(batch_size)], check=True, env=env)
+    theirs = [json.loads(line) for line in ranked.open()]
+    assert len(theirs) == len(ours)
+    class_differ = [
+        (o["origin"], o["predicted_class"], classes[t["predicted_class"]])
+        for o, t in zip(ours, theirs)
+        if o["predicted_class"] != classes[t["predicted_class"]]
+    ]
+    text_differ = sum(o["best_text"] != t["best_text"] for o, t in zip(ours, theirs))
+    return {
+        "images": len(ours),
+        "classes_identical": len(ours) - len(class_differ),
+        "best_caption_identical": len(ours) - text_differ,
+        "accuracy_adaptkit": sum(o["predicted_class"] == o["label"] for o in ours) / len(ours),
+        "accuracy_remote_code": sum(classes[t["predicted_class"]] == t["label"] for t in theirs) / len(ours),
+        "first_differences": class_differ[:10],
+    }
 
 
 if __name__ == "__main__":

@@ -253,6 +253,14 @@ def test_retrieval_run(
         assert {" ".join(t.split()): float(p) for t, p in zip(texts, probs)} == pytest.approx(want, abs=1e-5)
         seen.append(probs)
     assert not torch.allclose(seen[0], seen[1], atol=1e-4)  # the image matters to the scores compared
+    if not text_lora:  # the same run in bfloat16: loaded in it, held to the 16-bit bounds
+        from adaptkit.export import MIN_AGREEMENT_16BIT, TOLERANCE
+
+        half = export_remote(tmp_path / "run", tmp_path / "bf16", dtype="bfloat16", verify_samples=6)
+        assert half["passed"] and half["prompts_identical"] and "(bfloat16)" in half["loaded_with"]
+        assert half["answers_identical"] >= MIN_AGREEMENT_16BIT
+        assert 0 < half["max_abs_logit_diff"] <= TOLERANCE["bfloat16"]
+        assert _tensor_kinds(tmp_path / "bf16") - {"I64"} == {"BF16"}
 
 
 def test_refuses_what_it_cannot_carry(tiny_run, tmp_path, monkeypatch):
@@ -277,8 +285,6 @@ def answering_run(tiny_lm_dir, tiny_mobilenet_pth, tiny_vqa, tmp_path_factory) -
 def test_16bit_folders(answering_run, tmp_path, dtype):
     """--dtype bfloat16 / float16: every weight saved in it; the fresh process loads the folder in it, and the
     answers and logits hold to the 16-bit bounds the adaptkit format's export uses."""
-    from safetensors import safe_open
-
     from adaptkit.export import MIN_AGREEMENT_16BIT, TOLERANCE
 
     report = export_remote(answering_run, tmp_path / "export", dtype=dtype, verify_samples=8)
@@ -287,9 +293,16 @@ def test_16bit_folders(answering_run, tmp_path, dtype):
     assert report["answers_identical"] >= MIN_AGREEMENT_16BIT
     assert 0 < report["max_abs_logit_diff"] <= TOLERANCE[dtype]  # rounded, so never exact
     assert f"({dtype})" in report["loaded_with"]
-    with safe_open(str(tmp_path / "export" / "model.safetensors"), "pt") as f:
-        kinds = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a method, not a dict)
-    assert kinds - {"I64"} == {"BF16" if dtype == "bfloat16" else "F16"}  # I64: batch-norm step counts
+    # I64: batch-norm step counts
+    assert _tensor_kinds(tmp_path / "export") - {"I64"} == {"BF16" if dtype == "bfloat16" else "F16"}
+
+
+def _tensor_kinds(folder: Path) -> set[str]:
+    """The dtypes of the tensors in an export folder's ``model.safetensors``."""
+    from safetensors import safe_open
+
+    with safe_open(str(folder / "model.safetensors"), "pt") as f:
+        return {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (a method, not a dict)
 
 
 def test_modeling_files_need_no_adaptkit():
