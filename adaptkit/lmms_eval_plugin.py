@@ -1,16 +1,20 @@
 """The lmms-eval plug-in: ``lmms-eval --model adaptkit --model_args path=DIR --tasks ...`` evaluates a run
-directory or an ``adaptkit`` export with adaptkit's own generation.
+directory or an ``adaptkit`` export (VQA or captioning) with adaptkit's own generation.
 
 adaptkit registers it through lmms-eval's entry-point group ``lmms_eval.models`` (``pyproject.toml``:
 ``adaptkit = "adaptkit.lmms_eval_plugin:manifest"``), so it is found wherever both are installed; adaptkit
 does not depend on lmms-eval. ``model_args``: ``path`` (required), ``batch_size`` (questions per forward pass;
-default the run's ``eval_batch_size``), ``device`` (default cuda when there is one).
+default the run's ``eval_batch_size``), ``device`` (default cuda when there is one), ``prompt`` (caption runs:
+``run``, the default, captions after the recipe's caption prompt, as the run was trained; ``task`` after
+each request's context instead).
 
-Each request's context (the task's prompt text: a question, with whatever instruction the task adds) becomes
-the question in the run's prompt format (``data.prompt_template`` or the LM's chat template, as in training),
-and its first image the image; ``generate_until`` returns the run's greedy answers (at most ``max_new_tokens``
-of the request, else the run's, cut at the first ``until`` string); ``loglikelihood`` scores a continuation
-as the answer, with whether it is the greedy answer. :class:`AdaptkitRequests` holds that logic and needs no
+A VQA run: each request's context (the task's prompt text: a question, with whatever instruction the task
+adds) becomes the question in the run's prompt format (``data.prompt_template`` or the LM's chat template, as
+in training), and its first image the image; ``generate_until`` returns the run's greedy answers (at most
+``max_new_tokens`` of the request, else the run's, cut at the first ``until`` string); ``loglikelihood``
+scores a continuation as the answer, with whether it is the greedy answer. A caption run (lmms-eval's
+captioning tasks: COCO, Flickr30k, NoCaps) answers ``generate_until`` with its greedy captions, cut the same
+way; it has no ``loglikelihood``. :class:`AdaptkitRequests` holds that logic and needs no
 lmms-eval (tests drive it with requests shaped as lmms-eval's); ``AdaptkitLMMS``, made on first access, is
 it on lmms-eval's ``lmms`` base class.
 """
@@ -31,15 +35,24 @@ class AdaptkitRequests:
     """lmms-eval's request methods on a run or export (see the module docstring)."""
 
     def __init__(
-        self, path: str, batch_size: int | str | None = None, device: str | None = None, **_
+        self,
+        path: str,
+        batch_size: int | str | None = None,
+        device: str | None = None,
+        prompt: str = "run",
+        **_,
     ) -> None:
         from adaptkit.inference import load_for_inference
 
         self.predictor = load_for_inference(path, device)
-        if self.predictor.recipe.task != "vqa":
+        if self.predictor.recipe.task not in ("vqa", "caption"):
             raise ValueError(
-                f"{path}: lmms-eval's generation tasks need a VQA run, not task={self.predictor.recipe.task}"
+                f"{path}: lmms-eval's generation tasks need a VQA or caption run, not "
+                f"task={self.predictor.recipe.task}"
             )
+        if prompt not in ("run", "task"):
+            raise ValueError(f"model_args prompt={prompt!r}: use run (the recipe's caption prompt) or task")
+        self.prompt = prompt
         self.batch_size = int(batch_size) if batch_size else self.predictor.recipe.eval_batch_size
         if not hasattr(self, "task_dict"):
             self.task_dict: dict = {}
@@ -87,13 +100,23 @@ class AdaptkitRequests:
         recipe = predictor.recipe
         predictor.recipe = dataclasses.replace(recipe, max_new_tokens=max_new_tokens)
         try:
-            return [
-                a.text for a in predictor.answer_batch(images, questions, top_k=0, batch_size=self.batch_size)
-            ]
+            if recipe.task == "vqa":
+                found = predictor.answer_batch(images, questions, top_k=0, batch_size=self.batch_size)
+                return [a.text for a in found]
+            if self.prompt == "run":  # one prompt for all: batches as they come
+                return [c.text for c in predictor.caption_batch(images)]
+            out: dict[int, str] = {}
+            for prompt in dict.fromkeys(questions):  # each distinct context, its images batched together
+                at = [i for i, q in enumerate(questions) if q == prompt]
+                found = predictor.caption_batch([images[i] for i in at], prompt)
+                out.update(zip(at, (c.text for c in found)))
+            return [out[i] for i in range(len(questions))]
         finally:
             predictor.recipe = recipe
 
     def loglikelihood(self, requests) -> list[tuple[float, bool]]:
+        if self.predictor.recipe.task != "vqa":
+            raise NotImplementedError("a caption run answers lmms-eval's generate_until tasks only")
         images, contexts, targets = self._inputs(requests)
         out = []
         for request, image, context, target in zip(requests, images, contexts, targets):
@@ -119,9 +142,9 @@ def __getattr__(name: str):
         class AdaptkitLMMS(AdaptkitRequests, lmms):  # ours first: they implement lmms' abstract methods
             """adaptkit in lmms-eval (``--model adaptkit --model_args path=DIR``)."""
 
-            def __init__(self, path: str, batch_size=None, device=None, **kwargs) -> None:
+            def __init__(self, path: str, batch_size=None, device=None, prompt="run", **kwargs) -> None:
                 lmms.__init__(self)
-                AdaptkitRequests.__init__(self, path, batch_size, device)
+                AdaptkitRequests.__init__(self, path, batch_size, device, prompt)
 
         globals()[name] = AdaptkitLMMS
         return AdaptkitLMMS

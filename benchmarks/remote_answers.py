@@ -27,11 +27,22 @@ class _NoAdaptkit(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, _NoAdaptkit())
 
 
+def load(auto, export: str, rows: str) -> tuple:
+    """The folder's model (through the Auto class ``auto``, in eval mode) and processor, and a JSONL file's
+    rows."""
+    from transformers import AutoProcessor
+
+    model = auto.from_pretrained(export, trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(export, trust_remote_code=True)
+    with open(rows) as handle:
+        return model, processor, [json.loads(line) for line in handle]
+
+
 def main() -> None:
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
-    from transformers import AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoModelForImageTextToText
 
     parser = argparse.ArgumentParser()
     parser.add_argument("export")
@@ -40,10 +51,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--max-new-tokens", type=int, default=5)
     args = parser.parse_args()
-    model = AutoModelForImageTextToText.from_pretrained(args.export, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(args.export, trust_remote_code=True)
-    with open(args.questions) as handle:
-        rows = [json.loads(line) for line in handle]
+    model, processor, rows = load(AutoModelForImageTextToText, args.export, args.questions)
     started = time.perf_counter()
     with open(args.out, "w") as out, torch.inference_mode():
         for i in tqdm(range(0, len(rows), args.batch_size), desc="answering", unit="batch"):

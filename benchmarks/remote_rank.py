@@ -18,14 +18,14 @@ import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))  # python -I leaves the script's folder out
-import remote_answers  # noqa: E402, F401  (its import hook refuses adaptkit)
+import remote_answers  # noqa: E402  (its import hook refuses adaptkit)
 
 
 def main() -> None:
     import torch
     from PIL import Image
     from tqdm.auto import tqdm
-    from transformers import AutoModel, AutoProcessor
+    from transformers import AutoModel
 
     parser = argparse.ArgumentParser()
     parser.add_argument("export")
@@ -34,10 +34,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
-    model = AutoModel.from_pretrained(args.export, trust_remote_code=True).eval()
-    processor = AutoProcessor.from_pretrained(args.export, trust_remote_code=True)
-    with open(args.images) as handle:
-        rows = [json.loads(line) for line in handle]
+    model, processor, rows = remote_answers.load(AutoModel, args.export, args.images)
     with open(args.texts) as handle:
         texts = json.load(handle)
     everything = texts["classes"] + texts["texts"]

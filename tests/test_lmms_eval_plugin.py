@@ -98,3 +98,49 @@ def test_registered_for_lmms_eval():
     model_class = get_model("adaptkit")
     assert model_class.__name__ == "AdaptkitLMMS"
     assert not model_class.__abstractmethods__  # lmms-eval can instantiate it
+
+
+def test_caption_run_captions_as_the_predictor(
+    tiny_lm_dir, tiny_mobilenet_pth, tiny_text_encoder_dir, tiny_captions, tmp_path
+):
+    """A caption run in lmms-eval's captioning tasks: ``generate_until`` gives the predictor's greedy
+    captions, after the recipe's prompt (``prompt=run``) or each request's context (``prompt=task``), cut at
+    ``until``; it has no ``loglikelihood``, and an unknown ``prompt`` is refused by name."""
+    from adaptkit.inference import load_for_inference
+    from adaptkit.recipes import load_recipe
+    from adaptkit.train import train
+    from tests.conftest import retrieval_overrides
+    from tests.test_export_remote import CAPTION, FAST
+
+    base = retrieval_overrides(
+        tiny_lm_dir, tiny_mobilenet_pth, tiny_text_encoder_dir, tiny_captions, tmp_path
+    )
+    base = [o for o in base if not o.startswith(("text_encoder.", "objectives."))]
+    train(load_recipe(CAPTION, base + FAST + ["lr_adapter=0.05", "max_new_tokens=6"]))
+    run = str(tmp_path / "run")
+    rows = [json.loads(line) for line in tiny_captions.read_text().splitlines()]
+    docs = [{"image": str(tiny_captions.parent / r["image"])} for r in rows]
+    contexts = ["Provide a one-sentence caption for the provided image.", "  Describe\nit:"]
+
+    def requests(second) -> list[Request]:
+        def visual(doc):
+            return [Image.open(doc["image"]).convert("RGB")]
+
+        return [Request((contexts[i % 2], second, visual, i, "cap", "test")) for i in range(len(docs))]
+
+    predictor = load_for_inference(run, "cpu")
+    trained = [predictor.caption(d["image"]).text for d in docs]
+    assert any(trained)  # captions, not stops, are compared
+    for prompt, want in (
+        ("run", trained),
+        ("task", [predictor.caption(d["image"], contexts[i % 2]).text for i, d in enumerate(docs)]),
+    ):
+        plugin = AdaptkitRequests(run, batch_size=4, prompt=prompt)
+        plugin.task_dict = {"cap": {"test": docs}}
+        assert plugin.generate_until(requests({"max_new_tokens": 6})) == want
+    cut = plugin.generate_until(requests({"until": [" "]}))
+    assert cut == [c.split(" ")[0].strip() for c in want]
+    with pytest.raises(NotImplementedError, match="generate_until"):
+        plugin.loglikelihood(requests("a caption"))
+    with pytest.raises(ValueError, match="prompt='question'"):
+        AdaptkitRequests(run, prompt="question")
