@@ -4,12 +4,13 @@ Logistic regression (L-BFGS, L2 1e-3, standardised features) on 800 easy-VQA tra
 name one colour, each with 2 views recoloured to a shade drawn inside its name's region
 (``colour_names.draw_shade``) under the default recipe's geometry, then evaluated on the colour questions of
 easy-VQA's test split, of an out-of-distribution shade set (a tuning set) and of the OOD set. Per layer, the
-features are pooled over the whole image or over the shape's pixels (those far from the border colour),
-which is what attention over the tokens can do. Run from the repository root after generating the sets:
+features are pooled over the whole image, over the shape's pixels (those far from the border colour), or
+over the 7x7 tokens the shape covers (what attention over the model's tokens can reach). Run from the
+repository root after generating the sets:
 
     python benchmarks/ood_vqa.py --out data/ood_vqa_shades2 --style shades --seed 4
     python benchmarks/ood_vqa.py --out data/ood_vqa
-    python benchmarks/colour_probe.py   # ~4 min on 2 cores
+    python benchmarks/colour_probe.py   # ~10 min on 2 cores
 """
 
 import json
@@ -28,7 +29,8 @@ from adaptkit.data.colour_names import draw_shade, image_colours
 from adaptkit.data.formats import load_easyvqa
 
 NAMES = ["black", "blue", "brown", "gray", "green", "red", "teal", "yellow"]
-LAYERS = [2, 6, 13, 18]
+LAYERS = [-1, 0, 1, 2, 3, 6, 18]  # -1: the pixels themselves
+POOLS = ("image", "shape", "tokens")
 VIEWS = AugmentConfig(  # the default recipe's geometry and light
     views=4, scale_min=0.3, scale_max=1.1, rotate=180.0, translate=0.2, flip=True,
     brightness=0.1, contrast=0.2, gradient=0.15, background=0.7,
@@ -42,19 +44,39 @@ def shape_mask(img: Image.Image) -> torch.Tensor:
     return ((pixels - border).abs().sum(0) > 60).float()
 
 
+def pools(x: torch.Tensor, masks: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """One layer's map ``x`` pooled three ways: over the image, over the shape's pixels (``masks``), and over
+    the 7x7 grid cells the model's tokens are (the layer average-pooled to the last grid, as
+    ``vision.extra_layers`` pools it) that the shape covers (``tokens``: those cells, as a 0/1 weight)."""
+    m = F.adaptive_avg_pool2d(masks, x.shape[-2:])
+    cells = F.adaptive_avg_pool2d(x, (7, 7)).flatten(2)
+    return {
+        "image": x.mean((2, 3)),
+        "shape": (x * m).sum((2, 3)) / (m.sum((2, 3)) + 1e-3),
+        "tokens": (cells * tokens).sum(2) / tokens.sum(2),
+    }
+
+
 def encode(vision, images: list) -> dict:
-    out = {(layer, pool): [] for layer in LAYERS for pool in ("image", "shape")}
+    """Per layer (-1: the image's pixels) and pooling, the features of ``images``."""
+    out = {(layer, pool): [] for layer in LAYERS for pool in POOLS}
     with torch.no_grad():
         for i in range(0, len(images), 64):
             chunk = images[i : i + 64]
-            x = (vision.preprocess(chunk) - vision.mean) / vision.std
+            pixels = vision.preprocess(chunk)
             masks = torch.stack([shape_mask(img) for img in chunk])[:, None]
+            cover = F.adaptive_avg_pool2d(masks, (7, 7)).flatten(1)
+            # the cells at least half shape, or the most covered one (a small shape)
+            tokens = ((cover >= 0.5) | (cover >= cover.max(1, keepdim=True).values)).float()[:, None]
+            maps = [(-1, pixels)]
+            x = (pixels - vision.mean) / vision.std
             for j, block in enumerate(vision.trunk):
                 x = block(x)
+                maps.append((j, x))
+            for j, x in maps:
                 if j in LAYERS:
-                    m = F.adaptive_avg_pool2d(masks, x.shape[-2:])
-                    out[(j, "image")].append(x.mean((2, 3)))
-                    out[(j, "shape")].append((x * m).sum((2, 3)) / (m.sum((2, 3)) + 1e-3))
+                    for pool, value in pools(x, masks, tokens).items():
+                        out[(j, pool)].append(value)
     return {key: torch.cat(parts) for key, parts in out.items()}
 
 
