@@ -103,11 +103,10 @@ class AdaptkitRequests:
             if recipe.task == "vqa":
                 found = predictor.answer_batch(images, questions, top_k=0, batch_size=self.batch_size)
                 return [a.text for a in found]
-            if self.prompt == "run":  # one prompt for all: batches as they come
-                return [c.text for c in predictor.caption_batch(images)]
+            prompts = questions if self.prompt == "task" else [None] * len(questions)  # None: the recipe's
             out: dict[int, str] = {}
-            for prompt in dict.fromkeys(questions):  # each distinct context, its images batched together
-                at = [i for i, q in enumerate(questions) if q == prompt]
+            for prompt in dict.fromkeys(prompts):  # each distinct prompt, its images batched together
+                at = [i for i, p in enumerate(prompts) if p == prompt]
                 found = predictor.caption_batch([images[i] for i in at], prompt)
                 out.update(zip(at, (c.text for c in found)))
             return [out[i] for i in range(len(questions))]

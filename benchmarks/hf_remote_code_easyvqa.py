@@ -87,6 +87,8 @@ def main() -> None:
 
 def _retrieval(recipe, samples, ours: list[dict], out: Path, batch_size: int, env: dict) -> dict:
     """Every image's predicted class and best caption through the export, against ``adaptkit eval``'s."""
+    from adaptkit.tasks import get_task
+
     image_of = {s.origin: str(s.image) for s in samples}
     classes = sorted({s.label for s in samples})
     texts = list(dict.fromkeys(" ".join(c.split()) for s in samples for c in s.captions))
@@ -96,9 +98,8 @@ def _retrieval(recipe, samples, ours: list[dict], out: Path, batch_size: int, en
     with images.open("w") as handle:
         for o in ours:
             handle.write(json.dumps({"image": image_of[o["origin"]], "label": o["label"]}) + "\n")
-    prompts.write_text(
-        json.dumps({"classes": [recipe.data.class_template.format(label=c) for c in classes], "texts": texts})
-    )
+    class_prompts = get_task(recipe).class_prompts(classes)  # as the evaluation words them
+    prompts.write_text(json.dumps({"classes": class_prompts, "texts": texts}))
     script = Path(__file__).with_name("remote_rank.py")
     cmd = [sys.executable, "-I", str(script), str(out), str(images), str(prompts), str(ranked)]
     subprocess.run(cmd + ["--batch-size", str(batch_size)], check=True, env=env)
