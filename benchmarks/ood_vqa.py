@@ -17,6 +17,11 @@ name: one of the held-out half of the xkcd colour survey's tone-only shades of t
 (``adaptkit/data/colour_names.py``; e.g. "dark red", "dull green", "light brown", "dark grey"), which
 ``data.augment.shades`` never shows in training. Kept out of all tuning.
 
+``--style region`` draws the default style's images with each shape in a shade drawn inside its name's
+region from the survey's *training* half, as ``data.augment.shades`` draws them (easy-VQA's palette taking
+part), but afresh: not an out-of-distribution test, a diagnostic that tells a model that never learned the
+shade views from one that learned them and does not carry them to the held-out shades.
+
 ``--style textured`` draws a second, independent set on top of that renderer, for a check that no setting
 was tuned on: grainy backgrounds (Gaussian noise, std 4-12 per pixel), a darker outline of 1-3 px on half the
 shapes, a blur on a third of the images, canvases of 80, 128 or 160 px, and JPEG compression (quality
@@ -84,7 +89,7 @@ YES_NO_NEGATED = (
     "is no {x} present?",
 )
 SIZE, SCALE = 96, 4  # canvas side, supersampling factor
-STYLES = ("default", "textured", "shades")
+STYLES = ("default", "textured", "shades", "region")
 
 
 def held_out_shades(color: str) -> list[tuple[int, int, int]]:
@@ -136,13 +141,21 @@ def _shape_points(rng: random.Random, shape: str) -> list[tuple[float, float]] |
     return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in corners]
 
 
-def render(rng: random.Random, shape: str, color: str, shades: bool = False) -> Image.Image:
+def render(
+    rng: random.Random, shape: str, color: str, shades: bool = False, region: bool = False
+) -> Image.Image:
     """One image: a ``color`` ``shape`` on a soft background (see the module docstring); ``shades``: in a
-    held-out shade people call ``color`` instead of easy-VQA's CSS colour."""
+    held-out shade people call ``color`` instead of easy-VQA's CSS colour; ``region``: in a shade drawn
+    inside ``color``'s region as ``data.augment.shades`` draws them."""
     base = COLORS[color]
     fill = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in base)
     if shades:
         fill = base = rng.choice(held_out_shades(color))
+    if region:
+        from adaptkit.data.colour_names import Colour, draw_shade
+
+        palette = tuple(sorted(COLORS.items()))
+        fill = base = draw_shade(Colour(color, palette), rng.random, lambda: rng.gauss(0.0, 1.0))
     img = _background(rng, base)
     draw = ImageDraw.Draw(img)
     outline = _shape_points(rng, shape)
@@ -221,7 +234,7 @@ def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default"
             (out / name).write_bytes(render_textured(rng, shape, color)[1])
         else:
             name = f"images/{i:04d}.png"
-            render(rng, shape, color, shades=style == "shades").save(out / name)
+            render(rng, shape, color, shades=style == "shades", region=style == "region").save(out / name)
         for question, answer in questions(rng, shape, color):
             lines.append({"image": name, "question": question, "answer": answer})
         phrased = [p.format(c=color, s=shape) for p in PHRASINGS]

@@ -253,3 +253,17 @@ def test_encoding_compares_eager_with_compiled(tiny_overrides):
     assert result["eager_ms_per_image"] > 0 and result["compiled_ms_per_image"] > 0
     # The same features up to float32 rounding.
     assert result["max_abs_diff"] <= 1e-4 * max(1.0, result["max_abs_feature"])
+
+
+def test_colour_cloud_reads_a_lit_shape_and_votes_by_its_neighbours():
+    from PIL import Image, ImageDraw
+
+    cloud = _benchmark("colour_cloud")
+    twin = Image.new("RGB", (64, 64), (240, 238, 236))
+    ImageDraw.Draw(twin).ellipse((12, 12, 52, 52), fill=(200, 0, 0))
+    lit = Image.eval(twin, lambda v: int(v * 0.8))  # the same view, dimmed: the shape is found in the twin
+    assert cloud.shape_colour(lit, twin) == (160, 0, 0)
+    assert cloud.shape_colour(twin, Image.new("RGB", (64, 64), (240, 238, 236))) is None  # no shape
+    points = [(cloud.lab((150, 0, 0)), "red")] * 3 + [(cloud.lab((165, 42, 42)), "brown")] * 2
+    assert cloud.vote(points, (155, 5, 5), k=3) == [("red", 3)]
+    assert cloud.vote(points, (165, 40, 40), k=5) == [("red", 3), ("brown", 2)]

@@ -1,0 +1,112 @@
+"""What colour names the default recipe's training views teach (issue 34, part 5): a nearest-neighbour vote.
+
+Each training view's shape colour (the median of the shape's interior pixels after all of the view's
+augmentation) is a point in CIELAB labelled with the colour name the image's answers give. For each held-out
+survey shade (the ones ``benchmarks/ood_vqa.py --style shades`` draws) and for easy-VQA's CSS colours
+jittered by +-10 (the OOD set's), the 25 nearest training views vote on its name: what a learner that
+read the shape's colour perfectly would answer, given these views. A held-out shade voted wrong is one
+the training data itself teaches the wrong name for, whatever the model.
+
+    python benchmarks/colour_cloud.py --images 1500                # the views as the recipe makes them
+    python benchmarks/colour_cloud.py --images 1500 --light-free   # light applied as drawn, even where it
+                                                                   # renames the shape (before 2026-12-07)
+
+~100 s per 1,500 images (6,400 views) on 2 cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import random
+import time
+from collections import Counter
+
+import torch
+from ood_vqa import COLORS as CSS  # easy-VQA's colours (the script's folder is on sys.path)
+from PIL import Image
+
+import adaptkit.data.augment as augment
+from adaptkit.data.colour_names import _distance, image_colours, keeps_name, lab, shades
+from adaptkit.data.feature_cache import file_key
+from adaptkit.data.formats import load_easyvqa
+from adaptkit.data.splits import with_palette
+from adaptkit.recipes import load_recipe
+
+NAMES = ("red", "brown", "green", "teal", "blue", "gray", "yellow", "black")
+
+
+def shape_colour(view: Image.Image, twin: Image.Image) -> tuple[int, int, int] | None:
+    """The median colour of the shape's interior in ``view``, the shape found in ``twin`` (the same view
+    without light: its flat fill, eroded by one pixel so anti-aliased edges stay out)."""
+    pixels = augment.TF.pil_to_tensor(twin)
+    fill = augment.main_colour(twin, list(augment.border_colour(twin)))
+    if fill is None:
+        return None
+    near = augment._near(pixels.float() / 255, fill)
+    inside = torch.nn.functional.max_pool2d((~near).float()[None, None], 3, 1, 1)[0, 0] == 0
+    if int(inside.sum()) < 4:
+        return None
+    return augment._median(augment.TF.pil_to_tensor(view).float() / 255, inside)
+
+
+def training_points(images: int, seed: int) -> tuple[list, int]:
+    """(CIELAB colour, name) of every view of ``images`` training images with one colour name, and how many
+    views' light would carry the shape out of its name's region."""
+    recipe = load_recipe("recipes/easyvqa_qformer_lora.yaml")
+    cfg = recipe.data.augment
+    dark = dataclasses.replace(cfg, brightness=0.0, contrast=0.0, channel_gain=0.0, gradient=0.0)
+    colours = with_palette(image_colours(load_easyvqa("train").samples), {})
+    chosen = sorted(colours)
+    random.Random(seed).shuffle(chosen)
+    points, renamed = [], 0
+    for path in chosen[:images]:
+        img, colour = Image.open(path).convert("RGB"), colours[path]
+        for view in range(cfg.views + 1):
+            if view == 0:
+                found = shape_colour(img, img)
+            else:
+                seed_of = int(augment.view_key(file_key(path), cfg, view, colour)[:15], 16)  # as trained
+                lit = augment.augment_image(img, cfg, torch.Generator().manual_seed(seed_of), colour)
+                twin = augment.augment_image(img, dark, torch.Generator().manual_seed(seed_of), colour)
+                found = shape_colour(lit, twin)
+            if found is not None:
+                renamed += not keeps_name(found, colour)
+                points.append((lab(found), colour.name))
+    return points, renamed
+
+
+def vote(points: list, rgb: tuple[int, int, int], k: int = 25) -> list[tuple[str, int]]:
+    colour = lab(rgb)
+    nearest = sorted(points, key=lambda p: _distance(colour, p[0]))[:k]
+    return Counter(name for _, name in nearest).most_common()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--images", type=int, default=1500)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--light-free", action="store_true", help="light as drawn, even where it renames")
+    args = parser.parse_args()
+    if args.light_free:
+        augment.keeps_name = lambda rgb, colour: True
+    started = time.perf_counter()
+    points, renamed = training_points(args.images, args.seed)
+    print(f"{len(points)} views of {args.images} images in {time.perf_counter() - started:.0f} s; "
+          f"{renamed} of them with a shape colour outside its name's region")  # fmt: skip
+    right = 0
+    for name in NAMES:
+        for rgb in shades(name, "held_out"):
+            votes = vote(points, rgb)
+            right += votes[0][0] == name
+            print(f"held-out {name:6s} {rgb}: {votes}{'' if votes[0][0] == name else '  <- wrong'}")
+    total = sum(len(shades(name, "held_out")) for name in NAMES)
+    print(f"held-out shades the training views name right: {right} of {total}")
+    rng = random.Random(args.seed)
+    for name, base in CSS.items():
+        jittered = [tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in base) for _ in range(20)]
+        print(f"CSS {name} jittered +-10: {sum(vote(points, rgb)[0][0] == name for rgb in jittered)} of 20")
+
+
+if __name__ == "__main__":
+    main()
