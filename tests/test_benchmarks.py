@@ -135,6 +135,26 @@ def test_ood_vqa_set_is_reproducible_balanced_and_loads(tmp_path):
         assert nearest <= 30, (sample.image, color, nearest)
 
 
+def test_region_ood_style_draws_shades_inside_each_answer_region(tmp_path):
+    from PIL import Image
+
+    from adaptkit.data.augment import border_colour, main_colour
+    from adaptkit.data.colour_names import lab, named
+    from adaptkit.data.formats import load_jsonl
+
+    ood_vqa = _benchmark("ood_vqa")
+    colour = load_jsonl(
+        ood_vqa.generate(tmp_path, images=16, seed=1, style="region").with_name("colour.jsonl")
+    )
+    palette = tuple(sorted(ood_vqa.COLORS.items()))
+    fills = {}
+    for sample in colour.samples:
+        img = Image.open(sample.image).convert("RGB")
+        fills[sample.image] = fill = main_colour(img, list(border_colour(img)))
+        assert named(lab(fill), palette) == sample.answer, (sample.image, sample.answer, fill)
+    assert len(set(fills.values()) - set(ood_vqa.COLORS.values())) >= 12  # drawn shades, not the CSS ones
+
+
 def test_textured_ood_style_is_reproducible_jpeg_and_keeps_the_colour(tmp_path):
     ood_vqa = _benchmark("ood_vqa")
     import numpy as np
@@ -263,7 +283,31 @@ def test_colour_cloud_reads_a_lit_shape_and_votes_by_its_neighbours():
     ImageDraw.Draw(twin).ellipse((12, 12, 52, 52), fill=(200, 0, 0))
     lit = Image.eval(twin, lambda v: int(v * 0.8))  # the same view, dimmed: the shape is found in the twin
     assert cloud.shape_colour(lit, twin) == (160, 0, 0)
+    assert cloud.shape_colour(twin, twin) == (200, 0, 0)
     assert cloud.shape_colour(twin, Image.new("RGB", (64, 64), (240, 238, 236))) is None  # no shape
     points = [(cloud.lab((150, 0, 0)), "red")] * 3 + [(cloud.lab((165, 42, 42)), "brown")] * 2
     assert cloud.vote(points, (155, 5, 5), k=3) == [("red", 3)]
     assert cloud.vote(points, (165, 40, 40), k=5) == [("red", 3), ("brown", 2)]
+
+
+def test_colour_diagnosis_sets_hold_the_shades_they_promise(tmp_path):
+    from PIL import Image
+
+    from adaptkit.data.augment import border_colour, main_colour
+    from adaptkit.data.colour_names import lab, named, shades
+
+    diagnosis = _benchmark("colour_diagnosis")
+    counts = diagnosis.generate(tmp_path, images=4)
+    assert set(counts) == {"train_views", "test_region", "test_held"} and all(counts.values())
+    palette = tuple(sorted(_benchmark("ood_vqa").COLORS.items()))
+    for name in counts:
+        rows = [json.loads(line) for line in (tmp_path / name / "questions.jsonl").read_text().splitlines()]
+        for row in rows:
+            img = Image.open(tmp_path / name / row["image"]).convert("RGB")
+            fill = main_colour(img, list(border_colour(img)))
+            if name == "test_held":  # a held-out survey shade of the answer, never easy-VQA's own colour
+                assert fill in shades(row["answer"], "held_out"), (row, fill)
+            elif name == "test_region":  # inside the answer's region, as training draws them
+                assert named(lab(fill), palette) == row["answer"] and fill != dict(palette)[row["answer"]]
+            else:  # training views (1 to 4; 0 is the image itself) that were given a drawn shade
+                assert "_0." not in row["image"]

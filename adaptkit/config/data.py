@@ -68,10 +68,7 @@ class AugmentConfig:
         """probability that a view's main colour (a flat shape's fill) moves to a shade drawn inside the
         region people give the colour name the image's answers give it (between two of the xkcd colour
         survey's tone-only shades of that name, nearer them than any other basic colour term's;
-        adaptkit/data/colour_names.py; only images whose answers name one colour; 0: off). While on, light
-        (brightness, contrast, channel_gain, gradient) that would carry such an image's shape out of its
-        name's region is halved, then dropped, in that view: easy-VQA's brown, a dark red, turns red under
-        strong contrast""",
+        adaptkit/data/colour_names.py; only images whose answers name one colour; 0: off)""",
         low=0.0,
         high=1.0,
     )

@@ -15,9 +15,7 @@ images on plain backgrounds), photometric without changing hue much (brightness,
 per-channel gain, a linear illumination gradient) and of texture (Gaussian blur, pixel noise):
 label-preserving for tasks whose answers name colours and shapes. ``shades`` moves an image's main colour
 to a shade drawn inside the region people give the name its answers give it
-(``adaptkit.data.colour_names.draw_shade``), so a model learns colour names rather than one palette; on
-such images the photometric light is halved, then dropped, in a view where it would carry the shape's
-colour out of its name's region (``colour_names.keeps_name``).
+(``adaptkit.data.colour_names.draw_shade``), so a model learns colour names rather than one palette.
 Every one is a recipe key (``data.augment.*``); 0 turns one off.
 """
 
@@ -33,14 +31,13 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from adaptkit.data.colour_names import Colour, draw_shade, keeps_name
+from adaptkit.data.colour_names import Colour, draw_shade
 
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
 
 AUGMENT_VERSION = "1"  # bump when augment_image changes what it draws: cached views get new keys
-SHADES_VERSION = "region-lit"  # how ``shades`` draws (in a view's key while shades > 0): draw_shade, and
-# light that keeps the shape's colour name (augment_image)
+SHADES_VERSION = "region"  # how ``shades`` draws (in a view's key while shades > 0): draw_shade
 
 
 def settings(cfg: AugmentConfig) -> dict:
@@ -128,32 +125,10 @@ def augment_image(
         )
     if recolour:  # after the geometry: what it uncovered has the border colour and is recoloured too
         out = _replace_background(out, fill, backdrop, backdrop_angle)
-    fill_colour = shade or (main_colour(img, fill) if colour else None)  # the shape's, to keep its name
     pixels = TF.pil_to_tensor(out).float() / 255
-    shape = None if fill_colour is None else _near(pixels, fill_colour)
     if sigma > 0.05:
         radius = max(1, math.ceil(2.5 * sigma))
         pixels = TF.gaussian_blur(pixels, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
-    light = (brightness, contrast, gains, gradient_angle, gradient)
-    for strength in (1.0, 0.5, 0.0):  # light that would rename the shape's colour is halved, then dropped
-        lit = _light(pixels, cfg, light, strength)
-        if shape is None or not bool(shape.any()) or keeps_name(_median(lit, shape), colour):
-            break
-    pixels = lit
-    if noise:
-        draw = torch.Generator().manual_seed(noise_seed)
-        pixels = pixels + noise * torch.randn(pixels.shape, generator=draw)
-    pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
-    return TF.to_pil_image(pixels)
-
-
-def _light(pixels: torch.Tensor, cfg: AugmentConfig, light: tuple, strength: float) -> torch.Tensor:
-    """Brightness, contrast, per-channel gain and an illumination ramp, each drawn (``light``) and applied
-    at ``strength`` (1: as drawn, 0: none)."""
-    brightness, contrast, gains, angle, gradient = light
-    if strength != 1.0:  # at 1 the factors as drawn: views without a colour name keep their pixels
-        brightness, contrast, gains = (1 + strength * (f - 1) for f in (brightness, contrast, gains))
-    _, height, width = pixels.shape
     if cfg.brightness:
         pixels = pixels * brightness
     if cfg.contrast:
@@ -164,20 +139,13 @@ def _light(pixels: torch.Tensor, cfg: AugmentConfig, light: tuple, strength: flo
     if cfg.gradient:
         ys = torch.linspace(-0.5, 0.5, height)[:, None]
         xs = torch.linspace(-0.5, 0.5, width)[None, :]
-        ramp = math.cos(angle) * xs + math.sin(angle) * ys
-        pixels = pixels * (1 + strength * gradient * 2 * ramp)[None]
-    return pixels
-
-
-def _near(pixels: torch.Tensor, rgb: tuple[int, int, int]) -> torch.Tensor:
-    """The pixels (in [0, 1]) within a summed difference of 12/255 of ``rgb``: a flat shape's fill."""
-    return (pixels * 255 - torch.tensor(rgb, dtype=torch.float32)[:, None, None]).abs().sum(0) < 12
-
-
-def _median(pixels: torch.Tensor, mask: torch.Tensor) -> tuple[int, int, int]:
-    """The per-channel median of the ``mask``ed pixels, as 0-255 sRGB."""
-    values = (pixels[:, mask].clamp(0, 1) * 255).round().median(dim=1).values
-    return tuple(int(v) for v in values)
+        ramp = math.cos(gradient_angle) * xs + math.sin(gradient_angle) * ys
+        pixels = pixels * (1 + gradient * 2 * ramp)[None]
+    if noise:
+        draw = torch.Generator().manual_seed(noise_seed)
+        pixels = pixels + noise * torch.randn(pixels.shape, generator=draw)
+    pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+    return TF.to_pil_image(pixels)
 
 
 def _replace_background(

@@ -191,24 +191,6 @@ def named(colour: tuple[float, float, float], palette: tuple = ()) -> str:
     return names[min(range(len(points)), key=lambda i: _distance(colour, points[i]))]
 
 
-def _region(colour: str | Colour) -> tuple[str, tuple]:
-    """``colour``'s name (synonyms joined) and the palette its region is told apart from: the data's own,
-    and for a name beyond the basic terms ("lime", "navy") that name's shades, which take a region from
-    them."""
-    name, palette = colour if isinstance(colour, Colour) else (colour, ())
-    word = SYNONYMS.get(name, name)
-    if word not in BASIC:
-        palette = (*palette, *((word, rgb) for rgb in shades(word)))
-    return word, palette
-
-
-def keeps_name(rgb: tuple[int, int, int], colour: str | Colour) -> bool:
-    """Whether ``rgb`` lies in ``colour``'s region (:func:`draw_shade`'s test): a lit view's shape keeps its
-    name only there."""
-    word, palette = _region(colour)
-    return named(lab(rgb), palette) == word
-
-
 def draw_shade(colour: str | Colour, uniform, normal, tries: int = 8) -> tuple[int, int, int] | None:
     """A shade inside the region of ``colour``'s name: a random point between two of its training-half shades
     (in CIELAB), moved by a little noise, kept only inside sRGB and where the nearest shade of *any* basic
@@ -216,8 +198,11 @@ def draw_shade(colour: str | Colour, uniform, normal, tries: int = 8) -> tuple[i
     this name's; after ``tries`` misses, one
     of the name's training shades that passes the same test (None if none does). ``uniform()`` /
     ``normal()``: random draws."""
-    word, palette = _region(colour)
+    name, palette = colour if isinstance(colour, Colour) else (colour, ())
+    word = SYNONYMS.get(name, name)
     options = [lab(rgb) for rgb in shades(word)]
+    if word not in BASIC:  # a name beyond the basic terms ("lime", "navy") takes its region from them
+        palette = (*palette, *((word, rgb) for rgb in shades(word)))
 
     def pick():
         return options[int(uniform() * len(options)) % len(options)]
