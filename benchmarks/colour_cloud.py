@@ -19,12 +19,12 @@ adopted: docs/experiments.md.)
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import random
 import time
 from collections import Counter
 
 import torch
+from colour_diagnosis import unlit_view  # the script's folder is on sys.path
 from ood_vqa import COLORS as CSS  # easy-VQA's colours (the script's folder is on sys.path)
 from PIL import Image
 
@@ -58,21 +58,19 @@ def training_points(images: int, seed: int) -> tuple[list, int]:
     views' light would carry the shape out of its name's region."""
     recipe = load_recipe("recipes/easyvqa_qformer_lora.yaml")
     cfg = recipe.data.augment
-    dark = dataclasses.replace(cfg, brightness=0.0, contrast=0.0, channel_gain=0.0, gradient=0.0)
     colours = with_palette(image_colours(load_easyvqa("train").samples), {})
     chosen = sorted(colours)
     random.Random(seed).shuffle(chosen)
     points, renamed = [], 0
     for path in chosen[:images]:
         img, colour = Image.open(path).convert("RGB"), colours[path]
+        key = file_key(path)  # the image's content key: the views' draws are training's own
         for view in range(cfg.views + 1):
             if view == 0:
                 found = shape_colour(img, img)
             else:
-                key = file_key(path)  # the image's content key: the view's draws are training's own
-                lit = augment.augment_image(img, cfg, augment._generator(key, cfg, view, colour), colour)
-                twin = augment.augment_image(img, dark, augment._generator(key, cfg, view, colour), colour)
-                found = shape_colour(lit, twin)
+                lit = augment.make_view(img, key, cfg, view, colour)
+                found = shape_colour(lit, unlit_view(img, key, cfg, view, colour))
             if found is not None:
                 renamed += named(lab(found), colour.palette) != colour.name  # easy-VQA's are basic names
                 points.append((lab(found), colour.name))

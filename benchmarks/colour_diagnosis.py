@@ -52,14 +52,20 @@ def _colour_questions(samples) -> tuple[dict, dict]:
     return colours, asked
 
 
+def unlit_view(img: Image.Image, key: str, cfg, view: int, colour) -> Image.Image:
+    """View ``view`` (>= 1) of ``img`` (content ``key``) with training's own draws but without its light
+    (brightness, contrast, gain, ramp): the same geometry, background and shade, the shape one flat fill."""
+    dark = dataclasses.replace(cfg, brightness=0.0, contrast=0.0, channel_gain=0.0, gradient=0.0)
+    return augment_image(img, dark, _generator(key, cfg, view, colour), colour)
+
+
 def _shade_views(img: Image.Image, path: str, colour, cfg) -> list[tuple[int, Image.Image]]:
     """The views of ``img`` that training shows with a drawn shade (found by drawing each view again without
     its light and comparing the shape's colour with the image's own)."""
-    dark = dataclasses.replace(cfg, brightness=0.0, contrast=0.0, channel_gain=0.0, gradient=0.0)
     key, own = file_key(path), main_colour(img, list(border_colour(img)))
     out = []
     for view in range(1, cfg.views + 1):
-        unlit = augment_image(img, dark, _generator(key, cfg, view, colour), colour)
+        unlit = unlit_view(img, key, cfg, view, colour)
         if main_colour(unlit, list(border_colour(img))) not in (None, own):
             out.append((view, make_view(img, key, cfg, view, colour)))
     return out
