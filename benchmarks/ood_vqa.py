@@ -22,6 +22,12 @@ region from the survey's *training* half, as ``data.augment.shades`` draws them 
 part), but afresh: not an out-of-distribution test, a diagnostic that tells a model that never learned the
 shade views from one that learned them and does not carry them to the held-out shades.
 
+``--like-easyvqa FACTOR ...`` (a diagnostic) gives any style's images one or more of easy-VQA's own traits
+back, to tell which of the renderer's differences costs most: ``background`` (flat, each channel 230-255),
+``size`` (shapes ~14%-53% of the canvas wide, as easy-VQA's measure), ``rotation`` (none). Everything else is
+drawn from the same random stream as without it, so sets that differ in factors hold the same shapes,
+places (up to the size's margin) and shades.
+
 ``--style textured`` draws a second, independent set on top of that renderer, for a check that no setting
 was tuned on: grainy backgrounds (Gaussian noise, std 4-12 per pixel), a darker outline of 1-3 px on half the
 shapes, a blur on a third of the images, canvases of 80, 128 or 160 px, and JPEG compression (quality
@@ -90,6 +96,7 @@ YES_NO_NEGATED = (
 )
 SIZE, SCALE = 96, 4  # canvas side, supersampling factor
 STYLES = ("default", "textured", "shades", "region")
+FACTORS = ("background", "size", "rotation", "canvas")  # easy-VQA's traits ``--like-easyvqa`` gives back
 
 
 def held_out_shades(color: str) -> list[tuple[int, int, int]]:
@@ -100,14 +107,27 @@ def held_out_shades(color: str) -> list[tuple[int, int, int]]:
     return shades(color, "held_out")
 
 
+def _easy_background(rng: random.Random, avoid: tuple[int, int, int]) -> Image.Image:
+    """easy-VQA's background: one flat near-white colour (each channel 230-255), far from the shape's where
+    100 tries find one."""
+    for _ in range(100):
+        color = tuple(rng.randint(230, 255) for _ in range(3))
+        if sum(abs(a - b) for a, b in zip(color, avoid)) >= 150:
+            break
+    return Image.new("RGB", (SIZE * SCALE, SIZE * SCALE), color)
+
+
 def _background(rng: random.Random, avoid: tuple[int, int, int]) -> Image.Image:
     """A soft flat or gradient background, every colour far from the shape's."""
 
-    def soft() -> tuple[int, int, int]:
-        while True:
+    def soft() -> tuple[int, int, int]:  # far from the shape's colour; the farthest of 200,000 tries for a
+        best, gap = None, -1  # light shade inside the backgrounds' own range
+        for _ in range(200_000):
             color = tuple(rng.randint(175, 235) for _ in range(3))
-            if sum(abs(a - b) for a, b in zip(color, avoid)) >= 150:
+            if (far := sum(abs(a - b) for a, b in zip(color, avoid))) >= 150:
                 return color
+            best, gap = (color, far) if far > gap else (best, gap)
+        return best
 
     big = SIZE * SCALE
     first = soft()
@@ -120,10 +140,15 @@ def _background(rng: random.Random, avoid: tuple[int, int, int]) -> Image.Image:
     return Image.composite(Image.new("RGB", (big, big), second), Image.new("RGB", (big, big), first), ramp)
 
 
-def _shape_points(rng: random.Random, shape: str) -> list[tuple[float, float]] | tuple[float, ...]:
-    """The shape's outline on the supersampled canvas: a bounding box (circle) or polygon points."""
+def _shape_points(
+    rng: random.Random, shape: str, easy: frozenset = frozenset()
+) -> list[tuple[float, float]] | tuple[float, ...]:
+    """The shape's outline on the supersampled canvas: a bounding box (circle) or polygon points (``easy``:
+    ``FACTORS`` drawn as easy-VQA draws them, from the same draws)."""
     big = SIZE * SCALE
     radius = rng.uniform(0.05, 0.225) * big  # half the shape's width: ~10%-45% of the canvas wide
+    if "size" in easy:  # the same draw moved onto easy-VQA's sizes: ~14%-53% of the canvas wide
+        radius = 0.07 * big + (radius - 0.05 * big) * (0.195 / 0.175)
     margin = radius * 1.45  # room for rotation and the rectangle's aspect
     cx, cy = rng.uniform(margin, big - margin), rng.uniform(margin, big - margin)
     if shape == "circle":
@@ -137,16 +162,24 @@ def _shape_points(rng: random.Random, shape: str) -> list[tuple[float, float]] |
             (radius * math.cos(a), radius * math.sin(a)) for a in (-math.pi / 2, math.pi / 6, 5 * math.pi / 6)
         ]
     angle = rng.uniform(0, 2 * math.pi) if rng.random() < 1 / 3 else 0.0
+    angle = 0.0 if "rotation" in easy else angle
     cos, sin = math.cos(angle), math.sin(angle)
     return [(cx + x * cos - y * sin, cy + x * sin + y * cos) for x, y in corners]
 
 
 def render(
-    rng: random.Random, shape: str, color: str, shades: bool = False, region: bool = False
+    rng: random.Random,
+    shape: str,
+    color: str,
+    shades: bool = False,
+    region: bool = False,
+    easy: frozenset = frozenset(),
+    aux: random.Random | None = None,
 ) -> Image.Image:
     """One image: a ``color`` ``shape`` on a soft background (see the module docstring); ``shades``: in a
     held-out shade people call ``color`` instead of easy-VQA's CSS colour; ``region``: in a shade drawn
-    inside ``color``'s region as ``data.augment.shades`` draws them."""
+    inside ``color``'s region as ``data.augment.shades`` draws them; ``easy``: ``FACTORS`` drawn as easy-VQA
+    draws them (an easy background from ``aux``, so ``rng``'s stream is the same with any factors)."""
     base = COLORS[color]
     fill = tuple(min(255, max(0, c + rng.randint(-10, 10))) for c in base)
     if shades:
@@ -157,13 +190,16 @@ def render(
         palette = tuple(sorted(COLORS.items()))
         fill = base = draw_shade(Colour(color, palette), rng.random, lambda: rng.gauss(0.0, 1.0))
     img = _background(rng, base)
+    if "background" in easy:
+        img = _easy_background(aux, base)
     draw = ImageDraw.Draw(img)
-    outline = _shape_points(rng, shape)
+    outline = _shape_points(rng, shape, easy)
     if shape == "circle":
         draw.ellipse(outline, fill=fill)
     else:
         draw.polygon(outline, fill=fill)
-    return img.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    side = 64 if "canvas" in easy else SIZE
+    return img.resize((side, side), Image.Resampling.LANCZOS)
 
 
 def render_textured(rng: random.Random, shape: str, color: str) -> tuple[Image.Image, bytes]:
@@ -215,12 +251,18 @@ def questions(rng: random.Random, shape: str, color: str) -> list[tuple[str, str
     return out
 
 
-def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default") -> Path:
+def generate(
+    out: Path, images: int = 300, seed: int = 0, style: str = "default", like_easyvqa: tuple = ()
+) -> Path:
     """Write ``images`` images (PNG; JPEG for ``style="textured"``) and ``questions.jsonl`` (adaptkit's VQA
     JSONL) under ``out``; returns the JSONL's path. Shapes and colours are balanced: image i is shape
-    i % 3 and a colour of a shuffled cycle."""
+    i % 3 and a colour of a shuffled cycle. ``like_easyvqa``: ``FACTORS`` drawn as easy-VQA draws them
+    (not with ``textured``)."""
     if style not in STYLES:
         raise ValueError(f"style must be one of {', '.join(STYLES)}, got {style!r}")
+    easy = frozenset(like_easyvqa)
+    if easy - set(FACTORS) or (easy and style == "textured"):
+        raise ValueError(f"like_easyvqa takes {', '.join(FACTORS)} with a style other than textured")
     rng = random.Random(seed)
     (out / "images").mkdir(parents=True, exist_ok=True)
     lines, captions = [], []
@@ -234,7 +276,9 @@ def generate(out: Path, images: int = 300, seed: int = 0, style: str = "default"
             (out / name).write_bytes(render_textured(rng, shape, color)[1])
         else:
             name = f"images/{i:04d}.png"
-            render(rng, shape, color, shades=style == "shades", region=style == "region").save(out / name)
+            aux = random.Random(f"{seed}:{i}")  # the easy background's draws, off rng's stream
+            kinds = {"shades": style == "shades", "region": style == "region"}
+            render(rng, shape, color, **kinds, easy=easy, aux=aux).save(out / name)
         for question, answer in questions(rng, shape, color):
             lines.append({"image": name, "question": question, "answer": answer})
         phrased = [p.format(c=color, s=shape) for p in PHRASINGS]
@@ -253,8 +297,9 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=300)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--style", choices=STYLES, default="default")
+    parser.add_argument("--like-easyvqa", nargs="+", choices=FACTORS, default=[], help="(module docstring)")
     args = parser.parse_args()
-    path = generate(args.out, args.images, args.seed, args.style)
+    path = generate(args.out, args.images, args.seed, args.style, tuple(args.like_easyvqa))
     n = sum(1 for _ in path.open())
     print(f"wrote {args.images} images and {n} questions: {path}")
 

@@ -155,6 +155,42 @@ def test_region_ood_style_draws_shades_inside_each_answer_region(tmp_path):
     assert len(set(fills.values()) - set(ood_vqa.COLORS.values())) >= 12  # drawn shades, not the CSS ones
 
 
+def test_like_easyvqa_gives_back_one_trait_and_keeps_the_rest(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from adaptkit.data.augment import border_colour, main_colour
+
+    ood_vqa = _benchmark("ood_vqa")
+
+    def images(name: str, *factors: str) -> list:
+        ood_vqa.generate(tmp_path / name, images=12, seed=5, style="region", like_easyvqa=factors)
+        paths = sorted((tmp_path / name / "images").iterdir())
+        return [np.asarray(Image.open(p).convert("RGB")).astype(int) for p in paths]
+
+    def fill(img) -> tuple:
+        pil = Image.fromarray(img.astype(np.uint8))
+        return main_colour(pil, list(border_colour(pil)))
+
+    def width(img) -> float:  # the shape's widest extent, as a share of the canvas
+        ys, xs = np.nonzero(np.abs(img - img[0, 0]).sum(-1) > 60)
+        return max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / img.shape[0]
+
+    ours, flat = images("ours"), images("flat", "background")
+    sized, easy = images("sized", "size"), images("easy", "background", "size", "rotation")
+    # The same shades throughout: only the named trait changes.
+    assert [fill(i) for i in ours] == [fill(i) for i in flat] == [fill(i) for i in easy]
+    for a, b in zip(ours, flat):
+        corners = [b[0, 0], b[0, -1], b[-1, 0], b[-1, -1]]
+        assert all((c == corners[0]).all() and c.min() >= 230 for c in corners)  # flat, near white
+        shape = np.abs(a - a[0, 0]).sum(-1) > 100
+        assert shape.sum() > 20 and (a[shape] == b[shape]).mean() > 0.9  # the same shape in the same place
+    assert all(width(s) >= width(o) for s, o in zip(sized, ours))  # the same draws, easy-VQA's sizes
+    assert np.mean([width(s) for s in sized]) > np.mean([width(o) for o in ours]) + 0.05
+    with pytest.raises(ValueError, match="like_easyvqa"):
+        ood_vqa.generate(tmp_path / "bad", images=2, style="textured", like_easyvqa=("size",))
+
+
 def test_textured_ood_style_is_reproducible_jpeg_and_keeps_the_colour(tmp_path):
     ood_vqa = _benchmark("ood_vqa")
     import numpy as np
