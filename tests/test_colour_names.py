@@ -149,6 +149,24 @@ def test_recolour_moves_the_shape_and_leaves_the_background():
     assert recolour_shape(plain, [240, 238, 236], (0, 0, 0)) is plain
 
 
+def test_recolour_moves_an_anti_aliased_edge_with_the_shape():
+    # A lime disc drawn at 4x and downsampled, as easy-VQA draws: its edge pixels blend lime into the
+    # background. Recoloured to a pale green, no pixel may keep lime's hue (a ring that names the old colour).
+    back, lime, pale = (241, 252, 241), (0, 255, 0), (190, 249, 172)
+    big = Image.new("RGB", (256, 256), back)
+    ImageDraw.Draw(big).ellipse((40, 40, 200, 200), fill=lime)
+    img = big.resize((64, 64), Image.Resampling.BOX)  # area-averaged: edges lie on the blend
+    edges = [px for px in img.getdata() if px not in (back, lime)]
+    assert len(edges) > 40  # the disc has an anti-aliased edge to move
+    out = recolour_shape(img, list(back), pale)
+    assert out.getpixel((32, 32)) == pale and out.getpixel((1, 1)) == back
+    target = torch.tensor(pale, dtype=torch.float32) - torch.tensor(back, dtype=torch.float32)
+    for px in out.getdata():  # every pixel on the blend from the background to the new shade
+        offset = torch.tensor(px, dtype=torch.float32) - torch.tensor(back, dtype=torch.float32)
+        share = float((offset @ target) / (target @ target))
+        assert (offset - max(0.0, min(1.0, share)) * target).abs().sum() <= 12, px
+
+
 def test_shade_views_take_shades_of_the_answer_and_have_their_own_keys():
     cfg = AugmentConfig(views=4, shades=1.0)
     img = _shape((0, 255, 0))

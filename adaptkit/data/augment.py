@@ -37,7 +37,7 @@ if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
 
 AUGMENT_VERSION = "1"  # bump when augment_image changes what it draws: cached views get new keys
-SHADES_VERSION = "region"  # how ``shades`` draws (in a view's key while shades > 0): draw_shade
+SHADES_VERSION = "region-blend"  # how ``shades`` draws (in a view key while shades > 0): edges move too
 
 
 def settings(cfg: AugmentConfig) -> dict:
@@ -196,17 +196,22 @@ def _main_colour(pixels: torch.Tensor, border: list[int]) -> tuple[int, int, int
 
 
 def recolour_shape(img: Image.Image, border: list[int], shade: tuple[int, int, int]) -> Image.Image:
-    """The image with its main colour (:func:`main_colour`) moved to ``shade``; pixels near that colour move
-    with it, weighted by closeness, so anti-aliased edges and shading keep their steps. An image with no
-    such colour is returned as it is."""
+    """The image with its main colour (:func:`main_colour`) moved to ``shade``. Each pixel is read as a blend
+    of the border colour and the main colour (its share of the main colour, and how far it lies off that
+    blend) and moves by its share, less the farther off the blend it lies: the shape's fill moves whole, an
+    anti-aliased edge moves with it (an edge left in the old colour would name it: a ring of CSS lime
+    around a pale green shape), the background and other colours stay. An image with no main colour is
+    returned as it is."""
     pixels = TF.pil_to_tensor(img)
     found = _main_colour(pixels, border)
     if found is None:
         return img
-    main = torch.tensor(found, dtype=torch.float32)
-    values = pixels.float()
-    weight = (1 - (values - main[:, None, None]).abs().sum(0) / 64).clamp(0, 1)
-    moved = values + weight[None] * (torch.tensor(shade, dtype=torch.float32) - main)[:, None, None]
+    main, back = torch.tensor(found, dtype=torch.float32), torch.tensor(border, dtype=torch.float32)
+    values, axis = pixels.float() - back[:, None, None], (main - back)[:, None, None]
+    share = ((values * axis).sum(0) / (axis * axis).sum().clamp(min=1.0)).clamp(0, 1)
+    off = (values - share[None] * axis).abs().sum(0)
+    weight = share * (1 - off / 64).clamp(0, 1)
+    moved = pixels.float() + weight[None] * (torch.tensor(shade, dtype=torch.float32) - main)[:, None, None]
     return TF.to_pil_image(moved.clamp(0, 255).round().to(torch.uint8))
 
 
