@@ -24,9 +24,9 @@ shade views from one that learned them and does not carry them to the held-out s
 
 ``--like-easyvqa FACTOR ...`` (a diagnostic) gives any style's images one or more of easy-VQA's own traits
 back, to tell which of the renderer's differences costs most: ``background`` (flat, each channel 230-255),
-``size`` (shapes ~14%-53% of the canvas wide, as easy-VQA's measure), ``rotation`` (none). Everything else is
-drawn from the same random stream as without it, so sets that differ in factors hold the same shapes,
-places (up to the size's margin) and shades.
+``size`` (shapes ~14%-53% of the canvas wide, as easy-VQA's measure), ``rotation`` (none), ``canvas`` (64 px
+instead of 96). Everything else is drawn from the same random stream as without it, so sets that differ in
+factors hold the same shapes, places (up to the size's margin) and shades.
 
 ``--style textured`` draws a second, independent set on top of that renderer, for a check that no setting
 was tuned on: grainy backgrounds (Gaussian noise, std 4-12 per pixel), a darker outline of 1-3 px on half the

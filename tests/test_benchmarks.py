@@ -177,14 +177,16 @@ def test_like_easyvqa_gives_back_one_trait_and_keeps_the_rest(tmp_path):
         return max(xs.max() - xs.min() + 1, ys.max() - ys.min() + 1) / img.shape[0]
 
     ours, flat = images("ours"), images("flat", "background")
-    sized, easy = images("sized", "size"), images("easy", "background", "size", "rotation")
+    sized, easy = images("sized", "size"), images("easy", "background", "size", "rotation", "canvas")
     # The same shades throughout: only the named trait changes.
     assert [fill(i) for i in ours] == [fill(i) for i in flat] == [fill(i) for i in easy]
     for a, b in zip(ours, flat):
         corners = [b[0, 0], b[0, -1], b[-1, 0], b[-1, -1]]
         assert all((c == corners[0]).all() and c.min() >= 230 for c in corners)  # flat, near white
-        shape = np.abs(a - a[0, 0]).sum(-1) > 100
-        assert shape.sum() > 20 and (a[shape] == b[shape]).mean() > 0.9  # the same shape in the same place
+        here, there = (np.abs(i - i[0, 0]).sum(-1) > 100 for i in (a, b))
+        overlap = (here & there).sum() / (here | there).sum()
+        assert here.sum() > 20 and overlap > 0.8  # the same shape in the same place
+    assert {i.shape[:2] for i in ours} == {(96, 96)} and {i.shape[:2] for i in easy} == {(64, 64)}
     assert all(width(s) >= width(o) for s, o in zip(sized, ours))  # the same draws, easy-VQA's sizes
     assert np.mean([width(s) for s in sized]) > np.mean([width(o) for o in ours]) + 0.05
     with pytest.raises(ValueError, match="like_easyvqa"):
