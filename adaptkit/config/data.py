@@ -65,10 +65,10 @@ class AugmentConfig:
     )
     shades: float = knob(
         0.0,
-        """probability that a view's main colour (a flat shape's fill) moves to a shade drawn inside the
-        region people give the colour name the image's answers give it (between two of the xkcd colour
-        survey's tone-only shades of that name, nearer them than any other basic colour term's;
-        adaptkit/data/colour_names.py; only images whose answers name one colour; 0: off)""",
+        """probability that a view's main colour (a flat shape's fill, its anti-aliased edge with it) moves
+        to a shade drawn inside the region people give the colour name the image's answers give it (between
+        two of the xkcd colour survey's tone-only shades of that name, nearer them than any other basic
+        colour term's; adaptkit/data/colour_names.py; only images whose answers name one colour; 0: off)""",
         low=0.0,
         high=1.0,
     )
