@@ -120,8 +120,10 @@ def _easy_background(rng: random.Random, avoid: tuple[int, int, int]) -> Image.I
 def _background(rng: random.Random, avoid: tuple[int, int, int]) -> Image.Image:
     """A soft flat or gradient background, every colour far from the shape's."""
 
-    def soft() -> tuple[int, int, int]:  # far from the shape's colour; the farthest of 200,000 tries for a
-        best, gap = None, -1  # light shade inside the backgrounds' own range
+    def soft() -> tuple[int, int, int]:
+        """A colour far from the shape's; for a light shade inside the backgrounds' own range, where none
+        may be, the farthest of 200,000 tries."""
+        best, gap = None, -1
         for _ in range(200_000):
             color = tuple(rng.randint(175, 235) for _ in range(3))
             if (far := sum(abs(a - b) for a, b in zip(color, avoid))) >= 150:
