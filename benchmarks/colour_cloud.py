@@ -29,7 +29,7 @@ from ood_vqa import COLORS as CSS  # easy-VQA's colours (the script's folder is 
 from PIL import Image
 
 import adaptkit.data.augment as augment
-from adaptkit.data.colour_names import _distance, image_colours, lab, named, shades
+from adaptkit.data.colour_names import _distance, image_colours, in_region, lab, shades
 from adaptkit.data.feature_cache import file_key
 from adaptkit.data.formats import load_easyvqa
 from adaptkit.data.splits import with_palette
@@ -72,7 +72,7 @@ def training_points(images: int, seed: int) -> tuple[list, int]:
                 lit = augment.make_view(img, key, cfg, view, colour)
                 found = shape_colour(lit, unlit_view(img, key, cfg, view, colour))
             if found is not None:
-                renamed += named(lab(found), colour.palette) != colour.name  # easy-VQA's are basic names
+                renamed += not in_region(lab(found), colour)
                 points.append((lab(found), colour.name))
     return points, renamed
 

@@ -191,6 +191,23 @@ def named(colour: tuple[float, float, float], palette: tuple = ()) -> str:
     return names[min(range(len(points)), key=lambda i: _distance(colour, points[i]))]
 
 
+def in_region(point: tuple[float, float, float], colour: str | Colour) -> bool:
+    """Whether a CIELAB point lies in the region of ``colour``'s name: nearer one of its training-half shades
+    than any other basic name's (and than any of this name's own shades if it is not a basic one, "lime",
+    "navy"), or the data's own palette's (:class:`Colour`)."""
+    word, palette = _region(*(colour if isinstance(colour, Colour) else (colour, ())))
+    return named(point, palette) == word
+
+
+@functools.cache
+def _region(name: str, palette: tuple) -> tuple[str, tuple]:
+    """``name`` with synonyms joined, and the palette its region is told apart from (once per name)."""
+    word = SYNONYMS.get(name, name)
+    if word not in BASIC:  # a name beyond the basic terms takes its region from them
+        palette = (*palette, *((word, rgb) for rgb in shades(word)))
+    return word, palette
+
+
 def draw_shade(colour: str | Colour, uniform, normal, tries: int = 8) -> tuple[int, int, int] | None:
     """A shade inside the region of ``colour``'s name: a random point between two of its training-half shades
     (in CIELAB), moved by a little noise, kept only inside sRGB and where the nearest shade of *any* basic
@@ -198,11 +215,8 @@ def draw_shade(colour: str | Colour, uniform, normal, tries: int = 8) -> tuple[i
     this name's; after ``tries`` misses, one
     of the name's training shades that passes the same test (None if none does). ``uniform()`` /
     ``normal()``: random draws."""
-    name, palette = colour if isinstance(colour, Colour) else (colour, ())
-    word = SYNONYMS.get(name, name)
-    options = [lab(rgb) for rgb in shades(word)]
-    if word not in BASIC:  # a name beyond the basic terms ("lime", "navy") takes its region from them
-        palette = (*palette, *((word, rgb) for rgb in shades(word)))
+    name = colour.name if isinstance(colour, Colour) else colour
+    options = [lab(rgb) for rgb in shades(SYNONYMS.get(name, name))]
 
     def pick():
         return options[int(uniform() * len(options)) % len(options)]
@@ -210,9 +224,9 @@ def draw_shade(colour: str | Colour, uniform, normal, tries: int = 8) -> tuple[i
     for _ in range(tries if options else 0):
         a, b, t = pick(), pick(), uniform()
         rgb = srgb(tuple(x + t * (y - x) + JITTER * normal() for x, y in zip(a, b)))
-        if rgb is not None and named(lab(rgb), palette) == word:
+        if rgb is not None and in_region(lab(rgb), colour):
             return rgb
-    kept = [point for point in options if named(point, palette) == word]
+    kept = [point for point in options if in_region(point, colour)]
     return srgb(kept[int(uniform() * len(kept)) % len(kept)]) if kept else None
 
 
