@@ -62,11 +62,11 @@ def unlit_view(img: Image.Image, key: str, cfg, view: int, colour) -> Image.Imag
 def _shade_views(img: Image.Image, path: str, colour, cfg) -> list[tuple[int, Image.Image]]:
     """The views of ``img`` that training shows with a drawn shade (found by drawing each view again without
     its light and comparing the shape's colour with the image's own)."""
-    key, own = file_key(path), main_colour(img, list(border_colour(img)))
-    out = []
+    key, border = file_key(path), list(border_colour(img))
+    own, out = main_colour(img, border), []
     for view in range(1, cfg.views + 1):
         unlit = unlit_view(img, key, cfg, view, colour)
-        if main_colour(unlit, list(border_colour(img))) not in (None, own):
+        if main_colour(unlit, border) not in (None, own):
             out.append((view, make_view(img, key, cfg, view, colour)))
     return out
 
