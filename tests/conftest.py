@@ -6,8 +6,15 @@ weights are random and small.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -393,3 +400,61 @@ def demo_module():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def launch_two(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    """``accelerate launch`` two gloo CPU processes running ``adaptkit <argv>``, their output in files (a
+    process left behind cannot hold the test up on a pipe). A launch past ``timeout``, or a process of it
+    (the ranks run in sessions of their own; image workers) still alive 10 s after the launcher exited,
+    fails the test with every such process's Python stacks (faulthandler, on SIGABRT), and is killed, so
+    a hang says where it hung and leaves nothing running."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    launch = [
+        sys.executable, "-m", "accelerate.commands.launch",
+        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--num_cpu_threads_per_process", "1",
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "-m", "adaptkit", *argv,
+    ]  # fmt: skip
+    # On CPU, Accelerate sets up gloo DDP for torchrun-launched processes when ACCELERATE_USE_CPU=1.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
+    marker = f"{os.getpid()}-{time.monotonic_ns()}"  # every process of the launch inherits it
+    env.update(PYTHONFAULTHANDLER="1", ADAPTKIT_TEST_LAUNCH=marker)
+    with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
+        proc = subprocess.Popen(launch, stdout=out, stderr=err, text=True, env=env)
+        try:
+            proc.wait(timeout=timeout)
+            left = _launched(marker, wait=10.0)
+            problem = left and "left these processes behind 10 s after it exited"
+        except subprocess.TimeoutExpired:
+            left, problem = _launched(marker), f"ran past {timeout} s; its processes"
+        if problem:
+            for sig in (signal.SIGABRT, signal.SIGKILL):  # SIGABRT: every thread's stack to stderr
+                for pid in left:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, sig)
+                time.sleep(3)
+            proc.wait()
+        out.seek(0), err.seek(0)
+        stdout, stderr = out.read(), err.read()
+    if problem:
+        listing = "\n".join(f"{pid} {args}" for pid, args in left.items())
+        pytest.fail(f"the two-process launch {problem}:\n{listing}\nits output's end:\n{stderr[-12000:]}")
+    return subprocess.CompletedProcess(launch, proc.returncode, stdout, stderr)
+
+
+def _launched(marker: str, wait: float = 0.0) -> dict[int, str]:
+    """The live (not zombie) processes whose environment holds ``ADAPTKIT_TEST_LAUNCH=marker``, after up
+    to ``wait`` seconds for them to end: pid -> command line. Linux's /proc."""
+    tag, deadline = f"ADAPTKIT_TEST_LAUNCH={marker}".encode(), time.monotonic() + wait
+    while True:
+        left = {}
+        for proc in Path("/proc").glob("[0-9]*"):
+            with contextlib.suppress(OSError):
+                state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+                if state != "Z" and tag in (proc / "environ").read_bytes().split(b"\0"):
+                    left[int(proc.name)] = (proc / "cmdline").read_bytes().replace(b"\0", b" ").decode()[:300]
+        if not left or time.monotonic() > deadline:
+            return left
+        time.sleep(0.2)

@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import importlib.util
 import json
-import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -16,16 +14,10 @@ import torch
 from safetensors.torch import load_file
 
 from adaptkit.cli import main
-from tests.conftest import AT_INPUT
+from tests.conftest import AT_INPUT, launch_two
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = str(ROOT / "recipes" / "easyvqa_qformer_lora.yaml")
-
-
-def _port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _common(tiny_overrides) -> list[str]:
@@ -47,15 +39,7 @@ def _common(tiny_overrides) -> list[str]:
 
 
 def _launch_two(common: list[str], out: Path, batch_size: int = 2) -> subprocess.CompletedProcess:
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--num_cpu_threads_per_process", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-        "-m", "adaptkit", "train", RECIPE, *common, f"batch_size={batch_size}", f"output_dir={out}",
-    ]  # fmt: skip
-    # On CPU, Accelerate sets up gloo DDP for torchrun-launched processes when ACCELERATE_USE_CPU=1.
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    return subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+    return launch_two(["train", RECIPE, *common, f"batch_size={batch_size}", f"output_dir={out}"])
 
 
 def _train_two_processes(common: list[str], out: Path) -> None:

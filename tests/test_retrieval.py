@@ -20,8 +20,13 @@ from adaptkit.model.build import build_model
 from adaptkit.model.trainables import saved_heads
 from adaptkit.recipes import load_recipe
 from adaptkit.runs import load_run
-from tests.conftest import RETRIEVAL_RECIPE, demo_module, retrieval_overrides, train_crashing_at_save
-from tests.test_distributed import _port
+from tests.conftest import (
+    RETRIEVAL_RECIPE,
+    demo_module,
+    launch_two,
+    retrieval_overrides,
+    train_crashing_at_save,
+)
 
 RECIPE = str(RETRIEVAL_RECIPE)
 
@@ -147,14 +152,7 @@ def train_one_and_two_processes(common: list[str], tmp_path):
     common += ["objectives.itm=0", "max_steps=3", "checkpoint_every=0", "log_every=1", "check_replicas=1"]
     one, two = tmp_path / "one", tmp_path / "two"
     assert main(["train", RECIPE, *common, "batch_size=4", f"output_dir={one}"]) == 0
-    launch = [
-        sys.executable, "-m", "accelerate.commands.launch",
-        "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--num_cpu_threads_per_process", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(_port()),
-        "-m", "adaptkit", "train", RECIPE, *common, "batch_size=2", f"output_dir={two}",
-    ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "ACCELERATE_USE_CPU": "1"}
-    done = subprocess.run(launch, capture_output=True, text=True, env=env, timeout=600)
+    done = launch_two(["train", RECIPE, *common, "batch_size=2", f"output_dir={two}"])
     assert done.returncode == 0, done.stderr[-4000:]
     return one, two
 
