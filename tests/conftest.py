@@ -402,19 +402,23 @@ def demo_module():
     return module
 
 
+def free_port() -> int:
+    """A local TCP port free at the moment of asking."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
 def launch_two(argv: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     """``accelerate launch`` two gloo CPU processes running ``adaptkit <argv>``, their output in files (a
     process left behind cannot hold the test up on a pipe). A launch past ``timeout``, or a process of it
     (the ranks run in sessions of their own; image workers) still alive 10 s after the launcher exited,
     fails the test with every such process's Python stacks (faulthandler, on SIGABRT), and is killed, so
     a hang says where it hung and leaves nothing running."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
     launch = [
         sys.executable, "-m", "accelerate.commands.launch",
         "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--num_cpu_threads_per_process", "1",
-        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(port),
+        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()),
         "-m", "adaptkit", *argv,
     ]  # fmt: skip
     # On CPU, Accelerate sets up gloo DDP for torchrun-launched processes when ACCELERATE_USE_CPU=1.

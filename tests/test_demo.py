@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import bomb_png
+from tests.conftest import bomb_png, free_port
 
 CHROMIUM = "/usr/bin/chromium"
 EMPTY_ANSWER = "(no answer: the model ended its reply at once)"  # what app/demo.py shows for an empty reply
@@ -35,17 +34,11 @@ CHROMIUM_FLAGS = [
 ]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def demo(tiny_run, tmp_path_factory):
     """``(url, model_dir, log_path)`` of a demo served by ``adaptkit demo`` in a subprocess."""
     model_dir = Path(os.environ.get("ADAPTKIT_DEMO_DIR", tiny_run))
-    port = _free_port()
+    port = free_port()
     log_path = tmp_path_factory.mktemp("demo") / "demo.log"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     cmd = [sys.executable, "-m", "adaptkit", "demo", str(model_dir), "--port", str(port), "--device", "cpu"]
