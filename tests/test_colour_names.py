@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from adaptkit.config import AugmentConfig
-from adaptkit.data.augment import make_view, recolour_shape, settings, view_key
+from adaptkit.data.augment import augment_image, make_view, recolour_shape, settings, view_key
 from adaptkit.data.colour_names import (
     BASIC,
     Colour,
@@ -176,6 +176,41 @@ def test_shade_views_take_shades_of_the_answer_and_have_their_own_keys():
     assert view_key("k", cfg, 1, "green") != view_key("k", cfg, 1, "blue") != view_key("k", cfg, 1)
     # Off (the default), the settings and so every earlier view's key are what they were.
     assert "shades" not in settings(AugmentConfig(views=2))
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _fill_name(view: Image.Image, flat: Image.Image, fill, palette) -> str:
+    """The name of ``view``'s shape colour: its median over the pixels ``flat`` (the same view unlit) has
+    the flat fill in."""
+    mask = (torch.tensor(list(flat.getdata())) - torch.tensor(fill)).abs().sum(1) <= 6
+    median = torch.tensor(list(view.getdata()))[mask].median(0).values
+    return named(lab(tuple(int(v) for v in median)), palette)
+
+
+def test_light_changes_keep_the_colour_inside_its_names_region():
+    # Brightness, contrast and an illumination ramp move a shape's colour: a brighter, flatter CSS brown
+    # (easy-VQA's, a dark red) lands among the reds, a black among the grays. With a colour name, a view's
+    # light is halved, then dropped, until the colour is its name's again; without one it stays as drawn.
+    palette = (("black", (0, 0, 0)), ("brown", (165, 42, 42)), ("red", (255, 0, 0)))
+    lit = AugmentConfig(views=40, brightness=0.3, contrast=0.4, gradient=0.3)
+    unlit = AugmentConfig(views=40)
+    for fill, name in [((165, 42, 42), "brown"), ((0, 0, 0), "black")]:
+        img, colour = _shape(fill), Colour(name, palette)
+        names = {"kept": [], "free": []}
+        for seed in range(40):  # the same draws, lit or not
+            flat = augment_image(img, unlit, _gen(seed), colour)
+            names["kept"].append(_fill_name(augment_image(img, lit, _gen(seed), colour), flat, fill, palette))
+            names["free"].append(_fill_name(augment_image(img, lit, _gen(seed), None), flat, fill, palette))
+        assert set(names["kept"]) == {name}
+        assert names["free"].count(name) < 36  # the check is needed: light alone renames some views
+    # Views whose light keeps the colour are the ones drawn without the check, pixel for pixel.
+    red = _shape((255, 0, 0))
+    assert augment_image(red, lit, _gen(3), Colour("red", palette)).tobytes() == (
+        augment_image(red, lit, _gen(3), None).tobytes()
+    )
 
 
 def test_banked_and_on_the_fly_shade_views_agree(tmp_path, tiny_mobilenet_pth):

@@ -68,7 +68,9 @@ class AugmentConfig:
         """probability that a view's main colour (a flat shape's fill, its anti-aliased edge with it) moves
         to a shade drawn inside the region people give the colour name the image's answers give it (between
         two of the xkcd colour survey's tone-only shades of that name, nearer them than any other basic
-        colour term's; adaptkit/data/colour_names.py; only images whose answers name one colour; 0: off)""",
+        colour term's; adaptkit/data/colour_names.py; only images whose answers name one colour; 0: off).
+        While on, the light changes above (brightness, contrast, channel_gain, gradient) of such an image's
+        views are halved, then dropped, where they would move its colour out of its name's region""",
         low=0.0,
         high=1.0,
     )

@@ -31,13 +31,14 @@ import torch
 from PIL import Image
 from torchvision.transforms.v2 import functional as TF
 
-from adaptkit.data.colour_names import Colour, draw_shade
+from adaptkit.data.colour_names import Colour, draw_shade, in_region, lab
 
 if TYPE_CHECKING:
     from adaptkit.config import AugmentConfig
 
 AUGMENT_VERSION = "1"  # bump when augment_image changes what it draws: cached views get new keys
-SHADES_VERSION = "region-blend"  # how ``shades`` draws (in a view key while shades > 0): edges move too
+SHADES_VERSION = "region-blend-lit"  # how ``shades`` draws (in a view key while shades > 0): edges move too,
+# and light changes keep the colour inside its name's region
 
 
 def settings(cfg: AugmentConfig) -> dict:
@@ -108,6 +109,7 @@ def augment_image(
     shade = _draw_shade(gen, cfg, colour) if cfg.shades else None
 
     fill = list(border_colour(img))
+    target = _main_colour(TF.pil_to_tensor(img), fill) if colour else None
     out = img if shade is None else recolour_shape(img, fill, shade)
     if flip_h:
         out = TF.horizontal_flip(out)
@@ -129,6 +131,25 @@ def augment_image(
     if sigma > 0.05:
         radius = max(1, math.ceil(2.5 * sigma))
         pixels = TF.gaussian_blur(pixels, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
+    light = (brightness, contrast, gains, gradient_angle, gradient)
+    fill_mask = None if target is None else _fill_mask(out, shade or target)
+    pixels = _lit_in_region(pixels, cfg, light, colour, fill_mask)
+    if noise:
+        draw = torch.Generator().manual_seed(noise_seed)
+        pixels = pixels + noise * torch.randn(pixels.shape, generator=draw)
+    pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
+    return TF.to_pil_image(pixels)
+
+
+def _light(pixels: torch.Tensor, cfg: AugmentConfig, light: tuple, strength: float) -> torch.Tensor:
+    """The view's light (brightness, contrast around the image's mean, per-channel gains, an illumination
+    ramp), each change scaled by ``strength`` (1: as drawn; 0: none)."""
+    brightness, contrast, gains, gradient_angle, gradient = (
+        light
+        if strength == 1.0
+        else (*(1 + strength * (f - 1) for f in light[:3]), light[3], strength * light[4])
+    )
+    _, height, width = pixels.shape
     if cfg.brightness:
         pixels = pixels * brightness
     if cfg.contrast:
@@ -141,11 +162,32 @@ def augment_image(
         xs = torch.linspace(-0.5, 0.5, width)[None, :]
         ramp = math.cos(gradient_angle) * xs + math.sin(gradient_angle) * ys
         pixels = pixels * (1 + gradient * 2 * ramp)[None]
-    if noise:
-        draw = torch.Generator().manual_seed(noise_seed)
-        pixels = pixels + noise * torch.randn(pixels.shape, generator=draw)
-    pixels = (pixels.clamp(0, 1) * 255).round().to(torch.uint8)
-    return TF.to_pil_image(pixels)
+    return pixels
+
+
+def _fill_mask(img: Image.Image, fill: tuple[int, int, int]) -> torch.Tensor | None:
+    """The pixels of ``img`` in the shape's flat fill colour (None if under 4: too few to name a colour)."""
+    pixels = TF.pil_to_tensor(img).float()
+    mask = (pixels - torch.tensor(fill, dtype=torch.float32)[:, None, None]).abs().sum(0) <= 6
+    return mask if int(mask.sum()) >= 4 else None
+
+
+def _lit_in_region(
+    pixels: torch.Tensor, cfg: AugmentConfig, light: tuple, colour: str | Colour | None, mask
+) -> torch.Tensor:
+    """The view's light (:func:`_light`), kept from moving the shape's colour out of its name's region: the
+    fill's median colour under the light must still be named ``colour`` (with the data's own palette), else
+    the light is halved, then dropped. Brightness, contrast and a ramp move colours too: a brighter, flatter
+    CSS brown (easy-VQA's, a dark red) lands among the reds, a lighter black among the grays, and a view
+    labelled with the old name would teach the model those shades' names wrong."""
+    if colour is None or mask is None:
+        return _light(pixels, cfg, light, 1.0)
+    for strength in (1.0, 0.5):
+        lit = _light(pixels, cfg, light, strength)
+        median = (lit.clamp(0, 1)[:, mask] * 255).round().median(dim=1).values
+        if in_region(lab(tuple(int(v) for v in median)), colour):
+            return lit
+    return _light(pixels, cfg, light, 0.0)
 
 
 def _replace_background(
