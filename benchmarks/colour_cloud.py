@@ -10,8 +10,9 @@ the training data itself teaches the wrong name for, whatever the model.
     python benchmarks/colour_cloud.py --images 1500
 
 It also counts the views whose shape colour, after their light (brightness, contrast, ramp), lies outside
-its name's region. (Light halved or dropped where it would rename the shape was tried at a3e03a1 and not
-adopted: docs/experiments.md.)
+its name's region. (Light halved, then dropped, where it would rename the shape: tried at a3e03a1 and not
+adopted while shade views kept the old colour in their edges; the default since 30ab976, after that fix:
+docs/experiments.md. Run it at d0cb9ed for the views before.)
 
 ~30 s for 1,500 images (6,400 views) on 2 cores.
 """
@@ -53,15 +54,15 @@ def shape_colour(view: Image.Image, twin: Image.Image) -> tuple[int, int, int] |
     return tuple(int(v) for v in values)
 
 
-def training_points(images: int, seed: int) -> tuple[list, int]:
-    """(CIELAB colour, name) of every view of ``images`` training images with one colour name, and how many
-    views' light would carry the shape out of its name's region."""
+def training_points(images: int, seed: int) -> tuple[list, Counter]:
+    """(CIELAB colour, name) of every view of ``images`` training images with one colour name, and per name
+    how many views' light carries the shape out of its name's region."""
     recipe = load_recipe("recipes/easyvqa_qformer_lora.yaml")
     cfg = recipe.data.augment
     colours = with_palette(image_colours(load_easyvqa("train").samples), {})
     chosen = sorted(colours)
     random.Random(seed).shuffle(chosen)
-    points, renamed = [], 0
+    points, renamed = [], Counter()
     for path in chosen[:images]:
         img, colour = Image.open(path).convert("RGB"), colours[path]
         key = file_key(path)  # the image's content key: the views' draws are training's own
@@ -72,7 +73,7 @@ def training_points(images: int, seed: int) -> tuple[list, int]:
                 lit = augment.make_view(img, key, cfg, view, colour)
                 found = shape_colour(lit, unlit_view(img, key, cfg, view, colour))
             if found is not None:
-                renamed += not in_region(lab(found), colour)
+                renamed[colour.name] += not in_region(lab(found), colour)
                 points.append((lab(found), colour.name))
     return points, renamed
 
@@ -91,7 +92,9 @@ def main() -> None:
     started = time.perf_counter()
     points, renamed = training_points(args.images, args.seed)
     print(f"{len(points)} views of {args.images} images in {time.perf_counter() - started:.0f} s; "
-          f"{renamed} of them with a shape colour outside its name's region")  # fmt: skip
+          f"{renamed.total()} of them with a shape colour outside its name's region")  # fmt: skip
+    views = Counter(name for _, name in points)
+    print("  per name:", ", ".join(f"{n} {renamed[n]} of {views[n]}" for n in NAMES))
     right = 0
     for name in NAMES:
         for rgb in shades(name, "held_out"):
