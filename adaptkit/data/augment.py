@@ -109,7 +109,8 @@ def augment_image(
     shade = _draw_shade(gen, cfg, colour) if cfg.shades else None
 
     fill = list(border_colour(img))
-    target = _main_colour(TF.pil_to_tensor(img), fill) if colour else None
+    # the shape's flat colour in the view, whose name its light must keep (a drawn shade is known already)
+    target = shade or (_main_colour(TF.pil_to_tensor(img), fill) if colour else None)
     out = img if shade is None else recolour_shape(img, fill, shade)
     if flip_h:
         out = TF.horizontal_flip(out)
@@ -132,8 +133,7 @@ def augment_image(
         radius = max(1, math.ceil(2.5 * sigma))
         pixels = TF.gaussian_blur(pixels, kernel_size=[2 * radius + 1] * 2, sigma=[sigma, sigma])
     light = (brightness, contrast, gains, gradient_angle, gradient)
-    fill_mask = None if target is None else _fill_mask(out, shade or target)
-    pixels = _lit_in_region(pixels, cfg, light, colour, fill_mask)
+    pixels = _lit_in_region(pixels, cfg, light, colour, None if target is None else _fill_mask(out, target))
     if noise:
         draw = torch.Generator().manual_seed(noise_seed)
         pixels = pixels + noise * torch.randn(pixels.shape, generator=draw)
@@ -180,7 +180,7 @@ def _lit_in_region(
     the light is halved, then dropped. Brightness, contrast and a ramp move colours too: a brighter, flatter
     CSS brown (easy-VQA's, a dark red) lands among the reds, a lighter black among the grays, and a view
     labelled with the old name would teach the model those shades' names wrong."""
-    if colour is None or mask is None:
+    if mask is None:  # no colour name, or too little flat fill to read one
         return _light(pixels, cfg, light, 1.0)
     for strength in (1.0, 0.5):
         lit = _light(pixels, cfg, light, strength)
